@@ -1,1 +1,54 @@
-fn main(){}
+//! `avb`: the avbridge command-line tool.
+
+mod bench;
+mod commands;
+mod inputs;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "avb", version, about = "Explain one model's features with another model's activation verbalizer: maps, washout, features, evaluation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fit a ridge (or Procrustes) map from source to target activations, with held-out metrics.
+    FitMap(commands::FitMapArgs),
+    /// Compute a background washout vector (mean of L2-normalised rows) from an activation set.
+    Washout(commands::WashoutArgs),
+    /// Apply a map (and optional washout) to feature directions, writing a mapped-feature table.
+    Map(commands::MapArgs),
+    /// Show an artifact's metadata and check its integrity (also SAEs, direction files, .npy).
+    Inspect(commands::InspectArgs),
+    /// Feature-specific lift and its statistics from explanation embedding matrices.
+    EvalEmbeddings(commands::EvalArgs),
+    /// Wrap a captured [n, d] activation matrix (.npy) as a versioned activation-set artifact.
+    ImportActivations(commands::ImportArgs),
+    /// Benchmarks that print tables against a reference measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::FitMap(a) => commands::fit_map(a),
+        Command::Washout(a) => commands::washout(a),
+        Command::Map(a) => commands::map(a),
+        Command::Inspect(a) => commands::inspect(a),
+        Command::EvalEmbeddings(a) => commands::eval_embeddings(a),
+        Command::ImportActivations(a) => commands::import_activations(a),
+        Command::Bench(b) => bench::run(b),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

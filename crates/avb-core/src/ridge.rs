@@ -272,7 +272,17 @@ pub fn fit_procrustes(x: &Matrix, y: &Matrix, fit_intercept: bool) -> Result<Aff
 /// Mean over folds of the variance-weighted held-out R^2 of ridge at every lambda in `grid`. `fold[i]` in
 /// 0..k assigns row i to a fold. Per fold: one eigendecomposition (of X^T X in the primal form, of X X^T in the
 /// dual form) gives the validation error at every lambda in O(r^2) through precomputed quadratic forms.
-pub fn cross_validate(x: &Matrix, y: &Matrix, fold: &[usize], k: usize, grid: &[f64], form: Form, fit_intercept: bool) -> Result<Vec<f64>> {
+#[allow(clippy::too_many_arguments)]
+pub fn cross_validate(
+    x: &Matrix,
+    y: &Matrix,
+    fold: &[usize],
+    k: usize,
+    grid: &[f64],
+    form: Form,
+    fit_intercept: bool,
+    on_fold_done: &mut dyn FnMut(usize),
+) -> Result<Vec<f64>> {
     check_pair(x, y)?;
     if !fit_intercept {
         return Err(AvbError::Invalid("cross-validation is implemented for maps with an intercept (the default)".into()));
@@ -298,6 +308,7 @@ pub fn cross_validate(x: &Matrix, y: &Matrix, fold: &[usize], k: usize, grid: &[
         for (t, s) in total.iter_mut().zip(scores) {
             *t += s;
         }
+        on_fold_done(f);
     }
     Ok(total.iter().map(|t| t / k as f64).collect())
 }

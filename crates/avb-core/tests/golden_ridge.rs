@@ -61,7 +61,7 @@ fn check_ridge(name: &str) {
     }
     let folds: Vec<usize> = train.iter().map(|r| fold_of[*r]).collect();
     let grid = f64s(&g["cv_grid"]);
-    let cv = ridge::cross_validate(&xt, &yt, &folds, k, &grid, Form::Auto, true).unwrap();
+    let cv = ridge::cross_validate(&xt, &yt, &folds, k, &grid, Form::Auto, true, &mut |_| {}).unwrap();
     for ((got, want), l) in cv.iter().zip(f64s(&g["cv_r2"])).zip(&grid) {
         assert_close(*got, want, 1e-5, &format!("{name} CV R^2 at lambda {l}"));
     }

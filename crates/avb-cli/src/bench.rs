@@ -1,0 +1,179 @@
+//! `avb bench ridge`: ridge fits at the seed experiment's shapes against scikit-learn on the same data, in the
+//! same run, with the fraction of the machine's measured f32 GEMM rate. Prints a Markdown table.
+
+use avb_core::ridge::{self, Form};
+use avb_core::rng::SplitMix64;
+use avb_core::{npy, AvbError, Matrix, Result};
+use faer::Mat;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+#[derive(clap::Subcommand)]
+pub enum BenchCommand {
+    /// Ridge fit (d_src 3584 -> d_tgt 5376 by default) against scikit-learn `Ridge`.
+    Ridge(RidgeBenchArgs),
+}
+
+#[derive(clap::Args)]
+pub struct RidgeBenchArgs {
+    /// Row counts to benchmark.
+    #[arg(long, value_delimiter = ',', default_value = "1000,20000")]
+    pub sizes: Vec<usize>,
+    #[arg(long, default_value_t = 3584)]
+    pub d_src: usize,
+    #[arg(long, default_value_t = 5376)]
+    pub d_tgt: usize,
+    #[arg(long, default_value_t = 100.0)]
+    pub lambda: f64,
+    /// Timed repetitions per size (median reported), after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Reference script (scikit-learn) run on the same matrices.
+    #[arg(long, default_value = "tests/scripts/bench_ridge_reference.py")]
+    pub reference: PathBuf,
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Also write the table, with the command and machine, to this Markdown file.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Ridge(a) => ridge_bench(a),
+    }
+}
+
+/// Activation-like pairs: a shared 256-dim latent, large per-dimension offsets, isotropic noise.
+fn synthetic(n: usize, d_src: usize, d_tgt: usize, seed: u64) -> (Matrix, Matrix) {
+    let mut rng = SplitMix64::new(seed);
+    let mut normal = |r: usize, c: usize, s: f64| Mat::<f32>::from_fn(r, c, |_, _| (rng.normal() * s) as f32);
+    let rank = 256;
+    let z = normal(n, rank, 1.0);
+    let (a, b) = (normal(rank, d_src, 0.5), normal(rank, d_tgt, 0.5));
+    let (xs, ys) = (&z * &a, &z * &b);
+    let (ox, oy) = (normal(1, d_src, 3.0), normal(1, d_tgt, 3.0));
+    let (nx, ny) = (normal(n, d_src, 1.0), normal(n, d_tgt, 1.0));
+    let x = Matrix::new(n, d_src, (0..n * d_src).map(|k| xs[(k / d_src, k % d_src)] + nx[(k / d_src, k % d_src)] + ox[(0, k % d_src)]).collect());
+    let y = Matrix::new(n, d_tgt, (0..n * d_tgt).map(|k| ys[(k / d_tgt, k % d_tgt)] + ny[(k / d_tgt, k % d_tgt)] + oy[(0, k % d_tgt)]).collect());
+    (x, y)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Measured f32 GEMM rate of this machine through faer (4096^3), in GFLOP/s.
+fn gemm_rate() -> f64 {
+    let n = 4096;
+    let a = Mat::<f32>::from_fn(n, n, |i, j| ((i * 7 + j * 13) % 17) as f32 * 0.1);
+    let _ = &a * &a;
+    let t = Instant::now();
+    let c = &a * &a;
+    let secs = t.elapsed().as_secs_f64();
+    std::hint::black_box(c);
+    2.0 * (n as f64).powi(3) / secs / 1e9
+}
+
+fn flops(n: usize, d: usize, t: usize, form: Form) -> f64 {
+    let (n, d, t) = (n as f64, d as f64, t as f64);
+    match form {
+        Form::Dual => 2.0 * n * n * d + n.powi(3) / 3.0 + 2.0 * n * n * t + 2.0 * n * d * t,
+        _ => 2.0 * n * d * d + 2.0 * n * d * t + d.powi(3) / 3.0 + 2.0 * d * d * t,
+    }
+}
+
+fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
+    if !a.reference.exists() {
+        return Err(AvbError::Invalid(format!(
+            "reference script {} not found. Fix: run from the repository root or pass --reference.",
+            a.reference.display()
+        )));
+    }
+    let dir = std::env::temp_dir().join(format!("avb-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| AvbError::io(&dir, e))?;
+    let rate = gemm_rate();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut rows = Vec::new();
+    for &n in &a.sizes {
+        eprintln!("n = {n}: generating data");
+        let (x, y) = synthetic(n, a.d_src, a.d_tgt, n as u64);
+        let (xp, yp, wp) = (dir.join("x.npy"), dir.join("y.npy"), dir.join("w_ref.npy"));
+        std::fs::write(&xp, npy::to_bytes(x.rows, x.cols, &x.data)).map_err(|e| AvbError::io(&xp, e))?;
+        std::fs::write(&yp, npy::to_bytes(y.rows, y.cols, &y.data)).map_err(|e| AvbError::io(&yp, e))?;
+        eprintln!("n = {n}: avb (1 warm-up + {} timed)", a.reps);
+        let mut times = Vec::new();
+        let mut fitted = None;
+        for _ in 0..=a.reps {
+            let t = Instant::now();
+            let (map, form) = ridge::fit_ridge(&x, &y, a.lambda, Form::Auto, true)?;
+            times.push(t.elapsed().as_secs_f64());
+            fitted = Some((map, form));
+        }
+        times.remove(0);
+        let (map, form) = fitted.unwrap();
+        let ours = median(times);
+        eprintln!("n = {n}: scikit-learn");
+        let out = Command::new(&a.python)
+            .arg(&a.reference)
+            .args([xp.as_os_str(), yp.as_os_str(), wp.as_os_str()])
+            .args(["--lambda", &a.lambda.to_string(), "--reps", &a.reps.to_string()])
+            .output()
+            .map_err(|e| AvbError::Invalid(format!("could not run {}: {e}. Fix: install python3 with numpy and scikit-learn.", a.python)))?;
+        if !out.status.success() {
+            return Err(AvbError::Invalid(format!("reference script failed: {}", String::from_utf8_lossy(&out.stderr))));
+        }
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| AvbError::Invalid(format!("reference output is not JSON ({e})")))?;
+        let theirs = r["median_s"].as_f64().unwrap_or(f64::NAN);
+        let (_, _, w_ref) = npy::read_all(&avb_core::io::FileSource::open(&wp)?)?;
+        let num: f64 = map.weight.data.iter().zip(&w_ref).map(|(p, q)| (*p as f64 - *q as f64).powi(2)).sum();
+        let den: f64 = w_ref.iter().map(|q| (*q as f64).powi(2)).sum();
+        let gf = flops(n, a.d_src, a.d_tgt, form) / ours / 1e9;
+        let ceiling = rate.max(r["numpy_sgemm_gflops"].as_f64().unwrap_or(0.0));
+        rows.push(format!(
+            "| {n} | {} -> {} | {} | {ours:.2} | {theirs:.2} | {:.2}x | {gf:.0} | {:.0}% | {:.1e} |",
+            a.d_src,
+            a.d_tgt,
+            form.name(),
+            theirs / ours,
+            100.0 * gf / ceiling,
+            (num / den).sqrt()
+        ));
+        eprintln!("n = {n}: avb {ours:.2} s, sklearn {theirs:.2} s ({})", r["versions"]);
+        if n == *a.sizes.last().unwrap() {
+            rows.push(format!(
+                "\nReference: scikit-learn {} (numpy {}, BLAS sgemm {:.0} GFLOP/s); faer sgemm {rate:.0} GFLOP/s; {threads} threads.",
+                r["versions"]["sklearn"].as_str().unwrap_or("?"),
+                r["versions"]["numpy"].as_str().unwrap_or("?"),
+                r["numpy_sgemm_gflops"].as_f64().unwrap_or(f64::NAN)
+            ));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut table = String::from(
+        "| n | d_src -> d_tgt | avb form | avb s (median) | scikit-learn s (median) | speed-up | avb GFLOP/s | of f32 GEMM ceiling | rel. diff of W vs sklearn |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for r in &rows {
+        table.push_str(r);
+        table.push('\n');
+    }
+    println!("{table}");
+    if let Some(p) = &a.output {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+            .unwrap_or_else(|| "unknown CPU".into());
+        let doc = format!(
+            "# Benchmarks\n\n## Ridge fit (`avb bench ridge`)\n\nCommand: `{}`\n\nMachine: {cpu}, {threads} threads. Inputs: float32, activation-like synthetic pairs \
+             (256-dim shared latent, per-dimension offsets, noise); lambda = {}; both fit an intercept on all n rows. Times are medians of {} runs after a warm-up; \
+             the GEMM ceiling is the faster of faer's and numpy's measured sgemm rate in the same run; FLOPs count the algorithm's products and factorisation.\n\n{table}",
+            crate::commands::created_by(),
+            a.lambda,
+            a.reps
+        );
+        avb_core::io::write_atomic(p, &[doc.as_bytes()])?;
+    }
+    Ok(())
+}
