@@ -48,15 +48,28 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 /// Activation-like pairs: a shared 256-dim latent, large per-dimension offsets, isotropic noise.
 fn synthetic(n: usize, d_src: usize, d_tgt: usize, seed: u64) -> (Matrix, Matrix) {
     let mut rng = SplitMix64::new(seed);
-    let mut normal = |r: usize, c: usize, s: f64| Mat::<f32>::from_fn(r, c, |_, _| (rng.normal() * s) as f32);
+    let mut normal =
+        |r: usize, c: usize, s: f64| Mat::<f32>::from_fn(r, c, |_, _| (rng.normal() * s) as f32);
     let rank = 256;
     let z = normal(n, rank, 1.0);
     let (a, b) = (normal(rank, d_src, 0.5), normal(rank, d_tgt, 0.5));
     let (xs, ys) = (&z * &a, &z * &b);
     let (ox, oy) = (normal(1, d_src, 3.0), normal(1, d_tgt, 3.0));
     let (nx, ny) = (normal(n, d_src, 1.0), normal(n, d_tgt, 1.0));
-    let x = Matrix::new(n, d_src, (0..n * d_src).map(|k| xs[(k / d_src, k % d_src)] + nx[(k / d_src, k % d_src)] + ox[(0, k % d_src)]).collect());
-    let y = Matrix::new(n, d_tgt, (0..n * d_tgt).map(|k| ys[(k / d_tgt, k % d_tgt)] + ny[(k / d_tgt, k % d_tgt)] + oy[(0, k % d_tgt)]).collect());
+    let x = Matrix::new(
+        n,
+        d_src,
+        (0..n * d_src)
+            .map(|k| xs[(k / d_src, k % d_src)] + nx[(k / d_src, k % d_src)] + ox[(0, k % d_src)])
+            .collect(),
+    );
+    let y = Matrix::new(
+        n,
+        d_tgt,
+        (0..n * d_tgt)
+            .map(|k| ys[(k / d_tgt, k % d_tgt)] + ny[(k / d_tgt, k % d_tgt)] + oy[(0, k % d_tgt)])
+            .collect(),
+    );
     (x, y)
 }
 
@@ -101,8 +114,10 @@ fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
         eprintln!("n = {n}: generating data");
         let (x, y) = synthetic(n, a.d_src, a.d_tgt, n as u64);
         let (xp, yp, wp) = (dir.join("x.npy"), dir.join("y.npy"), dir.join("w_ref.npy"));
-        std::fs::write(&xp, npy::to_bytes(x.rows, x.cols, &x.data)).map_err(|e| AvbError::io(&xp, e))?;
-        std::fs::write(&yp, npy::to_bytes(y.rows, y.cols, &y.data)).map_err(|e| AvbError::io(&yp, e))?;
+        std::fs::write(&xp, npy::to_bytes(x.rows, x.cols, &x.data))
+            .map_err(|e| AvbError::io(&xp, e))?;
+        std::fs::write(&yp, npy::to_bytes(y.rows, y.cols, &y.data))
+            .map_err(|e| AvbError::io(&yp, e))?;
         eprintln!("n = {n}: avb (1 warm-up + {} timed)", a.reps);
         let mut times = Vec::new();
         let mut fitted = None;
@@ -119,16 +134,36 @@ fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
         let out = Command::new(&a.python)
             .arg(&a.reference)
             .args([xp.as_os_str(), yp.as_os_str(), wp.as_os_str()])
-            .args(["--lambda", &a.lambda.to_string(), "--reps", &a.reps.to_string()])
+            .args([
+                "--lambda",
+                &a.lambda.to_string(),
+                "--reps",
+                &a.reps.to_string(),
+            ])
             .output()
-            .map_err(|e| AvbError::Invalid(format!("could not run {}: {e}. Fix: install python3 with numpy and scikit-learn.", a.python)))?;
+            .map_err(|e| {
+                AvbError::Invalid(format!(
+                    "could not run {}: {e}. Fix: install python3 with numpy and scikit-learn.",
+                    a.python
+                ))
+            })?;
         if !out.status.success() {
-            return Err(AvbError::Invalid(format!("reference script failed: {}", String::from_utf8_lossy(&out.stderr))));
+            return Err(AvbError::Invalid(format!(
+                "reference script failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
         }
-        let r: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| AvbError::Invalid(format!("reference output is not JSON ({e})")))?;
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| AvbError::Invalid(format!("reference output is not JSON ({e})")))?;
         let theirs = r["median_s"].as_f64().unwrap_or(f64::NAN);
         let (_, _, w_ref) = npy::read_all(&avb_core::io::FileSource::open(&wp)?)?;
-        let num: f64 = map.weight.data.iter().zip(&w_ref).map(|(p, q)| (*p as f64 - *q as f64).powi(2)).sum();
+        let num: f64 = map
+            .weight
+            .data
+            .iter()
+            .zip(&w_ref)
+            .map(|(p, q)| (*p as f64 - *q as f64).powi(2))
+            .sum();
         let den: f64 = w_ref.iter().map(|q| (*q as f64).powi(2)).sum();
         let gf = flops(n, a.d_src, a.d_tgt, form) / ours / 1e9;
         let ceiling = rate.max(r["numpy_sgemm_gflops"].as_f64().unwrap_or(0.0));
@@ -141,7 +176,10 @@ fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
             100.0 * gf / ceiling,
             (num / den).sqrt()
         ));
-        eprintln!("n = {n}: avb {ours:.2} s, sklearn {theirs:.2} s ({})", r["versions"]);
+        eprintln!(
+            "n = {n}: avb {ours:.2} s, sklearn {theirs:.2} s ({})",
+            r["versions"]
+        );
         if n == *a.sizes.last().unwrap() {
             rows.push(format!(
                 "\nReference: scikit-learn {} (numpy {}, BLAS sgemm {:.0} GFLOP/s); faer sgemm {rate:.0} GFLOP/s; {threads} threads.",
@@ -163,7 +201,11 @@ fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
     if let Some(p) = &a.output {
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
             .unwrap_or_else(|| "unknown CPU".into());
         let doc = format!(
             "# Benchmarks\n\n## Ridge fit (`avb bench ridge`)\n\nCommand: `{}`\n\nMachine: {cpu}, {threads} threads. Inputs: float32, activation-like synthetic pairs \

@@ -2,8 +2,9 @@
 
 use crate::inputs::{load_activations, Activations};
 use avb_core::artifact::{
-    self, file_name, file_sha256, ActivationSetMeta, Artifact, Body, CorpusRef, FitMetrics, LambdaSelection, MappedFeaturesMeta, NamedTensor,
-    RidgeMapMeta, Space, Split, WashoutMeta, WashoutUse,
+    self, file_name, file_sha256, ActivationSetMeta, Artifact, Body, CorpusRef, FitMetrics,
+    LambdaSelection, MappedFeaturesMeta, NamedTensor, RidgeMapMeta, Space, Split, WashoutMeta,
+    WashoutUse,
 };
 use avb_core::features::FeatureSource;
 use avb_core::io::{write_atomic, FileSource};
@@ -52,7 +53,9 @@ pub fn created_by() -> String {
             let p = Path::new(&a);
             if i == 0 {
                 "avb".to_string()
-            } else if p.components().count() > 1 && (p.exists() || p.parent().is_some_and(|d| d.is_dir())) {
+            } else if p.components().count() > 1
+                && (p.exists() || p.parent().is_some_and(|d| d.is_dir()))
+            {
                 file_name(p)
             } else {
                 a
@@ -72,9 +75,20 @@ fn spinner(msg: &str) -> ProgressBar {
 
 fn bar(len: u64, msg: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
-    pb.set_style(ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} [{elapsed_precise}, eta {eta}]").unwrap());
+    pb.set_style(
+        ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} [{elapsed_precise}, eta {eta}]")
+            .unwrap(),
+    );
     pb.set_message(msg.to_string());
     pb
+}
+
+/// "model L16 (d=896)"
+pub fn site(s: &Space) -> String {
+    match s.layer {
+        Some(l) => format!("{} L{l} (d={})", s.model, s.d),
+        None => format!("{} (d={})", s.model, s.d),
+    }
 }
 
 fn print_json(v: &serde_json::Value) {
@@ -134,9 +148,17 @@ pub struct FitMapArgs {
 
 pub fn parse_grid(s: &str) -> Result<Vec<f64>> {
     let parts: Vec<&str> = s.split(':').collect();
-    let bad = || AvbError::Invalid(format!("--lambda-grid `{s}` must be LOW:HIGH:COUNT with 0 < LOW <= HIGH and COUNT >= 1, e.g. 1e-2:1e6:17"));
-    let [lo, hi, count] = parts.as_slice() else { return Err(bad()) };
-    let (lo, hi, count): (f64, f64, usize) = (lo.parse().map_err(|_| bad())?, hi.parse().map_err(|_| bad())?, count.parse().map_err(|_| bad())?);
+    let bad = || {
+        AvbError::Invalid(format!("--lambda-grid `{s}` must be LOW:HIGH:COUNT with 0 < LOW <= HIGH and COUNT >= 1, e.g. 1e-2:1e6:17"))
+    };
+    let [lo, hi, count] = parts.as_slice() else {
+        return Err(bad());
+    };
+    let (lo, hi, count): (f64, f64, usize) = (
+        lo.parse().map_err(|_| bad())?,
+        hi.parse().map_err(|_| bad())?,
+        count.parse().map_err(|_| bad())?,
+    );
     if !(lo > 0.0 && hi >= lo && count >= 1 && hi.is_finite()) {
         return Err(bad());
     }
@@ -144,21 +166,29 @@ pub fn parse_grid(s: &str) -> Result<Vec<f64>> {
         return Ok(vec![lo]);
     }
     let (a, b) = (lo.log10(), hi.log10());
-    Ok((0..count).map(|i| 10f64.powf(a + (b - a) * i as f64 / (count - 1) as f64)).collect())
+    Ok((0..count)
+        .map(|i| 10f64.powf(a + (b - a) * i as f64 / (count - 1) as f64))
+        .collect())
 }
 
 fn check_rows_match(src: &Activations, tgt: &Activations) -> Result<()> {
     if src.matrix.rows != tgt.matrix.rows {
         return Err(AvbError::dimension(
             "fit-map",
-            format!("source has {} rows but target has {}", src.matrix.rows, tgt.matrix.rows),
+            format!(
+                "source has {} rows but target has {}",
+                src.matrix.rows, tgt.matrix.rows
+            ),
             "capture both models on the same corpus rows",
         ));
     }
     if let Some(i) = (0..src.row_ids.len()).find(|i| src.row_ids[*i] != tgt.row_ids[*i]) {
         return Err(AvbError::dimension(
             "fit-map",
-            format!("row {i} is `{}` in the source but `{}` in the target", src.row_ids[i], tgt.row_ids[i]),
+            format!(
+                "row {i} is `{}` in the source but `{}` in the target",
+                src.row_ids[i], tgt.row_ids[i]
+            ),
             "capture both models on the same corpus in the same order",
         ));
     }
@@ -167,7 +197,10 @@ fn check_rows_match(src: &Activations, tgt: &Activations) -> Result<()> {
 
 pub fn fit_map(a: FitMapArgs) -> Result<()> {
     if !(0.0..1.0).contains(&a.holdout) {
-        return Err(AvbError::Invalid(format!("--holdout must be in [0, 1), got {}", a.holdout)));
+        return Err(AvbError::Invalid(format!(
+            "--holdout must be in [0, 1), got {}",
+            a.holdout
+        )));
     }
     let src = load_activations(&a.source, a.source_model.as_deref(), a.source_layer)?;
     let tgt = load_activations(&a.target, a.target_model.as_deref(), a.target_layer)?;
@@ -177,13 +210,20 @@ pub fn fit_map(a: FitMapArgs) -> Result<()> {
     if train_perm.len() < 2 {
         return Err(AvbError::Empty {
             what: "fit-map".into(),
-            detail: format!("{} training rows after holding out {}", train_perm.len(), hold.len()),
+            detail: format!(
+                "{} training rows after holding out {}",
+                train_perm.len(),
+                hold.len()
+            ),
             fix: "use more rows or a smaller --holdout".into(),
         });
     }
     let mut train = train_perm.clone();
     train.sort_unstable();
-    let (xt, yt) = (src.matrix.select_rows(&train), tgt.matrix.select_rows(&train));
+    let (xt, yt) = (
+        src.matrix.select_rows(&train),
+        tgt.matrix.select_rows(&train),
+    );
     let form = match a.form {
         FormArg::Auto => Form::Auto,
         FormArg::Primal => Form::Primal,
@@ -203,12 +243,23 @@ pub fn fit_map(a: FitMapArgs) -> Result<()> {
             }
             let folds: Vec<usize> = train.iter().map(|r| fold_of[*r]).collect();
             let pb = bar(k as u64, "cross-validating lambda (folds)");
-            let scores = ridge::cross_validate(&xt, &yt, &folds, k, &grid, form, fit_intercept, &mut |_| pb.inc(1))?;
+            let scores = ridge::cross_validate(
+                &xt,
+                &yt,
+                &folds,
+                k,
+                &grid,
+                form,
+                fit_intercept,
+                &mut |_| pb.inc(1),
+            )?;
             pb.finish_and_clear();
             let best = (0..grid.len())
                 .filter(|i| scores[*i].is_finite())
                 .max_by(|i, j| scores[*i].total_cmp(&scores[*j]))
-                .ok_or_else(|| AvbError::Invalid("cross-validation produced no finite score".into()))?;
+                .ok_or_else(|| {
+                    AvbError::Invalid("cross-validation produced no finite score".into())
+                })?;
             selection = Some(LambdaSelection {
                 mode: "cv".into(),
                 folds: Some(k),
@@ -218,13 +269,26 @@ pub fn fit_map(a: FitMapArgs) -> Result<()> {
             Some(selection.as_ref().unwrap().grid[best])
         }
     };
-    let pb = spinner(&format!("fitting {} map on {} rows ({} -> {})", if lambda.is_some() { "ridge" } else { "procrustes" }, train.len(), xt.cols, yt.cols));
+    let pb = spinner(&format!(
+        "fitting {} map on {} rows ({} -> {})",
+        if lambda.is_some() {
+            "ridge"
+        } else {
+            "procrustes"
+        },
+        train.len(),
+        xt.cols,
+        yt.cols
+    ));
     let (map, solver) = match lambda {
         Some(l) => {
             let (m, f) = ridge::fit_ridge(&xt, &yt, l, form, fit_intercept)?;
             (m, f.name().to_string())
         }
-        None => (ridge::fit_procrustes(&xt, &yt, fit_intercept)?, "svd".to_string()),
+        None => (
+            ridge::fit_procrustes(&xt, &yt, fit_intercept)?,
+            "svd".to_string(),
+        ),
     };
     pb.finish_and_clear();
     if selection.is_none() {
@@ -244,7 +308,10 @@ pub fn fit_map(a: FitMapArgs) -> Result<()> {
     } else {
         let (xh, yh) = (src.matrix.select_rows(&hold), tgt.matrix.select_rows(&hold));
         let pred = map.apply(&xh, true)?;
-        (Some(ridge::fit_metrics(&pred, &yh, &ymean)), ridge::row_cosines(&pred, &yh))
+        (
+            Some(ridge::fit_metrics(&pred, &yh, &ymean)),
+            ridge::row_cosines(&pred, &yh),
+        )
     };
     let mut inputs = BTreeMap::new();
     inputs.insert("source".to_string(), src.input.clone());
@@ -252,7 +319,12 @@ pub fn fit_map(a: FitMapArgs) -> Result<()> {
     let meta = RidgeMapMeta {
         source: src.space.clone(),
         target: tgt.space.clone(),
-        method: if lambda.is_some() { "ridge" } else { "procrustes" }.into(),
+        method: if lambda.is_some() {
+            "ridge"
+        } else {
+            "procrustes"
+        }
+        .into(),
         solver,
         lambda,
         lambda_selection: selection,
@@ -289,7 +361,13 @@ pub fn fit_map(a: FitMapArgs) -> Result<()> {
             values: &hold_cos_f32,
         });
     }
-    let written = artifact::write(&a.output, Body::RidgeMap(meta.clone()), &created_by(), a.dtype.dtype(), &tensors)?;
+    let written = artifact::write(
+        &a.output,
+        Body::RidgeMap(meta.clone()),
+        &created_by(),
+        a.dtype.dtype(),
+        &tensors,
+    )?;
     if a.json {
         print_json(&serde_json::to_value(&written).unwrap());
     } else {
@@ -307,16 +385,27 @@ fn fmt_metrics(m: &FitMetrics) -> String {
 
 fn print_map_summary(path: &Path, m: &RidgeMapMeta) {
     println!("wrote {}", path.display());
-    println!("  map      {} L{:?} (d={}) -> {} L{:?} (d={})", m.source.model, m.source.layer, m.source.d, m.target.model, m.target.layer, m.target.d);
+    println!("  map      {} -> {}", site(&m.source), site(&m.target));
     let lam = m.lambda.map_or("-".to_string(), |l| format!("{l:.4e}"));
-    println!("  method   {} ({}), lambda {lam}, intercept {}", m.method, m.solver, m.fit_intercept);
+    println!(
+        "  method   {} ({}), lambda {lam}, intercept {}",
+        m.method, m.solver, m.fit_intercept
+    );
     if let Some(sel) = &m.lambda_selection {
         if sel.mode == "cv" {
-            let pairs: Vec<String> = sel.grid.iter().zip(&sel.cv_r2).map(|(l, s)| format!("{l:.0e}:{s:.4}")).collect();
+            let pairs: Vec<String> = sel
+                .grid
+                .iter()
+                .zip(&sel.cv_r2)
+                .map(|(l, s)| format!("{l:.0e}:{s:.4}"))
+                .collect();
             println!("  cv R2    {}", pairs.join(" "));
         }
     }
-    println!("  split    seed {}, {} train / {} held out", m.split.seed, m.split.n_train, m.split.n_holdout);
+    println!(
+        "  split    seed {}, {} train / {} held out",
+        m.split.seed, m.split.n_train, m.split.n_holdout
+    );
     println!("  train    {}", fmt_metrics(&m.train));
     if let Some(h) = &m.heldout {
         println!("  held-out {}", fmt_metrics(h));
@@ -340,7 +429,10 @@ pub struct WashoutArgs {
 
 pub fn washout(a: WashoutArgs) -> Result<()> {
     let act = load_activations(&a.activations, a.site.model.as_deref(), a.site.layer)?;
-    let (b, norm) = washout::washout_vector(&act.matrix, &format!("activations {}", a.activations.display()))?;
+    let (b, norm) = washout::washout_vector(
+        &act.matrix,
+        &format!("activations {}", a.activations.display()),
+    )?;
     let meta = WashoutMeta {
         space: act.space.clone(),
         pooling: act.pooling.clone(),
@@ -364,8 +456,10 @@ pub fn washout(a: WashoutArgs) -> Result<()> {
     } else {
         println!("wrote {}", a.output.display());
         println!(
-            "  washout  {} L{:?} (d={}), {} rows ({} pooling), ||b|| = {norm:.4}",
-            act.space.model, act.space.layer, act.space.d, act.matrix.rows, act.pooling
+            "  washout  {}, {} rows ({} pooling), ||b|| = {norm:.4}",
+            site(&act.space),
+            act.matrix.rows,
+            act.pooling
         );
     }
     Ok(())
@@ -414,7 +508,13 @@ pub struct MapArgs {
 pub fn open_kind(path: &Path, kind: &str) -> Result<Artifact> {
     let art = Artifact::open(path)?;
     if art.meta.body.kind() != kind {
-        return Err(AvbError::unsupported(path, format!("expected a `{kind}` artifact, got `{}`", art.meta.body.kind())));
+        return Err(AvbError::unsupported(
+            path,
+            format!(
+                "expected a `{kind}` artifact, got `{}`",
+                art.meta.body.kind()
+            ),
+        ));
     }
     Ok(art)
 }
@@ -422,11 +522,16 @@ pub fn open_kind(path: &Path, kind: &str) -> Result<Artifact> {
 fn same_site(a: &Space, b: &Space) -> bool {
     let model = |s: &Space| s.model.rsplit('/').next().unwrap_or("").to_lowercase();
     let known = |s: &Space| s.model != "unknown";
-    (!known(a) || !known(b) || model(a) == model(b)) && (a.layer.is_none() || b.layer.is_none() || a.layer == b.layer)
+    (!known(a) || !known(b) || model(a) == model(b))
+        && (a.layer.is_none() || b.layer.is_none() || a.layer == b.layer)
 }
 
 fn parse_range(s: &str, n: usize) -> Result<Vec<u64>> {
-    let bad = || AvbError::Invalid(format!("--range `{s}` must be START:END with START < END <= {n}"));
+    let bad = || {
+        AvbError::Invalid(format!(
+            "--range `{s}` must be START:END with START < END <= {n}"
+        ))
+    };
     let (a, b) = s.split_once(':').ok_or_else(bad)?;
     let (a, b): (u64, u64) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
     if a >= b || b > n as u64 {
@@ -437,7 +542,9 @@ fn parse_range(s: &str, n: usize) -> Result<Vec<u64>> {
 
 pub fn map(a: MapArgs) -> Result<()> {
     let map_art = open_kind(&a.map, "ridge_map")?;
-    let Body::RidgeMap(mm) = map_art.meta.body.clone() else { unreachable!() };
+    let Body::RidgeMap(mm) = map_art.meta.body.clone() else {
+        unreachable!()
+    };
     let weight = map_art.read_matrix("weight")?;
     let (_, bias) = map_art.read_tensor("bias")?;
     let affine_map = AffineMap { weight, bias };
@@ -445,26 +552,40 @@ pub fn map(a: MapArgs) -> Result<()> {
     if feats.d() != mm.source.d {
         return Err(AvbError::dimension(
             format!("features {}", a.features.display()),
-            format!("directions have d = {} but the map's source space has d = {}", feats.d(), mm.source.d),
-            format!("use a map fitted from {} L{:?} (d = {}) or features from that space", mm.source.model, mm.source.layer, mm.source.d),
+            format!(
+                "directions have d = {} but the map's source space has d = {}",
+                feats.d(),
+                mm.source.d
+            ),
+            format!(
+                "use a map fitted from {} or features from that space",
+                site(&mm.source)
+            ),
         ));
     }
     if let Some(space) = &feats.space {
         if !a.allow_site_mismatch && !same_site(space, &mm.source) {
             return Err(AvbError::Invalid(format!(
-                "features live at {} L{:?} but the map starts from {} L{:?}. Fix: use a map fitted from the features' model and layer, or pass --allow-site-mismatch.",
-                space.model, space.layer, mm.source.model, mm.source.layer
+                "features live at {} but the map starts from {}. Fix: use a map fitted from the features' model and layer, or pass --allow-site-mismatch.",
+                site(space),
+                site(&mm.source)
             )));
         }
     }
     let wash = match &a.washout {
         Some(p) => {
             let art = open_kind(p, "washout")?;
-            let Body::Washout(wm) = art.meta.body.clone() else { unreachable!() };
+            let Body::Washout(wm) = art.meta.body.clone() else {
+                unreachable!()
+            };
             if wm.space.d != mm.target.d || !same_site(&wm.space, &mm.target) {
                 return Err(AvbError::dimension(
                     format!("washout {}", p.display()),
-                    format!("washout is for {} L{:?} (d = {}) but the map targets {} L{:?} (d = {})", wm.space.model, wm.space.layer, wm.space.d, mm.target.model, mm.target.layer, mm.target.d),
+                    format!(
+                        "washout is for {} but the map targets {}",
+                        site(&wm.space),
+                        site(&mm.target)
+                    ),
                     "compute the washout vector from the map's target model and layer",
                 ));
             }
@@ -485,7 +606,10 @@ pub fn map(a: MapArgs) -> Result<()> {
             fix: "pass --ids or --range, or a non-empty feature file".into(),
         });
     }
-    let rows: Vec<usize> = ids.iter().map(|id| feats.index_of(*id)).collect::<Result<_>>()?;
+    let rows: Vec<usize> = ids
+        .iter()
+        .map(|id| feats.index_of(*id))
+        .collect::<Result<_>>()?;
     let pb = bar(rows.len() as u64, "mapping features");
     let mut out = Vec::with_capacity(rows.len() * mm.target.d);
     const BATCH: usize = 2048;
@@ -504,7 +628,11 @@ pub fn map(a: MapArgs) -> Result<()> {
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
-    let labels = feats.labels.as_ref().map(|_| rows.iter().map(|r| feats.label(*r).map(str::to_string)).collect());
+    let labels = feats.labels.as_ref().map(|_| {
+        rows.iter()
+            .map(|r| feats.label(*r).map(str::to_string))
+            .collect()
+    });
     let meta = MappedFeaturesMeta {
         source: feats.space.clone().unwrap_or_else(|| mm.source.clone()),
         target: mm.target.clone(),
@@ -536,14 +664,13 @@ pub fn map(a: MapArgs) -> Result<()> {
     } else {
         println!("wrote {}", a.output.display());
         println!(
-            "  {} features ({}) {} L{:?} -> {} L{:?}, washout {}",
+            "  {} features ({}) {} -> {}, washout {}",
             ids.len(),
             feats.kind,
-            mm.source.model,
-            mm.source.layer,
-            mm.target.model,
-            mm.target.layer,
-            wash.as_ref().map_or("none".to_string(), |_| format!("w = {}", a.weight))
+            site(&mm.source),
+            site(&mm.target),
+            wash.as_ref()
+                .map_or("none".to_string(), |_| format!("w = {}", a.weight))
         );
     }
     Ok(())
@@ -565,7 +692,12 @@ pub struct InspectArgs {
 fn tensor_table(h: &Header) -> serde_json::Value {
     h.tensors
         .iter()
-        .map(|(n, t)| (n.clone(), json!({"dtype": t.dtype.name(), "shape": t.shape})))
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                json!({"dtype": t.dtype.name(), "shape": t.shape}),
+            )
+        })
         .collect::<serde_json::Map<_, _>>()
         .into()
 }
@@ -589,7 +721,11 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
                 "not checked (--no-verify)".to_string()
             } else {
                 art.verify()?;
-                format!("ok: payload sha256 {} ({} chunks verified)", art.meta.payload.sha256, art.meta.payload.chunk_sha256.len())
+                format!(
+                    "ok: payload sha256 {} ({} chunks verified)",
+                    art.meta.payload.sha256,
+                    art.meta.payload.chunk_sha256.len()
+                )
             };
             let mut meta = serde_json::to_value(&art.meta).unwrap();
             if let Some(m) = meta.as_object_mut() {
@@ -604,10 +740,19 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     if a.json {
         print_json(&report);
     } else {
-        println!("{}  [{}]", p.display(), report["kind"].as_str().unwrap_or(""));
+        println!(
+            "{}  [{}]",
+            p.display(),
+            report["kind"].as_str().unwrap_or("")
+        );
         for (k, v) in report.as_object().unwrap() {
             if k != "path" && k != "kind" {
-                println!("  {k}: {}", serde_json::to_string_pretty(v).unwrap().replace('\n', "\n  "));
+                println!(
+                    "  {k}: {}",
+                    serde_json::to_string_pretty(v)
+                        .unwrap()
+                        .replace('\n', "\n  ")
+                );
             }
         }
     }
@@ -646,10 +791,15 @@ pub fn load_matrix(path: &Path) -> Result<Matrix> {
 
 pub fn eval_embeddings(a: EvalArgs) -> Result<()> {
     if !(a.level > 0.0 && a.level < 1.0) {
-        return Err(AvbError::Invalid(format!("--level must be in (0, 1), got {}", a.level)));
+        return Err(AvbError::Invalid(format!(
+            "--level must be in (0, 1), got {}",
+            a.level
+        )));
     }
     if a.bootstrap < 100 {
-        return Err(AvbError::Invalid("--bootstrap needs at least 100 resamples".into()));
+        return Err(AvbError::Invalid(
+            "--bootstrap needs at least 100 resamples".into(),
+        ));
     }
     let (native, cross) = (load_matrix(&a.native)?, load_matrix(&a.cross)?);
     let lift = stats::lift(&cross, &native)?;
@@ -734,7 +884,8 @@ pub fn corpus_ids(path: &Path) -> Result<Vec<String>> {
         .filter(|l| !l.trim().is_empty())
         .enumerate()
         .map(|(i, l)| {
-            let v: serde_json::Value = serde_json::from_str(l).map_err(|e| AvbError::corrupt(path, format!("line {}: not JSON ({e})", i + 1)))?;
+            let v: serde_json::Value = serde_json::from_str(l)
+                .map_err(|e| AvbError::corrupt(path, format!("line {}: not JSON ({e})", i + 1)))?;
             v.get("id")
                 .and_then(|x| x.as_str())
                 .map(str::to_string)
@@ -749,7 +900,11 @@ pub fn import_activations(a: ImportArgs) -> Result<()> {
     if ids.len() != act.matrix.rows {
         return Err(AvbError::dimension(
             format!("import {}", a.input.display()),
-            format!("{} rows but the corpus has {} lines", act.matrix.rows, ids.len()),
+            format!(
+                "{} rows but the corpus has {} lines",
+                act.matrix.rows,
+                ids.len()
+            ),
             "pass the corpus file the activations were captured from",
         ));
     }
@@ -757,7 +912,11 @@ pub fn import_activations(a: ImportArgs) -> Result<()> {
         space: act.space.clone(),
         pooling: a.pooling.clone(),
         corpus: CorpusRef {
-            id: a.corpus.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            id: a
+                .corpus
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             sha256: file_sha256(&a.corpus)?,
         },
         row_ids: ids,
@@ -773,7 +932,14 @@ pub fn import_activations(a: ImportArgs) -> Result<()> {
             values: &act.matrix.data,
         }],
     )?;
-    println!("wrote {} ({} rows x {}, {} L{} {} pooling)", a.output.display(), act.matrix.rows, act.matrix.cols, a.model, a.layer, a.pooling);
+    println!(
+        "wrote {} ({} rows x {}, {} L{} {} pooling)",
+        a.output.display(),
+        act.matrix.rows,
+        act.matrix.cols,
+        a.model,
+        a.layer,
+        a.pooling
+    );
     Ok(())
 }
-

@@ -26,7 +26,11 @@ pub struct SiteFlags {
     pub layer: Option<u32>,
 }
 
-pub fn load_activations(path: &Path, model: Option<&str>, layer: Option<u32>) -> Result<Activations> {
+pub fn load_activations(
+    path: &Path,
+    model: Option<&str>,
+    layer: Option<u32>,
+) -> Result<Activations> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let (matrix, art_meta, input) = match ext {
         "npy" => {

@@ -2,13 +2,18 @@
 
 mod bench;
 mod commands;
+mod demo;
 mod inputs;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "avb", version, about = "Explain one model's features with another model's activation verbalizer: maps, washout, features, evaluation")]
+#[command(
+    name = "avb",
+    version,
+    about = "Explain one model's features with another model's activation verbalizer: maps, washout, features, evaluation"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job on the embedded default: real captures of two small models -> map, washout, mapped concept directions, transfer report.
+    Demo(demo::DemoArgs),
     /// Fit a ridge (or Procrustes) map from source to target activations, with held-out metrics.
     FitMap(commands::FitMapArgs),
     /// Compute a background washout vector (mean of L2-normalised rows) from an activation set.
@@ -36,6 +43,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => demo::run(a),
         Command::FitMap(a) => commands::fit_map(a),
         Command::Washout(a) => commands::washout(a),
         Command::Map(a) => commands::map(a),

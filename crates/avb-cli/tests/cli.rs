@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/golden")
+        .join(name)
 }
 
 fn golden_json() -> serde_json::Value {
@@ -19,7 +21,10 @@ struct Run {
 }
 
 fn avb(args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_avb")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_avb"))
+        .args(args)
+        .output()
+        .unwrap();
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -36,7 +41,11 @@ fn ok(args: &[&str]) -> String {
 fn fails(args: &[&str], needle: &str) {
     let r = avb(args);
     assert_eq!(r.code, 1, "avb {args:?} should fail; stdout {}", r.stdout);
-    assert!(r.stderr.contains(needle), "avb {args:?}: expected `{needle}` in: {}", r.stderr);
+    assert!(
+        r.stderr.contains(needle),
+        "avb {args:?}: expected `{needle}` in: {}",
+        r.stderr
+    );
     assert!(!r.stderr.contains("panicked"), "panic: {}", r.stderr);
 }
 
@@ -46,7 +55,9 @@ fn s(p: &Path) -> &str {
 
 fn corpus(dir: &Path, n: usize, prefix: &str) -> PathBuf {
     let p = dir.join(format!("{prefix}.jsonl"));
-    let text: String = (0..n).map(|i| format!("{{\"id\": \"{prefix}-{i}\", \"text\": \"sentence {i}\"}}\n")).collect();
+    let text: String = (0..n)
+        .map(|i| format!("{{\"id\": \"{prefix}-{i}\", \"text\": \"sentence {i}\"}}\n"))
+        .collect();
     std::fs::write(&p, text).unwrap();
     p
 }
@@ -58,33 +69,131 @@ fn pipeline_on_golden_activations() {
     let d = dir.path();
     let c = corpus(d, 300, "wiki");
     let (src, tgt) = (d.join("src.safetensors"), d.join("tgt.safetensors"));
-    ok(&["import-activations", "--input", s(&golden("primal_x.npy")), "--model", "org/source-model", "--layer", "5", "--pooling", "mean", "--corpus", s(&c), "-o", s(&src)]);
-    ok(&["import-activations", "--input", s(&golden("primal_y.npy")), "--model", "org/target-model", "--layer", "9", "--pooling", "mean", "--corpus", s(&c), "-o", s(&tgt), "--dtype", "f32"]);
+    ok(&[
+        "import-activations",
+        "--input",
+        s(&golden("primal_x.npy")),
+        "--model",
+        "org/source-model",
+        "--layer",
+        "5",
+        "--pooling",
+        "mean",
+        "--corpus",
+        s(&c),
+        "-o",
+        s(&src),
+    ]);
+    ok(&[
+        "import-activations",
+        "--input",
+        s(&golden("primal_y.npy")),
+        "--model",
+        "org/target-model",
+        "--layer",
+        "9",
+        "--pooling",
+        "mean",
+        "--corpus",
+        s(&c),
+        "-o",
+        s(&tgt),
+        "--dtype",
+        "f32",
+    ]);
 
     // Fixed lambda: held-out metrics equal numpy's on the documented split (seed 7).
     let map = d.join("map.safetensors");
-    let meta: serde_json::Value = serde_json::from_str(&ok(&["fit-map", "--source", s(&src), "--target", s(&tgt), "--lambda", "100", "--seed", "7", "-o", s(&map), "--json"])).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&ok(&[
+        "fit-map",
+        "--source",
+        s(&src),
+        "--target",
+        s(&tgt),
+        "--lambda",
+        "100",
+        "--seed",
+        "7",
+        "-o",
+        s(&map),
+        "--json",
+    ]))
+    .unwrap();
     let want = &g["ridge_primal"]["heldout"];
-    for key in ["mean_cosine", "r2_variance_weighted", "r2_uniform", "mean_centered_cosine"] {
-        let (got, exp) = (meta["heldout"][key].as_f64().unwrap(), want[key].as_f64().unwrap());
+    for key in [
+        "mean_cosine",
+        "r2_variance_weighted",
+        "r2_uniform",
+        "mean_centered_cosine",
+    ] {
+        let (got, exp) = (
+            meta["heldout"][key].as_f64().unwrap(),
+            want[key].as_f64().unwrap(),
+        );
         assert!((got - exp).abs() < 1e-5, "{key}: {got} vs {exp}");
     }
     assert_eq!(meta["split"]["n_holdout"], 60);
     assert_eq!(meta["source"]["layer"], 5);
     assert_eq!(meta["target"]["model"], "org/target-model");
-    assert_eq!(meta["created_by"].as_str().unwrap().split(' ').nth(3).unwrap(), "src.safetensors", "machine paths must not be recorded");
+    assert_eq!(
+        meta["created_by"]
+            .as_str()
+            .unwrap()
+            .split(' ')
+            .nth(3)
+            .unwrap(),
+        "src.safetensors",
+        "machine paths must not be recorded"
+    );
 
     // CV picks the grid point with the best mean fold R^2 (same grid as the golden file).
     let cvmap = d.join("cv.safetensors");
-    let cv: serde_json::Value = serde_json::from_str(&ok(&["fit-map", "--source", s(&src), "--target", s(&tgt), "--cv-folds", "5", "--lambda-grid", "1e-2:1e6:5", "--seed", "7", "-o", s(&cvmap), "--json"])).unwrap();
-    let scores: Vec<f64> = g["ridge_primal"]["cv_r2"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-    let best = (0..scores.len()).max_by(|a, b| scores[*a].total_cmp(&scores[*b])).unwrap();
+    let cv: serde_json::Value = serde_json::from_str(&ok(&[
+        "fit-map",
+        "--source",
+        s(&src),
+        "--target",
+        s(&tgt),
+        "--cv-folds",
+        "5",
+        "--lambda-grid",
+        "1e-2:1e6:5",
+        "--seed",
+        "7",
+        "-o",
+        s(&cvmap),
+        "--json",
+    ]))
+    .unwrap();
+    let scores: Vec<f64> = g["ridge_primal"]["cv_r2"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let best = (0..scores.len())
+        .max_by(|a, b| scores[*a].total_cmp(&scores[*b]))
+        .unwrap();
     let grid = [0.01, 1.0, 100.0, 1e4, 1e6];
     assert!((cv["lambda"].as_f64().unwrap() - grid[best]).abs() < 1e-9 * grid[best]);
     assert_eq!(cv["lambda_selection"]["mode"], "cv");
 
     let pro = d.join("procrustes.safetensors");
-    let p: serde_json::Value = serde_json::from_str(&ok(&["fit-map", "--source", s(&src), "--target", s(&tgt), "--method", "procrustes", "--seed", "7", "-o", s(&pro), "--json"])).unwrap();
+    let p: serde_json::Value = serde_json::from_str(&ok(&[
+        "fit-map",
+        "--source",
+        s(&src),
+        "--target",
+        s(&tgt),
+        "--method",
+        "procrustes",
+        "--seed",
+        "7",
+        "-o",
+        s(&pro),
+        "--json",
+    ]))
+    .unwrap();
     assert_eq!(p["solver"], "svd");
 
     let wash = d.join("washout.safetensors");
@@ -94,18 +203,60 @@ fn pipeline_on_golden_activations() {
     let feats = d.join("feats.npy");
     std::fs::copy(golden("primal_x.npy"), &feats).unwrap();
     let table = d.join("mapped.safetensors");
-    let t: serde_json::Value = serde_json::from_str(&ok(&["map", "--map", s(&map), "--features", s(&feats), "--ids", "0,4,299", "--washout", s(&wash), "--weight", "0.5", "-o", s(&table), "--json"])).unwrap();
+    let t: serde_json::Value = serde_json::from_str(&ok(&[
+        "map",
+        "--map",
+        s(&map),
+        "--features",
+        s(&feats),
+        "--ids",
+        "0,4,299",
+        "--washout",
+        s(&wash),
+        "--weight",
+        "0.5",
+        "-o",
+        s(&table),
+        "--json",
+    ]))
+    .unwrap();
     assert_eq!(t["feature_ids"], serde_json::json!([0, 4, 299]));
     assert_eq!(t["washout"]["weight"], 0.5);
     assert_eq!(t["normalized"], true);
-    let insp: serde_json::Value = serde_json::from_str(&ok(&["inspect", s(&map), "--json"])).unwrap();
-    assert_eq!(t["map"]["sha256"].as_str().unwrap(), insp["integrity"].as_str().unwrap().split(' ').nth(3).unwrap());
+    let insp: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", s(&map), "--json"])).unwrap();
+    assert_eq!(
+        t["map"]["sha256"].as_str().unwrap(),
+        insp["integrity"]
+            .as_str()
+            .unwrap()
+            .split(' ')
+            .nth(3)
+            .unwrap()
+    );
     for f in [&src, &tgt, &map, &cvmap, &pro, &wash, &table] {
         let r: serde_json::Value = serde_json::from_str(&ok(&["inspect", s(f), "--json"])).unwrap();
-        assert!(r["integrity"].as_str().unwrap().starts_with("ok: payload sha256"), "{f:?}: {r}");
+        assert!(
+            r["integrity"]
+                .as_str()
+                .unwrap()
+                .starts_with("ok: payload sha256"),
+            "{f:?}: {r}"
+        );
     }
     // The mapped table is itself a feature source (re-mapping it is refused by dimension).
-    fails(&["map", "--map", s(&map), "--features", s(&table), "-o", s(&d.join("x.safetensors"))], "directions have d = 24 but the map's source space has d = 40");
+    fails(
+        &[
+            "map",
+            "--map",
+            s(&map),
+            "--features",
+            s(&table),
+            "-o",
+            s(&d.join("x.safetensors")),
+        ],
+        "directions have d = 24 but the map's source space has d = 40",
+    );
     assert!(!d.join("x.safetensors").exists());
 }
 
@@ -116,15 +267,119 @@ fn bad_inputs_fail_cleanly() {
     let c300 = corpus(d, 300, "wiki");
     let other = corpus(d, 300, "other");
     let (src, tgt) = (d.join("src.safetensors"), d.join("tgt.safetensors"));
-    ok(&["import-activations", "--input", s(&golden("primal_x.npy")), "--model", "a", "--layer", "1", "--pooling", "mean", "--corpus", s(&c300), "-o", s(&src)]);
-    ok(&["import-activations", "--input", s(&golden("primal_y.npy")), "--model", "b", "--layer", "2", "--pooling", "mean", "--corpus", s(&other), "-o", s(&tgt)]);
+    ok(&[
+        "import-activations",
+        "--input",
+        s(&golden("primal_x.npy")),
+        "--model",
+        "a",
+        "--layer",
+        "1",
+        "--pooling",
+        "mean",
+        "--corpus",
+        s(&c300),
+        "-o",
+        s(&src),
+    ]);
+    ok(&[
+        "import-activations",
+        "--input",
+        s(&golden("primal_y.npy")),
+        "--model",
+        "b",
+        "--layer",
+        "2",
+        "--pooling",
+        "mean",
+        "--corpus",
+        s(&other),
+        "-o",
+        s(&tgt),
+    ]);
     let out = d.join("out.safetensors");
-    fails(&["fit-map", "--source", s(&src), "--target", s(&tgt), "-o", s(&out)], "row 0 is `wiki-0` in the source but `other-0` in the target");
-    fails(&["import-activations", "--input", s(&golden("dual_x.npy")), "--model", "a", "--layer", "1", "--pooling", "mean", "--corpus", s(&c300), "-o", s(&out)], "30 rows but the corpus has 300 lines");
-    fails(&["fit-map", "--source", s(&golden("primal_x.npy")), "--target", s(&golden("dual_y.npy")), "-o", s(&out)], "source has 300 rows but target has 30");
-    fails(&["fit-map", "--source", s(&src), "--target", s(&src), "--holdout", "1.5", "-o", s(&out)], "--holdout must be in [0, 1)");
-    fails(&["fit-map", "--source", s(&src), "--target", s(&src), "--cv-folds", "3", "--lambda-grid", "5:1:3", "-o", s(&out)], "--lambda-grid `5:1:3`");
-    fails(&["washout", "--activations", s(&d.join("nope.safetensors")), "-o", s(&out)], "nope.safetensors: cannot read");
+    fails(
+        &[
+            "fit-map",
+            "--source",
+            s(&src),
+            "--target",
+            s(&tgt),
+            "-o",
+            s(&out),
+        ],
+        "row 0 is `wiki-0` in the source but `other-0` in the target",
+    );
+    fails(
+        &[
+            "import-activations",
+            "--input",
+            s(&golden("dual_x.npy")),
+            "--model",
+            "a",
+            "--layer",
+            "1",
+            "--pooling",
+            "mean",
+            "--corpus",
+            s(&c300),
+            "-o",
+            s(&out),
+        ],
+        "30 rows but the corpus has 300 lines",
+    );
+    fails(
+        &[
+            "fit-map",
+            "--source",
+            s(&golden("primal_x.npy")),
+            "--target",
+            s(&golden("dual_y.npy")),
+            "-o",
+            s(&out),
+        ],
+        "source has 300 rows but target has 30",
+    );
+    fails(
+        &[
+            "fit-map",
+            "--source",
+            s(&src),
+            "--target",
+            s(&src),
+            "--holdout",
+            "1.5",
+            "-o",
+            s(&out),
+        ],
+        "--holdout must be in [0, 1)",
+    );
+    fails(
+        &[
+            "fit-map",
+            "--source",
+            s(&src),
+            "--target",
+            s(&src),
+            "--cv-folds",
+            "3",
+            "--lambda-grid",
+            "5:1:3",
+            "-o",
+            s(&out),
+        ],
+        "--lambda-grid `5:1:3`",
+    );
+    fails(
+        &[
+            "washout",
+            "--activations",
+            s(&d.join("nope.safetensors")),
+            "-o",
+            s(&out),
+        ],
+        "nope.safetensors: cannot read",
+    );
     assert!(!out.exists());
 
     // NaN in an input matrix
@@ -133,7 +388,10 @@ fn bad_inputs_fail_cleanly() {
     let n = bytes.len();
     bytes[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
     std::fs::write(&nan, &bytes).unwrap();
-    fails(&["washout", "--activations", s(&nan), "-o", s(&out)], "non-finite value (NaN or Inf) at row 29, column 79");
+    fails(
+        &["washout", "--activations", s(&nan), "-o", s(&out)],
+        "non-finite value (NaN or Inf) at row 29, column 79",
+    );
 
     // Tampered artifact: inspect names the chunk; reading it for a fit refuses too.
     let mut art = std::fs::read(&src).unwrap();
@@ -142,14 +400,32 @@ fn bad_inputs_fail_cleanly() {
     let bad = d.join("bad.safetensors");
     std::fs::write(&bad, &art).unwrap();
     fails(&["inspect", s(&bad)], "sha256 mismatch in payload chunk 0");
-    fails(&["washout", "--activations", s(&bad), "-o", s(&out)], "sha256 mismatch");
+    fails(
+        &["washout", "--activations", s(&bad), "-o", s(&out)],
+        "sha256 mismatch",
+    );
     // Truncated artifact
     std::fs::write(&bad, &art[..len / 2]).unwrap();
     fails(&["inspect", s(&bad)], "truncated");
     // Wrong artifact kind
-    fails(&["map", "--map", s(&src), "--features", s(&golden("primal_x.npy")), "-o", s(&out)], "expected a `ridge_map` artifact, got `activation_set`");
+    fails(
+        &[
+            "map",
+            "--map",
+            s(&src),
+            "--features",
+            s(&golden("primal_x.npy")),
+            "-o",
+            s(&out),
+        ],
+        "expected a `ridge_map` artifact, got `activation_set`",
+    );
     assert!(!out.exists());
-    let left: Vec<_> = std::fs::read_dir(d).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+    let left: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
     assert!(left.is_empty(), "temporary files left: {left:?}");
 }
 
@@ -159,8 +435,18 @@ fn eval_embeddings_matches_golden_lift() {
     let dir = tempfile::tempdir().unwrap();
     let per = dir.path().join("per.jsonl");
     let r: serde_json::Value = serde_json::from_str(&ok(&[
-        "eval-embeddings", "--native", s(&golden("emb_native.npy")), "--cross", s(&golden("emb_cross.npy")), "--control", s(&golden("emb_control.npy")),
-        "--bootstrap", "2000", "--per-feature", s(&per), "--json",
+        "eval-embeddings",
+        "--native",
+        s(&golden("emb_native.npy")),
+        "--cross",
+        s(&golden("emb_cross.npy")),
+        "--control",
+        s(&golden("emb_control.npy")),
+        "--bootstrap",
+        "2000",
+        "--per-feature",
+        s(&per),
+        "--json",
     ]))
     .unwrap();
     let lift = &g["stats"]["samples"]["lift"];
@@ -170,7 +456,22 @@ fn eval_embeddings_matches_golden_lift() {
     assert!((p - want).abs() <= 1e-9 * want, "{p} vs {want}");
     assert!(r["control_lift"]["mean"].as_f64().is_some());
     assert_eq!(std::fs::read_to_string(&per).unwrap().lines().count(), 45);
-    let table = ok(&["eval-embeddings", "--native", s(&golden("emb_native.npy")), "--cross", s(&golden("emb_cross.npy"))]);
+    let table = ok(&[
+        "eval-embeddings",
+        "--native",
+        s(&golden("emb_native.npy")),
+        "--cross",
+        s(&golden("emb_cross.npy")),
+    ]);
     assert!(table.contains("| vs other features | 45 |"), "{table}");
-    fails(&["eval-embeddings", "--native", s(&golden("emb_native.npy")), "--cross", s(&golden("emb_control.npy"))], "20 cross rows but 45 native rows");
+    fails(
+        &[
+            "eval-embeddings",
+            "--native",
+            s(&golden("emb_native.npy")),
+            "--cross",
+            s(&golden("emb_control.npy")),
+        ],
+        "20 cross rows but 45 native rows",
+    );
 }

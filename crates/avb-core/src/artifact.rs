@@ -163,7 +163,10 @@ impl Body {
             Body::ActivationSet(m) => ("activations", vec![Some(m.row_ids.len()), Some(m.space.d)]),
             Body::RidgeMap(m) => ("weight", vec![Some(m.source.d), Some(m.target.d)]),
             Body::Washout(m) => ("washout", vec![Some(m.space.d)]),
-            Body::MappedFeatures(m) => ("features", vec![Some(m.feature_ids.len()), Some(m.target.d)]),
+            Body::MappedFeatures(m) => (
+                "features",
+                vec![Some(m.feature_ids.len()), Some(m.target.d)],
+            ),
         }
     }
 }
@@ -212,7 +215,9 @@ pub fn file_sha256(path: &Path) -> Result<String> {
 }
 
 pub fn file_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// A tensor for an artifact being written.
@@ -223,9 +228,18 @@ pub struct NamedTensor<'a> {
 }
 
 /// Write an artifact atomically (temp file + rename). `dtype` applies to every tensor (F32 or F16).
-pub fn write(path: &Path, body: Body, created_by: &str, dtype: Dtype, tensors: &[NamedTensor]) -> Result<Metadata> {
+pub fn write(
+    path: &Path,
+    body: Body,
+    created_by: &str,
+    dtype: Dtype,
+    tensors: &[NamedTensor],
+) -> Result<Metadata> {
     if !matches!(dtype, Dtype::F32 | Dtype::F16) {
-        return Err(AvbError::Invalid(format!("artifact payload dtype must be F32 or F16, not {}", dtype.name())));
+        return Err(AvbError::Invalid(format!(
+            "artifact payload dtype must be F32 or F16, not {}",
+            dtype.name()
+        )));
     }
     for t in tensors {
         if let Some(p) = t.values.iter().position(|v| !v.is_finite()) {
@@ -234,6 +248,17 @@ pub fn write(path: &Path, body: Body, created_by: &str, dtype: Dtype, tensors: &
                 row: p / t.shape.last().copied().unwrap_or(1).max(1),
                 col: p % t.shape.last().copied().unwrap_or(1).max(1),
             });
+        }
+    }
+    if dtype == Dtype::F16 {
+        for t in tensors {
+            if let Some(v) = t.values.iter().find(|v| v.abs() > 65504.0) {
+                return Err(AvbError::Invalid(format!(
+                    "{}: tensor `{}` holds {v}, beyond the f16 range (65504). Fix: write it with --dtype f32.",
+                    path.display(),
+                    t.name
+                )));
+            }
         }
     }
     let outs: Vec<TensorOut> = tensors
@@ -260,7 +285,10 @@ pub fn write(path: &Path, body: Body, created_by: &str, dtype: Dtype, tensors: &
         body,
     };
     let mut md = BTreeMap::new();
-    md.insert(METADATA_KEY.to_string(), serde_json::to_string(&meta).expect("metadata serialises"));
+    md.insert(
+        METADATA_KEY.to_string(),
+        serde_json::to_string(&meta).expect("metadata serialises"),
+    );
     md.insert("format".to_string(), "pt".to_string());
     let (head, data2) = safetensors::serialize(&outs, &md);
     debug_assert_eq!(data, data2);
@@ -289,13 +317,20 @@ impl Artifact {
                 "a safetensors file without avbridge metadata (not an avbridge artifact); inputs such as SAEs and direction files are read by `avb map --features`",
             )
         })?;
-        let value: serde_json::Value =
-            serde_json::from_str(raw).map_err(|e| AvbError::corrupt(&path, format!("avbridge metadata is not valid JSON ({e})")))?;
+        let value: serde_json::Value = serde_json::from_str(raw).map_err(|e| {
+            AvbError::corrupt(&path, format!("avbridge metadata is not valid JSON ({e})"))
+        })?;
         let schema = value.get("schema").and_then(|s| s.as_str()).unwrap_or("");
         if schema != SCHEMA {
-            return Err(AvbError::unsupported(&path, format!("metadata schema `{schema}` (expected `{SCHEMA}`)")));
+            return Err(AvbError::unsupported(
+                &path,
+                format!("metadata schema `{schema}` (expected `{SCHEMA}`)"),
+            ));
         }
-        let version = value.get("schema_version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+        let version = value
+            .get("schema_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as u32;
         if version == 0 || version > SCHEMA_VERSION {
             return Err(AvbError::SchemaVersion {
                 path,
@@ -304,8 +339,12 @@ impl Artifact {
                 supported: SCHEMA_VERSION,
             });
         }
-        let meta: Metadata =
-            serde_json::from_value(value).map_err(|e| AvbError::corrupt(&path, format!("avbridge metadata does not match the schema ({e})")))?;
+        let meta: Metadata = serde_json::from_value(value).map_err(|e| {
+            AvbError::corrupt(
+                &path,
+                format!("avbridge metadata does not match the schema ({e})"),
+            )
+        })?;
         let expected_chunks = header.data_len.div_ceil(meta.payload.chunk_bytes.max(1)) as usize;
         if meta.payload.chunk_bytes == 0 || meta.payload.chunk_sha256.len() != expected_chunks {
             return Err(AvbError::corrupt(
@@ -321,11 +360,19 @@ impl Artifact {
         let art = Artifact { src, header, meta };
         let (name, shape) = art.meta.body.main_tensor();
         let info = art.tensor_info(name)?;
-        let ok = info.shape.len() == shape.len() && info.shape.iter().zip(&shape).all(|(a, b)| b.is_none_or(|b| *a == b));
+        let ok = info.shape.len() == shape.len()
+            && info
+                .shape
+                .iter()
+                .zip(&shape)
+                .all(|(a, b)| b.is_none_or(|b| *a == b));
         if !ok {
             return Err(AvbError::corrupt(
                 &path,
-                format!("tensor `{name}` has shape {:?} but the metadata implies {:?}", info.shape, shape),
+                format!(
+                    "tensor `{name}` has shape {:?} but the metadata implies {:?}",
+                    info.shape, shape
+                ),
             ));
         }
         Ok(art)
@@ -349,14 +396,21 @@ impl Artifact {
         let (first, last) = (rel_start / cb, (rel_end - 1) / cb);
         let span_start = first * cb;
         let span_end = ((last + 1) * cb).min(self.header.data_len);
-        let bytes = self.src.read_vec(self.header.data_start + span_start, (span_end - span_start) as usize)?;
+        let bytes = self.src.read_vec(
+            self.header.data_start + span_start,
+            (span_end - span_start) as usize,
+        )?;
         for (i, chunk) in bytes.chunks(cb as usize).enumerate() {
             let k = first as usize + i;
             let actual = sha256_hex(chunk);
             if actual != self.meta.payload.chunk_sha256[k] {
                 return Err(AvbError::HashMismatch {
                     path: self.path().to_path_buf(),
-                    region: format!("payload chunk {k} (bytes {}..{})", k as u64 * cb, k as u64 * cb + chunk.len() as u64),
+                    region: format!(
+                        "payload chunk {k} (bytes {}..{})",
+                        k as u64 * cb,
+                        k as u64 * cb + chunk.len() as u64
+                    ),
                     expected: self.meta.payload.chunk_sha256[k].clone(),
                     actual,
                 });
@@ -380,7 +434,12 @@ impl Artifact {
         let (rows, cols) = match shape.as_slice() {
             [c] => (1, *c),
             [r, c] => (*r, *c),
-            _ => return Err(AvbError::corrupt(self.path(), format!("tensor `{name}` has shape {shape:?}, expected 1-D or 2-D"))),
+            _ => {
+                return Err(AvbError::corrupt(
+                    self.path(),
+                    format!("tensor `{name}` has shape {shape:?}, expected 1-D or 2-D"),
+                ))
+            }
         };
         Ok(Matrix::new(rows, cols, data))
     }
@@ -412,7 +471,9 @@ impl Artifact {
         let mut k = 0usize;
         while offset < self.header.data_len {
             let len = cb.min(self.header.data_len - offset);
-            let chunk = self.src.read_vec(self.header.data_start + offset, len as usize)?;
+            let chunk = self
+                .src
+                .read_vec(self.header.data_start + offset, len as usize)?;
             full.update(&chunk);
             let actual = sha256_hex(&chunk);
             if actual != self.meta.payload.chunk_sha256[k] {

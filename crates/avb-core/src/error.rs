@@ -11,7 +11,9 @@ pub enum AvbError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: truncated: {detail}. Fix: re-download or re-create the file (it was cut short).")]
+    #[error(
+        "{path}: truncated: {detail}. Fix: re-download or re-create the file (it was cut short)."
+    )]
     Truncated { path: PathBuf, detail: String },
     #[error("{path}: corrupt: {detail}. Fix: re-create the file with `avb` or re-download it.")]
     Corrupt { path: PathBuf, detail: String },
@@ -38,7 +40,11 @@ pub enum AvbError {
         fix: String,
     },
     #[error("{what}: non-finite value (NaN or Inf) at row {row}, column {col}. Fix: drop or repair that row before fitting; activations must be finite.")]
-    NonFinite { what: String, row: usize, col: usize },
+    NonFinite {
+        what: String,
+        row: usize,
+        col: usize,
+    },
     #[error("{what}: empty input ({detail}). Fix: {fix}")]
     Empty {
         what: String,
@@ -82,7 +88,11 @@ impl AvbError {
             detail: detail.into(),
         }
     }
-    pub fn dimension(what: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub fn dimension(
+        what: impl Into<String>,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
         AvbError::Dimension {
             what: what.into(),
             detail: detail.into(),

@@ -49,14 +49,21 @@ impl FeatureSource {
             }
         };
         let sibling = path.with_extension("labels.json");
-        let labels_path = labels.map(Path::to_path_buf).or_else(|| sibling.exists().then_some(sibling));
+        let labels_path = labels
+            .map(Path::to_path_buf)
+            .or_else(|| sibling.exists().then_some(sibling));
         if let Some(lp) = labels_path {
             fs.labels = Some(read_labels(&lp, fs.len())?);
         }
         Ok(fs)
     }
 
-    fn plain(kind: &str, path: &Path, src: Box<dyn RangeSource>, info: TensorInfo) -> FeatureSource {
+    fn plain(
+        kind: &str,
+        path: &Path,
+        src: Box<dyn RangeSource>,
+        info: TensorInfo,
+    ) -> FeatureSource {
         FeatureSource {
             kind: kind.into(),
             space: None,
@@ -95,13 +102,20 @@ impl FeatureSource {
                 "{}: feature {id} does not exist (the source has {} features{})",
                 self.file.display(),
                 self.len(),
-                if self.ids.is_some() { " with explicit ids" } else { ", ids 0.." }
+                if self.ids.is_some() {
+                    " with explicit ids"
+                } else {
+                    ", ids 0.."
+                }
             ))
         })
     }
 
     pub fn label(&self, i: usize) -> Option<&str> {
-        self.labels.as_ref().and_then(|l| l.get(i)).and_then(|l| l.as_deref())
+        self.labels
+            .as_ref()
+            .and_then(|l| l.get(i))
+            .and_then(|l| l.as_deref())
     }
 
     /// One feature row as f32 (reads only its bytes; hash-verified for avbridge tables).
@@ -163,7 +177,12 @@ fn open_safetensors(path: &Path) -> Result<FeatureSource> {
     } else if header.tensors.contains_key("directions") {
         ("directions", "directions".to_string())
     } else {
-        let two_d: Vec<&String> = header.tensors.iter().filter(|(_, t)| t.shape.len() == 2 && t.dtype.is_float()).map(|(n, _)| n).collect();
+        let two_d: Vec<&String> = header
+            .tensors
+            .iter()
+            .filter(|(_, t)| t.shape.len() == 2 && t.dtype.is_float())
+            .map(|(n, _)| n)
+            .collect();
         match two_d.as_slice() {
             [one] => ("directions", (*one).clone()),
             _ => {
@@ -176,7 +195,13 @@ fn open_safetensors(path: &Path) -> Result<FeatureSource> {
     };
     let info = header.tensor(&src, &name)?.clone();
     if info.shape.len() != 2 || !info.dtype.is_float() {
-        return Err(AvbError::unsupported(path, format!("tensor `{name}` must be a 2-D float [n, d] matrix, got {:?}", info.shape)));
+        return Err(AvbError::unsupported(
+            path,
+            format!(
+                "tensor `{name}` must be a 2-D float [n, d] matrix, got {:?}",
+                info.shape
+            ),
+        ));
     }
     Ok(FeatureSource::plain(kind, path, Box::new(src), info))
 }
@@ -191,8 +216,13 @@ struct SaeLensCfg {
 
 fn parse_saelens_cfg(path: &Path) -> Result<SaeLensCfg> {
     let text = std::fs::read_to_string(path).map_err(|e| AvbError::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| AvbError::corrupt(path, format!("not valid JSON ({e})")))?;
-    let field = |k: &str| v.get("metadata").and_then(|m| m.get(k)).or_else(|| v.get(k));
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| AvbError::corrupt(path, format!("not valid JSON ({e})")))?;
+    let field = |k: &str| {
+        v.get("metadata")
+            .and_then(|m| m.get(k))
+            .or_else(|| v.get(k))
+    };
     let num = |k: &str| {
         v.get(k)
             .and_then(|x| x.as_u64())
@@ -202,8 +232,14 @@ fn parse_saelens_cfg(path: &Path) -> Result<SaeLensCfg> {
     Ok(SaeLensCfg {
         d_in: num("d_in")?,
         d_sae: num("d_sae")?,
-        model: field("model_name").and_then(|x| x.as_str()).unwrap_or("unknown").to_string(),
-        hook_name: field("hook_name").and_then(|x| x.as_str()).unwrap_or("").to_string(),
+        model: field("model_name")
+            .and_then(|x| x.as_str())
+            .unwrap_or("unknown")
+            .to_string(),
+        hook_name: field("hook_name")
+            .and_then(|x| x.as_str())
+            .unwrap_or("")
+            .to_string(),
     })
 }
 
@@ -211,7 +247,9 @@ fn parse_saelens_cfg(path: &Path) -> Result<SaeLensCfg> {
 fn resid_post_layer(hook: &str) -> Option<u32> {
     let rest = hook.strip_prefix("blocks.")?;
     let (k, site) = rest.split_once('.')?;
-    (site == "hook_resid_post").then(|| k.parse().ok()).flatten()
+    (site == "hook_resid_post")
+        .then(|| k.parse().ok())
+        .flatten()
 }
 
 fn open_saelens_dir(dir: &Path) -> Result<FeatureSource> {
@@ -227,7 +265,10 @@ fn open_saelens_dir(dir: &Path) -> Result<FeatureSource> {
     if info.shape != [cfg.d_sae, cfg.d_in] {
         return Err(AvbError::dimension(
             weights.display().to_string(),
-            format!("W_dec has shape {:?} but cfg.json says [d_sae, d_in] = [{}, {}]", info.shape, cfg.d_sae, cfg.d_in),
+            format!(
+                "W_dec has shape {:?} but cfg.json says [d_sae, d_in] = [{}, {}]",
+                info.shape, cfg.d_sae, cfg.d_in
+            ),
             "the weights and cfg.json belong to different SAEs; download them together",
         ));
     }
@@ -247,7 +288,8 @@ fn open_saelens_dir(dir: &Path) -> Result<FeatureSource> {
 /// Labels as a JSON list (one per row, null allowed) or an object {"<row id>": "label"}.
 pub fn read_labels(path: &Path, n: usize) -> Result<Vec<Option<String>>> {
     let text = std::fs::read_to_string(path).map_err(|e| AvbError::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| AvbError::corrupt(path, format!("labels file is not valid JSON ({e})")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| AvbError::corrupt(path, format!("labels file is not valid JSON ({e})")))?;
     let mut out = vec![None; n];
     match v {
         serde_json::Value::Array(items) => {
@@ -264,14 +306,25 @@ pub fn read_labels(path: &Path, n: usize) -> Result<Vec<Option<String>>> {
         }
         serde_json::Value::Object(map) => {
             for (k, item) in map {
-                let i: usize = k.parse().map_err(|_| AvbError::corrupt(path, format!("label key `{k}` is not a row index")))?;
+                let i: usize = k.parse().map_err(|_| {
+                    AvbError::corrupt(path, format!("label key `{k}` is not a row index"))
+                })?;
                 if i >= n {
-                    return Err(AvbError::dimension(path.display().to_string(), format!("label for row {i} but there are {n} rows"), "remove labels of rows that do not exist"));
+                    return Err(AvbError::dimension(
+                        path.display().to_string(),
+                        format!("label for row {i} but there are {n} rows"),
+                        "remove labels of rows that do not exist",
+                    ));
                 }
                 out[i] = item.as_str().map(str::to_string);
             }
         }
-        _ => return Err(AvbError::corrupt(path, "labels must be a JSON list or object")),
+        _ => {
+            return Err(AvbError::corrupt(
+                path,
+                "labels must be a JSON list or object",
+            ))
+        }
     }
     Ok(out)
 }

@@ -50,7 +50,12 @@ impl RangeSource for FileSource {
         if end.is_none_or(|end| end > self.len) {
             return Err(AvbError::truncated(
                 &self.path,
-                format!("needed bytes {}..{} but the file has {} bytes", offset, offset + buf.len() as u64, self.len),
+                format!(
+                    "needed bytes {}..{} but the file has {} bytes",
+                    offset,
+                    offset + buf.len() as u64,
+                    self.len
+                ),
             ));
         }
         read_exact_at(&self.file, buf, offset).map_err(|e| AvbError::io(&self.path, e))
@@ -101,7 +106,12 @@ impl RangeSource for BytesSource {
             }
             None => Err(AvbError::truncated(
                 &self.name,
-                format!("needed bytes {}..{} but only {} are present", offset, offset + buf.len() as u64, self.bytes.len()),
+                format!(
+                    "needed bytes {}..{} but only {} are present",
+                    offset,
+                    offset + buf.len() as u64,
+                    self.bytes.len()
+                ),
             )),
         }
     }
@@ -124,7 +134,10 @@ pub fn write_atomic(path: &Path, parts: &[&[u8]]) -> Result<()> {
             dir.display()
         )));
     }
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{}.{}.tmp", file_name, std::process::id()));
     let result = (|| -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;

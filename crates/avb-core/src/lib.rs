@@ -2,6 +2,7 @@
 //! No GPU and no model runtime: this crate also builds for wasm32 and serves the browser.
 
 pub mod artifact;
+pub mod directions;
 pub mod error;
 pub mod features;
 pub mod io;

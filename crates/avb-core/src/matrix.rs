@@ -11,7 +11,11 @@ pub struct Matrix {
 
 impl Matrix {
     pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Self {
-        assert_eq!(rows * cols, data.len(), "matrix data length must be rows * cols");
+        assert_eq!(
+            rows * cols,
+            data.len(),
+            "matrix data length must be rows * cols"
+        );
         Self { rows, cols, data }
     }
     pub fn zeros(rows: usize, cols: usize) -> Self {

@@ -9,11 +9,17 @@ use crate::safetensors::{decode_f32, Dtype, TensorInfo};
 pub fn read_header(src: &dyn RangeSource) -> Result<TensorInfo> {
     let path = src.name();
     if src.len() < 10 {
-        return Err(AvbError::truncated(path, format!("{} bytes, shorter than an .npy preamble", src.len())));
+        return Err(AvbError::truncated(
+            path,
+            format!("{} bytes, shorter than an .npy preamble", src.len()),
+        ));
     }
     let pre = src.read_vec(0, 10)?;
     if &pre[..6] != b"\x93NUMPY" {
-        return Err(AvbError::corrupt(path, "missing the \\x93NUMPY magic (not an .npy file)"));
+        return Err(AvbError::corrupt(
+            path,
+            "missing the \\x93NUMPY magic (not an .npy file)",
+        ));
     }
     let (hlen, hstart) = match pre[6] {
         1 => (u16::from_le_bytes([pre[8], pre[9]]) as u64, 10u64),
@@ -21,14 +27,23 @@ pub fn read_header(src: &dyn RangeSource) -> Result<TensorInfo> {
             let b = src.read_vec(8, 4)?;
             (u32::from_le_bytes(b.try_into().unwrap()) as u64, 12u64)
         }
-        v => return Err(AvbError::unsupported(path, format!(".npy format version {v} (avb reads 1, 2 and 3)"))),
+        v => {
+            return Err(AvbError::unsupported(
+                path,
+                format!(".npy format version {v} (avb reads 1, 2 and 3)"),
+            ))
+        }
     };
     if hstart + hlen > src.len() {
-        return Err(AvbError::truncated(path, format!(".npy header claims {hlen} bytes but the file ends first")));
+        return Err(AvbError::truncated(
+            path,
+            format!(".npy header claims {hlen} bytes but the file ends first"),
+        ));
     }
     let header = String::from_utf8(src.read_vec(hstart, hlen as usize)?)
         .map_err(|_| AvbError::corrupt(path, ".npy header is not text"))?;
-    let descr = dict_value(&header, "descr").ok_or_else(|| AvbError::corrupt(path, ".npy header has no 'descr'"))?;
+    let descr = dict_value(&header, "descr")
+        .ok_or_else(|| AvbError::corrupt(path, ".npy header has no 'descr'"))?;
     let descr = descr.trim_matches(|c| c == '\'' || c == '"');
     let dtype = match descr {
         "<f4" => Dtype::F32,
@@ -41,37 +56,71 @@ pub fn read_header(src: &dyn RangeSource) -> Result<TensorInfo> {
             ))
         }
     };
-    let fortran = dict_value(&header, "fortran_order").ok_or_else(|| AvbError::corrupt(path, ".npy header has no 'fortran_order'"))?;
+    let fortran = dict_value(&header, "fortran_order")
+        .ok_or_else(|| AvbError::corrupt(path, ".npy header has no 'fortran_order'"))?;
     if fortran.trim() != "False" {
-        return Err(AvbError::unsupported(path, "Fortran-ordered .npy array; save it with np.ascontiguousarray(arr)"));
+        return Err(AvbError::unsupported(
+            path,
+            "Fortran-ordered .npy array; save it with np.ascontiguousarray(arr)",
+        ));
     }
-    let shape_s = dict_value(&header, "shape").ok_or_else(|| AvbError::corrupt(path, ".npy header has no 'shape'"))?;
+    let shape_s = dict_value(&header, "shape")
+        .ok_or_else(|| AvbError::corrupt(path, ".npy header has no 'shape'"))?;
     let shape: Vec<usize> = shape_s
         .trim_matches(|c| c == '(' || c == ')')
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| AvbError::corrupt(path, format!(".npy shape `{shape_s}` is not a tuple of integers"))))
+        .map(|s| {
+            s.parse::<usize>().map_err(|_| {
+                AvbError::corrupt(
+                    path,
+                    format!(".npy shape `{shape_s}` is not a tuple of integers"),
+                )
+            })
+        })
         .collect::<Result<_>>()?;
     if shape.is_empty() || shape.len() > 2 {
-        return Err(AvbError::unsupported(path, format!(".npy array of shape {shape:?}; avb reads 1-D vectors and 2-D [rows, d] matrices")));
+        return Err(AvbError::unsupported(
+            path,
+            format!(
+                ".npy array of shape {shape:?}; avb reads 1-D vectors and 2-D [rows, d] matrices"
+            ),
+        ));
     }
     let start = hstart + hlen;
     let bytes = shape.iter().product::<usize>() as u64 * dtype.size() as u64;
     let end = start + bytes;
     if end > src.len() {
-        return Err(AvbError::truncated(path, format!("shape {shape:?} needs {bytes} data bytes but only {} are present", src.len() - start)));
+        return Err(AvbError::truncated(
+            path,
+            format!(
+                "shape {shape:?} needs {bytes} data bytes but only {} are present",
+                src.len() - start
+            ),
+        ));
     }
     if end < src.len() {
-        return Err(AvbError::corrupt(path, format!("{} trailing bytes after the array data", src.len() - end)));
+        return Err(AvbError::corrupt(
+            path,
+            format!("{} trailing bytes after the array data", src.len() - end),
+        ));
     }
-    Ok(TensorInfo { dtype, shape, start, end })
+    Ok(TensorInfo {
+        dtype,
+        shape,
+        start,
+        end,
+    })
 }
 
 /// The raw text of `'key': value` in the header's Python dict literal.
 fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     let pos = header.find(&format!("'{key}'"))?;
-    let rest = header[pos + key.len() + 2..].trim_start().strip_prefix(':')?.trim_start();
+    let rest = header[pos + key.len() + 2..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start();
     let end = if rest.starts_with('(') {
         rest.find(')')? + 1
     } else {
@@ -92,7 +141,8 @@ pub fn read_all(src: &dyn RangeSource) -> Result<(usize, usize, Vec<f32>)> {
 
 /// Serialise a [rows, cols] f32 matrix as a version-1 .npy file.
 pub fn to_bytes(rows: usize, cols: usize, values: &[f32]) -> Vec<u8> {
-    let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    let mut dict =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
     while (10 + dict.len() + 1) % 64 != 0 {
         dict.push(' ');
     }

@@ -9,8 +9,9 @@
 use crate::artifact::FitMetrics;
 use crate::error::{AvbError, Result};
 use crate::matrix::{cosine, Matrix};
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::linalg::solvers::Solve;
-use faer::{Mat, MatRef, Side};
+use faer::{Accum, Mat, MatRef, Side};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Form {
@@ -114,7 +115,9 @@ fn column_means(m: &Matrix, fit_intercept: bool) -> Vec<f64> {
 }
 
 fn centered(m: &Matrix, mean: &[f64]) -> Mat<f32> {
-    Mat::from_fn(m.rows, m.cols, |i, j| (m.data[i * m.cols + j] as f64 - mean[j]) as f32)
+    Mat::from_fn(m.rows, m.cols, |i, j| {
+        (m.data[i * m.cols + j] as f64 - mean[j]) as f32
+    })
 }
 
 fn check_pair(x: &Matrix, y: &Matrix) -> Result<()> {
@@ -133,7 +136,9 @@ fn check_pair(x: &Matrix, y: &Matrix) -> Result<()> {
 
 fn check_lambda(lambda: f64) -> Result<()> {
     if !(lambda.is_finite() && lambda >= 0.0) {
-        return Err(AvbError::Invalid(format!("lambda must be a finite number >= 0, got {lambda}")));
+        return Err(AvbError::Invalid(format!(
+            "lambda must be a finite number >= 0, got {lambda}"
+        )));
     }
     Ok(())
 }
@@ -160,7 +165,13 @@ fn intercept(x_mean: &[f64], y_mean: &[f64], w: &Matrix) -> Vec<f32> {
 
 /// Ridge regression, equal to scikit-learn's `Ridge(alpha=lambda, fit_intercept=...)`. Returns the map and
 /// the form used.
-pub fn fit_ridge(x: &Matrix, y: &Matrix, lambda: f64, form: Form, fit_intercept: bool) -> Result<(AffineMap, Form)> {
+pub fn fit_ridge(
+    x: &Matrix,
+    y: &Matrix,
+    lambda: f64,
+    form: Form,
+    fit_intercept: bool,
+) -> Result<(AffineMap, Form)> {
     check_pair(x, y)?;
     check_lambda(lambda)?;
     let form = form.resolve(x.rows, x.cols);
@@ -171,7 +182,7 @@ pub fn fit_ridge(x: &Matrix, y: &Matrix, lambda: f64, form: Form, fit_intercept:
     let n = x.rows as f64;
     let w: Mat<f32> = match form {
         Form::Primal | Form::Auto => {
-            let mut g = to_f64((xc.transpose() * &xc).as_ref());
+            let mut g = to_f64(lower_gram(xc.transpose()).as_ref());
             let mut b = to_f64((xc.transpose() * &yc).as_ref());
             if !fit_intercept {
                 add_outer(&mut g, n, &xm, &xm);
@@ -188,7 +199,9 @@ pub fn fit_ridge(x: &Matrix, y: &Matrix, lambda: f64, form: Form, fit_intercept:
             let mut rhs = to_f64(yc.as_ref());
             if !fit_intercept {
                 // X X^T = Xc Xc^T + v 1^T + 1 v^T + |xm|^2 1 1^T with v = Xc xm; the targets are uncentred.
-                let v: Vec<f64> = (0..x.rows).map(|i| (0..x.cols).map(|j| xc[(i, j)] as f64 * xm[j]).sum()).collect();
+                let v: Vec<f64> = (0..x.rows)
+                    .map(|i| (0..x.cols).map(|j| xc[(i, j)] as f64 * xm[j]).sum())
+                    .collect();
                 let mm: f64 = xm.iter().map(|a| a * a).sum();
                 for i in 0..x.rows {
                     for j in 0..x.rows {
@@ -219,8 +232,30 @@ pub fn fit_ridge(x: &Matrix, y: &Matrix, lambda: f64, form: Form, fit_intercept:
     };
     let weight = to_matrix(w.as_ref());
     check_solution(&weight, form, lambda)?;
-    let bias = if fit_intercept { intercept(&xm, &ym, &weight) } else { vec![0.0; y.cols] };
+    let bias = if fit_intercept {
+        intercept(&xm, &ym, &weight)
+    } else {
+        vec![0.0; y.cols]
+    };
     Ok((AffineMap { weight, bias }, form))
+}
+
+/// The lower triangle of a a^T (a: r x c) in f32: half the flops of a full product. The upper triangle is zero;
+/// only the lower one is read by the Cholesky factorisation.
+fn lower_gram(a: MatRef<'_, f32>) -> Mat<f32> {
+    let mut g = Mat::<f32>::zeros(a.nrows(), a.nrows());
+    triangular::matmul(
+        g.as_mut(),
+        BlockStructure::TriangularLower,
+        Accum::Replace,
+        a,
+        BlockStructure::Rectangular,
+        a.transpose(),
+        BlockStructure::Rectangular,
+        1.0f32,
+        faer::get_global_parallelism(),
+    );
+    g
 }
 
 /// m += s * a b^T
@@ -243,7 +278,10 @@ fn check_solution(w: &Matrix, form: Form, lambda: f64) -> Result<()> {
 /// ||Xc||_F^2. When d_src != d_tgt, U V^T is semi-orthogonal (orthonormal rows or columns).
 pub fn fit_procrustes(x: &Matrix, y: &Matrix, fit_intercept: bool) -> Result<AffineMap> {
     check_pair(x, y)?;
-    let (xm, ym) = (column_means(x, fit_intercept), column_means(y, fit_intercept));
+    let (xm, ym) = (
+        column_means(x, fit_intercept),
+        column_means(y, fit_intercept),
+    );
     let (xc, yc) = (centered(x, &xm), centered(y, &ym));
     // In f64: U V^T along weak singular directions is sensitive to rounding in Xc^T Yc.
     let m = to_f64(xc.as_ref()).transpose() * to_f64(yc.as_ref());
@@ -255,7 +293,10 @@ pub fn fit_procrustes(x: &Matrix, y: &Matrix, fit_intercept: bool) -> Result<Aff
     let r = svd.U() * svd.V().transpose();
     let s = svd.S().column_vector();
     let sigma_sum: f64 = (0..s.nrows()).map(|i| s[i]).sum();
-    let xnorm2: f64 = (0..xc.nrows()).flat_map(|i| (0..xc.ncols()).map(move |j| (i, j))).map(|(i, j)| (xc[(i, j)] as f64).powi(2)).sum();
+    let xnorm2: f64 = (0..xc.nrows())
+        .flat_map(|i| (0..xc.ncols()).map(move |j| (i, j)))
+        .map(|(i, j)| (xc[(i, j)] as f64).powi(2))
+        .sum();
     if xnorm2 == 0.0 {
         return Err(AvbError::Singular {
             what: "procrustes".into(),
@@ -285,10 +326,14 @@ pub fn cross_validate(
 ) -> Result<Vec<f64>> {
     check_pair(x, y)?;
     if !fit_intercept {
-        return Err(AvbError::Invalid("cross-validation is implemented for maps with an intercept (the default)".into()));
+        return Err(AvbError::Invalid(
+            "cross-validation is implemented for maps with an intercept (the default)".into(),
+        ));
     }
     if k < 2 || fold.len() != x.rows || fold.iter().any(|f| *f >= k) {
-        return Err(AvbError::Invalid(format!("cross-validation needs k >= 2 folds covering every row (k = {k})")));
+        return Err(AvbError::Invalid(format!(
+            "cross-validation needs k >= 2 folds covering every row (k = {k})"
+        )));
     }
     for l in grid {
         check_lambda(*l)?;
@@ -304,7 +349,15 @@ pub fn cross_validate(
                 va.len()
             )));
         }
-        let scores = fold_scores(&x.select_rows(&tr), &y.select_rows(&tr), &x.select_rows(&va), &y.select_rows(&va), grid, form, fit_intercept)?;
+        let scores = fold_scores(
+            &x.select_rows(&tr),
+            &y.select_rows(&tr),
+            &x.select_rows(&va),
+            &y.select_rows(&va),
+            grid,
+            form,
+            fit_intercept,
+        )?;
         for (t, s) in total.iter_mut().zip(scores) {
             *t += s;
         }
@@ -313,8 +366,19 @@ pub fn cross_validate(
     Ok(total.iter().map(|t| t / k as f64).collect())
 }
 
-fn fold_scores(xt: &Matrix, yt: &Matrix, xv: &Matrix, yv: &Matrix, grid: &[f64], form: Form, fit_intercept: bool) -> Result<Vec<f64>> {
-    let (xm, ym) = (column_means(xt, fit_intercept), column_means(yt, fit_intercept));
+fn fold_scores(
+    xt: &Matrix,
+    yt: &Matrix,
+    xv: &Matrix,
+    yv: &Matrix,
+    grid: &[f64],
+    form: Form,
+    fit_intercept: bool,
+) -> Result<Vec<f64>> {
+    let (xm, ym) = (
+        column_means(xt, fit_intercept),
+        column_means(yt, fit_intercept),
+    );
     let (xtc, ytc) = (centered(xt, &xm), centered(yt, &ym));
     let xvc = to_f64(centered(xv, &xm).as_ref());
     let yvc = to_f64(centered(yv, &ym).as_ref());
@@ -329,7 +393,9 @@ fn fold_scores(xt: &Matrix, yt: &Matrix, xv: &Matrix, yv: &Matrix, grid: &[f64],
             let kmat = to_f64((&xtc * xtc.transpose()).as_ref());
             let eig = kmat.self_adjoint_eigen(Side::Lower).map_err(eig_err)?;
             let u = eig.U().to_owned();
-            let s: Vec<f64> = (0..u.ncols()).map(|i| eig.S().column_vector()[i].max(0.0)).collect();
+            let s: Vec<f64> = (0..u.ncols())
+                .map(|i| eig.S().column_vector()[i].max(0.0))
+                .collect();
             let a = u.transpose() * to_f64(ytc.as_ref());
             let c = &xvc * to_f64(xtc.transpose()) * &u;
             (c, a, s)
@@ -338,7 +404,9 @@ fn fold_scores(xt: &Matrix, yt: &Matrix, xv: &Matrix, yv: &Matrix, grid: &[f64],
             let g = to_f64((xtc.transpose() * &xtc).as_ref());
             let eig = g.self_adjoint_eigen(Side::Lower).map_err(eig_err)?;
             let v = eig.U().to_owned();
-            let s: Vec<f64> = (0..v.ncols()).map(|i| eig.S().column_vector()[i].max(0.0)).collect();
+            let s: Vec<f64> = (0..v.ncols())
+                .map(|i| eig.S().column_vector()[i].max(0.0))
+                .collect();
             let a = v.transpose() * to_f64((xtc.transpose() * &ytc).as_ref());
             let c = &xvc * &v;
             (c, a, s)
@@ -348,11 +416,21 @@ fn fold_scores(xt: &Matrix, yt: &Matrix, xv: &Matrix, yv: &Matrix, grid: &[f64],
     let e = c.transpose() * &yvc;
     let m = c.transpose() * &c;
     let nmat = &a * a.transpose();
-    let ea: Vec<f64> = (0..r).map(|i| (0..a.ncols()).map(|j| e[(i, j)] * a[(i, j)]).sum()).collect();
+    let ea: Vec<f64> = (0..r)
+        .map(|i| (0..a.ncols()).map(|j| e[(i, j)] * a[(i, j)]).sum())
+        .collect();
     let yy: f64 = sum_sq(yvc.as_ref());
     // SST about the validation rows' own mean, as r2_score computes it.
     let vmean = column_means(yv, true);
-    let sst: f64 = (0..yv.rows).flat_map(|i| yv.row(i).iter().zip(&vmean).map(|(v, m)| (*v as f64 - m).powi(2)).collect::<Vec<_>>()).sum();
+    let sst: f64 = (0..yv.rows)
+        .flat_map(|i| {
+            yv.row(i)
+                .iter()
+                .zip(&vmean)
+                .map(|(v, m)| (*v as f64 - m).powi(2))
+                .collect::<Vec<_>>()
+        })
+        .sum();
     Ok(grid
         .iter()
         .map(|lambda| {
@@ -377,7 +455,9 @@ fn fold_scores(xt: &Matrix, yt: &Matrix, xv: &Matrix, yv: &Matrix, grid: &[f64],
 }
 
 fn sum_sq(m: MatRef<'_, f64>) -> f64 {
-    (0..m.ncols()).map(|j| (0..m.nrows()).map(|i| m[(i, j)] * m[(i, j)]).sum::<f64>()).sum()
+    (0..m.ncols())
+        .map(|j| (0..m.nrows()).map(|i| m[(i, j)] * m[(i, j)]).sum::<f64>())
+        .sum()
 }
 
 /// Fit metrics of predictions against truth. `train_target_mean` is the mean the map was fitted around.
@@ -404,7 +484,15 @@ pub fn fit_metrics(pred: &Matrix, truth: &Matrix, train_target_mean: &[f64]) -> 
     let r2_cols: Vec<f64> = sse
         .iter()
         .zip(&sst)
-        .map(|(e, t)| if *t > 0.0 { 1.0 - e / t } else if *e == 0.0 { 1.0 } else { 0.0 })
+        .map(|(e, t)| {
+            if *t > 0.0 {
+                1.0 - e / t
+            } else if *e == 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        })
         .collect();
     let nf = n.max(1) as f64;
     FitMetrics {
@@ -412,15 +500,24 @@ pub fn fit_metrics(pred: &Matrix, truth: &Matrix, train_target_mean: &[f64]) -> 
         mean_cosine: cos.iter().sum::<f64>() / nf,
         mean_centered_cosine: ccos / nf,
         mean_baseline_cosine: bcos / nf,
-        r2_variance_weighted: if sst_t > 0.0 { 1.0 - sse_t / sst_t } else { f64::NAN },
+        r2_variance_weighted: if sst_t > 0.0 {
+            1.0 - sse_t / sst_t
+        } else {
+            f64::NAN
+        },
         r2_uniform: r2_cols.iter().sum::<f64>() / r2_cols.len().max(1) as f64,
-        cosine_quantiles: [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0].iter().map(|q| quantile(&cos, *q)).collect(),
+        cosine_quantiles: [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]
+            .iter()
+            .map(|q| quantile(&cos, *q))
+            .collect(),
     }
 }
 
 /// Per-row cosine between predictions and truth.
 pub fn row_cosines(pred: &Matrix, truth: &Matrix) -> Vec<f64> {
-    (0..truth.rows).map(|i| cosine(pred.row(i), truth.row(i))).collect()
+    (0..truth.rows)
+        .map(|i| cosine(pred.row(i), truth.row(i)))
+        .collect()
 }
 
 /// numpy's default (linear) quantile.

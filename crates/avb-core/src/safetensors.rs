@@ -60,10 +60,26 @@ impl Dtype {
 pub fn decode_f32(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
     out.clear();
     match dtype {
-        Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-        Dtype::F16 => out.extend(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())),
-        Dtype::BF16 => out.extend(bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())),
-        Dtype::F64 => out.extend(bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)),
+        Dtype::F32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        Dtype::F16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        Dtype::BF16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        Dtype::F64 => out.extend(
+            bytes
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32),
+        ),
         Dtype::Other(_) => {}
     }
 }
@@ -72,9 +88,18 @@ pub fn decode_f32(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
 pub fn encode_f32(dtype: Dtype, values: &[f32]) -> Vec<u8> {
     match dtype {
         Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Dtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
-        Dtype::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
-        Dtype::F64 => values.iter().flat_map(|v| (*v as f64).to_le_bytes()).collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::F64 => values
+            .iter()
+            .flat_map(|v| (*v as f64).to_le_bytes())
+            .collect(),
         Dtype::Other(_) => unreachable!("writers only emit float tensors"),
     }
 }
@@ -115,18 +140,36 @@ impl Header {
     pub fn read(src: &dyn RangeSource) -> Result<Header> {
         let path = src.name();
         if src.len() < 8 {
-            return Err(AvbError::truncated(path, format!("{} bytes, shorter than the 8-byte safetensors length prefix", src.len())));
+            return Err(AvbError::truncated(
+                path,
+                format!(
+                    "{} bytes, shorter than the 8-byte safetensors length prefix",
+                    src.len()
+                ),
+            ));
         }
         let n = u64::from_le_bytes(src.read_vec(0, 8)?.try_into().unwrap());
         if n > MAX_HEADER_BYTES {
-            return Err(AvbError::corrupt(path, format!("header length {n} exceeds {MAX_HEADER_BYTES} bytes (not a safetensors file?)")));
+            return Err(AvbError::corrupt(
+                path,
+                format!(
+                    "header length {n} exceeds {MAX_HEADER_BYTES} bytes (not a safetensors file?)"
+                ),
+            ));
         }
         if 8 + n > src.len() {
-            return Err(AvbError::truncated(path, format!("header claims {n} bytes but the file has only {} after the prefix", src.len() - 8)));
+            return Err(AvbError::truncated(
+                path,
+                format!(
+                    "header claims {n} bytes but the file has only {} after the prefix",
+                    src.len() - 8
+                ),
+            ));
         }
         let raw = src.read_vec(8, n as usize)?;
-        let json: serde_json::Value = serde_json::from_slice(&raw)
-            .map_err(|e| AvbError::corrupt(path, format!("safetensors header is not valid JSON ({e})")))?;
+        let json: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| {
+            AvbError::corrupt(path, format!("safetensors header is not valid JSON ({e})"))
+        })?;
         let obj = json
             .as_object()
             .ok_or_else(|| AvbError::corrupt(path, "safetensors header is not a JSON object"))?;
@@ -141,9 +184,9 @@ impl Header {
                     .as_object()
                     .ok_or_else(|| AvbError::corrupt(path, "__metadata__ is not an object"))?;
                 for (k, v) in m {
-                    let s = v
-                        .as_str()
-                        .ok_or_else(|| AvbError::corrupt(path, format!("__metadata__ value `{k}` is not a string")))?;
+                    let s = v.as_str().ok_or_else(|| {
+                        AvbError::corrupt(path, format!("__metadata__ value `{k}` is not a string"))
+                    })?;
                     metadata.insert(k.clone(), s.to_string());
                 }
                 continue;
@@ -184,7 +227,10 @@ impl Header {
     pub fn tensor(&self, src: &dyn RangeSource, name: &str) -> Result<&TensorInfo> {
         self.tensors.get(name).ok_or_else(|| {
             let have: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
-            AvbError::corrupt(src.name(), format!("tensor `{name}` is missing (tensors present: {have:?})"))
+            AvbError::corrupt(
+                src.name(),
+                format!("tensor `{name}` is missing (tensors present: {have:?})"),
+            )
         })
     }
 }
@@ -193,13 +239,20 @@ type Parsed = (u64, u64, (Dtype, Vec<usize>));
 
 fn parse_tensor(path: &std::path::Path, name: &str, v: &serde_json::Value) -> Result<Parsed> {
     let bad = |d: &str| AvbError::corrupt(path, format!("tensor `{name}`: {d}"));
-    let dtype_s = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("no dtype"))?;
+    let dtype_s = v
+        .get("dtype")
+        .and_then(|d| d.as_str())
+        .ok_or_else(|| bad("no dtype"))?;
     let shape: Vec<usize> = v
         .get("shape")
         .and_then(|s| s.as_array())
         .ok_or_else(|| bad("no shape"))?
         .iter()
-        .map(|x| x.as_u64().and_then(|x| usize::try_from(x).ok()).ok_or_else(|| bad("shape entry is not a non-negative integer")))
+        .map(|x| {
+            x.as_u64()
+                .and_then(|x| usize::try_from(x).ok())
+                .ok_or_else(|| bad("shape entry is not a non-negative integer"))
+        })
         .collect::<Result<_>>()?;
     let offs = v
         .get("data_offsets")
@@ -209,8 +262,13 @@ fn parse_tensor(path: &std::path::Path, name: &str, v: &serde_json::Value) -> Re
     let begin = offs[0].as_u64().ok_or_else(|| bad("bad data_offsets"))?;
     let end = offs[1].as_u64().ok_or_else(|| bad("bad data_offsets"))?;
     let dtype = Dtype::parse(dtype_s).ok_or_else(|| bad(&format!("unknown dtype `{dtype_s}`")))?;
-    let numel = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).ok_or_else(|| bad("shape overflows"))?;
-    let bytes = (numel as u64).checked_mul(dtype.size() as u64).ok_or_else(|| bad("size overflows"))?;
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b))
+        .ok_or_else(|| bad("shape overflows"))?;
+    let bytes = (numel as u64)
+        .checked_mul(dtype.size() as u64)
+        .ok_or_else(|| bad("size overflows"))?;
     if end < begin || end - begin != bytes {
         return Err(bad(&format!("data_offsets {begin}..{end} hold {} bytes but shape {shape:?} of {dtype_s} needs {bytes}", end.saturating_sub(begin))));
     }
@@ -231,7 +289,10 @@ pub fn serialize(tensors: &[TensorOut], metadata: &BTreeMap<String, String>) -> 
     let mut data = Vec::new();
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap());
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).unwrap(),
+        );
     }
     for t in tensors {
         debug_assert_eq!(t.shape.iter().product::<usize>(), t.values.len());
@@ -252,13 +313,24 @@ pub fn serialize(tensors: &[TensorOut], metadata: &BTreeMap<String, String>) -> 
 }
 
 /// Read rows `row..row + count` of a 1-D or 2-D float tensor as f32, touching only those bytes.
-pub fn read_rows(src: &dyn RangeSource, info: &TensorInfo, row: usize, count: usize) -> Result<Vec<f32>> {
+pub fn read_rows(
+    src: &dyn RangeSource,
+    info: &TensorInfo,
+    row: usize,
+    count: usize,
+) -> Result<Vec<f32>> {
     if !info.dtype.is_float() {
-        return Err(AvbError::unsupported(src.name(), "tensor is not a float tensor; avb reads F32, F16, BF16 and F64"));
+        return Err(AvbError::unsupported(
+            src.name(),
+            "tensor is not a float tensor; avb reads F32, F16, BF16 and F64",
+        ));
     }
-    let (rows, cols) = info
-        .rows_cols()
-        .ok_or_else(|| AvbError::unsupported(src.name(), format!("expected a 1-D or 2-D tensor, got shape {:?}", info.shape)))?;
+    let (rows, cols) = info.rows_cols().ok_or_else(|| {
+        AvbError::unsupported(
+            src.name(),
+            format!("expected a 1-D or 2-D tensor, got shape {:?}", info.shape),
+        )
+    })?;
     if row + count > rows {
         return Err(AvbError::Invalid(format!(
             "{}: rows {}..{} requested but the tensor has {rows} rows",
@@ -268,7 +340,10 @@ pub fn read_rows(src: &dyn RangeSource, info: &TensorInfo, row: usize, count: us
         )));
     }
     let row_bytes = (cols * info.dtype.size()) as u64;
-    let bytes = src.read_vec(info.start + row as u64 * row_bytes, (count as u64 * row_bytes) as usize)?;
+    let bytes = src.read_vec(
+        info.start + row as u64 * row_bytes,
+        (count as u64 * row_bytes) as usize,
+    )?;
     let mut out = Vec::new();
     decode_f32(info.dtype, &bytes, &mut out);
     Ok(out)

@@ -176,7 +176,11 @@ pub fn t_sf(t: f64, df: f64) -> f64 {
 }
 
 fn t_pdf(t: f64, df: f64) -> f64 {
-    (ln_gamma((df + 1.0) / 2.0) - ln_gamma(df / 2.0) - 0.5 * (df * std::f64::consts::PI).ln() - (df + 1.0) / 2.0 * (1.0 + t * t / df).ln()).exp()
+    (ln_gamma((df + 1.0) / 2.0)
+        - ln_gamma(df / 2.0)
+        - 0.5 * (df * std::f64::consts::PI).ln()
+        - (df + 1.0) / 2.0 * (1.0 + t * t / df).ln())
+    .exp()
 }
 
 /// Invert a continuous, increasing cdf by bisection on a bracket, then Newton steps.
@@ -323,8 +327,18 @@ fn rank_average(v: &[f64]) -> (Vec<f64>, Vec<usize>) {
 fn r_plus_of(d: &[f64]) -> (f64, f64, Vec<usize>, usize) {
     let nz: Vec<f64> = d.iter().copied().filter(|v| *v != 0.0).collect();
     let (ranks, ties) = rank_average(&nz.iter().map(|v| v.abs()).collect::<Vec<_>>());
-    let rp: f64 = nz.iter().zip(&ranks).filter(|(v, _)| **v > 0.0).map(|(_, r)| r).sum();
-    let rm: f64 = nz.iter().zip(&ranks).filter(|(v, _)| **v < 0.0).map(|(_, r)| r).sum();
+    let rp: f64 = nz
+        .iter()
+        .zip(&ranks)
+        .filter(|(v, _)| **v > 0.0)
+        .map(|(_, r)| r)
+        .sum();
+    let rm: f64 = nz
+        .iter()
+        .zip(&ranks)
+        .filter(|(v, _)| **v < 0.0)
+        .map(|(_, r)| r)
+        .sum();
     (rp, rm, ties, nz.len())
 }
 
@@ -333,7 +347,9 @@ fn r_plus_of(d: &[f64]) -> (f64, f64, Vec<usize>, usize) {
 /// n <= 13 with ties or zeros, otherwise the normal approximation with tie correction).
 pub fn wilcoxon(x: &[f64], alt: Alternative) -> Result<Wilcoxon> {
     if x.iter().any(|v| !v.is_finite()) {
-        return Err(AvbError::Invalid("wilcoxon: NaN or Inf in the sample".into()));
+        return Err(AvbError::Invalid(
+            "wilcoxon: NaN or Inf in the sample".into(),
+        ));
     }
     let n_all = x.len();
     let (rp, rm, ties, count) = r_plus_of(x);
@@ -346,7 +362,11 @@ pub fn wilcoxon(x: &[f64], alt: Alternative) -> Result<Wilcoxon> {
     }
     let has_ties = ties.iter().any(|t| *t > 1);
     let has_zeros = count < n_all;
-    let statistic = if alt == Alternative::TwoSided { rp.min(rm) } else { rp };
+    let statistic = if alt == Alternative::TwoSided {
+        rp.min(rm)
+    } else {
+        rp
+    };
     let (pvalue, method) = if n_all <= 50 && !has_ties && !has_zeros {
         let pmf = signed_rank_pmf(count);
         let cdf = |k: f64| pmf.iter().take((k.max(-1.0) + 1.0) as usize).sum::<f64>();
@@ -366,11 +386,17 @@ pub fn wilcoxon(x: &[f64], alt: Alternative) -> Result<Wilcoxon> {
             le += (r <= rp + gamma) as usize;
             ge += (r >= rp - gamma) as usize;
         }
-        (p_from_tails(ge as f64 / total as f64, le as f64 / total as f64, alt), "permutation")
+        (
+            p_from_tails(ge as f64 / total as f64, le as f64 / total as f64, alt),
+            "permutation",
+        )
     } else {
         let c = count as f64;
         let mn = c * (c + 1.0) / 4.0;
-        let tie = ties.iter().map(|t| (*t as f64).powi(3) - *t as f64).sum::<f64>();
+        let tie = ties
+            .iter()
+            .map(|t| (*t as f64).powi(3) - *t as f64)
+            .sum::<f64>();
         let se = ((c * (c + 1.0) * (2.0 * c + 1.0) - tie / 2.0) / 24.0).sqrt();
         let z = (rp - mn) / se;
         (p_from_tails(norm_sf(z), norm_cdf(z), alt), "asymptotic")
@@ -442,7 +468,10 @@ fn check_embeddings(what: &str, m: &Matrix, d: usize) -> Result<()> {
     if m.cols != d {
         return Err(AvbError::dimension(
             what,
-            format!("embedding width {} differs from the native explanations' {d}", m.cols),
+            format!(
+                "embedding width {} differs from the native explanations' {d}",
+                m.cols
+            ),
             "embed every condition with the same sentence embedder",
         ));
     }
@@ -472,7 +501,10 @@ pub fn lift(cross: &Matrix, native: &Matrix) -> Result<Vec<f64>> {
     Ok((0..n)
         .map(|i| {
             let own = cosine(cross.row(i), native.row(i));
-            let others: f64 = (0..n).filter(|j| *j != i).map(|j| cosine(cross.row(i), native.row(j))).sum();
+            let others: f64 = (0..n)
+                .filter(|j| *j != i)
+                .map(|j| cosine(cross.row(i), native.row(j)))
+                .sum();
             own - others / (n - 1) as f64
         })
         .collect())
@@ -494,7 +526,9 @@ pub fn control_lift(cross: &Matrix, native: &Matrix, control: &Matrix) -> Result
     Ok((0..native.rows)
         .map(|i| {
             let own = cosine(cross.row(i), native.row(i));
-            let ctrl: f64 = (0..control.rows).map(|r| cosine(control.row(r), native.row(i))).sum();
+            let ctrl: f64 = (0..control.rows)
+                .map(|r| cosine(control.row(r), native.row(i)))
+                .sum();
             own - ctrl / control.rows as f64
         })
         .collect())

@@ -32,18 +32,30 @@ pub fn mix(d: &[f32], b: &[f32], w: f64) -> Result<Vec<f32>> {
     if d.len() != b.len() {
         return Err(AvbError::dimension(
             "washout mix",
-            format!("direction has d = {} but the washout vector has d = {}", d.len(), b.len()),
+            format!(
+                "direction has d = {} but the washout vector has d = {}",
+                d.len(),
+                b.len()
+            ),
             "use a washout vector computed in the same (target) space as the mapped directions",
         ));
     }
     if !w.is_finite() {
-        return Err(AvbError::Invalid(format!("washout weight must be finite, got {w}")));
+        return Err(AvbError::Invalid(format!(
+            "washout weight must be finite, got {w}"
+        )));
     }
     let dn = norm(d);
     if dn == 0.0 || !dn.is_finite() {
-        return Err(AvbError::Invalid("cannot mix a zero or non-finite direction with the washout vector".into()));
+        return Err(AvbError::Invalid(
+            "cannot mix a zero or non-finite direction with the washout vector".into(),
+        ));
     }
-    let v: Vec<f64> = d.iter().zip(b).map(|(x, y)| *x as f64 / dn + w * *y as f64).collect();
+    let v: Vec<f64> = d
+        .iter()
+        .zip(b)
+        .map(|(x, y)| *x as f64 / dn + w * *y as f64)
+        .collect();
     let vn = v.iter().map(|x| x * x).sum::<f64>().sqrt();
     if vn < 1e-12 {
         return Err(AvbError::Invalid(format!(

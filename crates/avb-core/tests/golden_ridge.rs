@@ -5,11 +5,23 @@ use avb_core::ridge::{self, Form};
 use avb_core::rng;
 use common::*;
 
-fn case(name: &str) -> (serde_json::Value, avb_core::Matrix, avb_core::Matrix, Vec<usize>, Vec<usize>) {
+fn case(
+    name: &str,
+) -> (
+    serde_json::Value,
+    avb_core::Matrix,
+    avb_core::Matrix,
+    Vec<usize>,
+    Vec<usize>,
+) {
     let g = golden_json()[format!("ridge_{name}")].clone();
     let (x, y) = (load(&format!("{name}_x")), load(&format!("{name}_y")));
     let (train_perm, hold) = rng::split(x.rows, 0.2, 7);
-    assert_eq!(train_perm, usizes(&g["train_permutation"]), "split permutation differs from the documented rule");
+    assert_eq!(
+        train_perm,
+        usizes(&g["train_permutation"]),
+        "split permutation differs from the documented rule"
+    );
     assert_eq!(hold, usizes(&g["holdout"]));
     let mut train = train_perm.clone();
     train.sort_unstable();
@@ -20,23 +32,46 @@ fn check_ridge(name: &str) {
     let (g, x, y, train, hold) = case(name);
     let (xt, yt) = (x.select_rows(&train), y.select_rows(&train));
     let lambda = g["lambda"].as_f64().unwrap();
-    let (w_ref, b_ref) = (load(&format!("{name}_weight")), load(&format!("{name}_bias")));
+    let (w_ref, b_ref) = (
+        load(&format!("{name}_weight")),
+        load(&format!("{name}_bias")),
+    );
     for form in [Form::Auto, Form::Primal, Form::Dual] {
         let (map, used) = ridge::fit_ridge(&xt, &yt, lambda, form, true).unwrap();
-        let (ew, eb) = (rel_err(&map.weight.data, &w_ref.data), rel_err(&map.bias, &b_ref.data));
-        assert!(ew < 1e-4 && eb < 1e-4, "{name} {form:?} (used {used:?}): weight rel err {ew:e}, bias rel err {eb:e}");
+        let (ew, eb) = (
+            rel_err(&map.weight.data, &w_ref.data),
+            rel_err(&map.bias, &b_ref.data),
+        );
+        assert!(
+            ew < 1e-4 && eb < 1e-4,
+            "{name} {form:?} (used {used:?}): weight rel err {ew:e}, bias rel err {eb:e}"
+        );
     }
     let (_, auto) = ridge::fit_ridge(&xt, &yt, lambda, Form::Auto, true).unwrap();
-    assert_eq!(auto, if xt.rows >= xt.cols { Form::Primal } else { Form::Dual });
+    assert_eq!(
+        auto,
+        if xt.rows >= xt.cols {
+            Form::Primal
+        } else {
+            Form::Dual
+        }
+    );
     let (map, _) = ridge::fit_ridge(&xt, &yt, lambda, Form::Auto, false).unwrap();
-    let e = rel_err(&map.weight.data, &load(&format!("{name}_weight_nointercept")).data);
+    let e = rel_err(
+        &map.weight.data,
+        &load(&format!("{name}_weight_nointercept")).data,
+    );
     assert!(e < 1e-4, "{name} without intercept: rel err {e:e}");
     assert!(map.bias.iter().all(|b| *b == 0.0));
 
     // Held-out metrics equal numpy/sklearn's on the same split.
     let (map, _) = ridge::fit_ridge(&xt, &yt, lambda, Form::Auto, true).unwrap();
     let (xh, yh) = (x.select_rows(&hold), y.select_rows(&hold));
-    let m = ridge::fit_metrics(&map.apply(&xh, true).unwrap(), &yh, &ridge::target_mean(&yt));
+    let m = ridge::fit_metrics(
+        &map.apply(&xh, true).unwrap(),
+        &yh,
+        &ridge::target_mean(&yt),
+    );
     let r = &g["heldout"];
     assert_eq!(m.n, hold.len());
     for (key, got) in [
@@ -46,7 +81,12 @@ fn check_ridge(name: &str) {
         ("r2_variance_weighted", m.r2_variance_weighted),
         ("r2_uniform", m.r2_uniform),
     ] {
-        assert_close(got, r[key].as_f64().unwrap(), 1e-5, &format!("{name} held-out {key}"));
+        assert_close(
+            got,
+            r[key].as_f64().unwrap(),
+            1e-5,
+            &format!("{name} held-out {key}"),
+        );
     }
     for (got, want) in m.cosine_quantiles.iter().zip(f64s(&r["cosine_quantiles"])) {
         assert_close(*got, want, 1e-5, &format!("{name} cosine quantile"));
@@ -61,7 +101,8 @@ fn check_ridge(name: &str) {
     }
     let folds: Vec<usize> = train.iter().map(|r| fold_of[*r]).collect();
     let grid = f64s(&g["cv_grid"]);
-    let cv = ridge::cross_validate(&xt, &yt, &folds, k, &grid, Form::Auto, true, &mut |_| {}).unwrap();
+    let cv =
+        ridge::cross_validate(&xt, &yt, &folds, k, &grid, Form::Auto, true, &mut |_| {}).unwrap();
     for ((got, want), l) in cv.iter().zip(f64s(&g["cv_r2"])).zip(&grid) {
         assert_close(*got, want, 1e-5, &format!("{name} CV R^2 at lambda {l}"));
     }
@@ -81,10 +122,17 @@ fn ridge_dual_regime_matches_sklearn() {
 fn procrustes_matches_numpy_svd() {
     for name in ["primal", "dual"] {
         let (_, x, y, train, _) = case(name);
-        let map = ridge::fit_procrustes(&x.select_rows(&train), &y.select_rows(&train), true).unwrap();
-        let ew = rel_err(&map.weight.data, &load(&format!("{name}_procrustes_weight")).data);
+        let map =
+            ridge::fit_procrustes(&x.select_rows(&train), &y.select_rows(&train), true).unwrap();
+        let ew = rel_err(
+            &map.weight.data,
+            &load(&format!("{name}_procrustes_weight")).data,
+        );
         let eb = rel_err(&map.bias, &load(&format!("{name}_procrustes_bias")).data);
-        assert!(ew < 1e-4 && eb < 1e-4, "{name}: procrustes weight rel err {ew:e}, bias {eb:e}");
+        assert!(
+            ew < 1e-4 && eb < 1e-4,
+            "{name}: procrustes weight rel err {ew:e}, bias {eb:e}"
+        );
     }
 }
 
@@ -93,7 +141,15 @@ fn splitmix64_matches_the_documented_sequence() {
     let g = golden_json();
     let mut r = rng::SplitMix64::new(0);
     let got: Vec<String> = (0..4).map(|_| r.next_u64().to_string()).collect();
-    let want: Vec<String> = g["splitmix64_seed0_first4"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let want: Vec<String> = g["splitmix64_seed0_first4"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
     assert_eq!(got, want);
-    assert_eq!(rng::permutation(10, 42), usizes(&g["permutation_10_seed42"]));
+    assert_eq!(
+        rng::permutation(10, 42),
+        usizes(&g["permutation_10_seed42"])
+    );
 }
