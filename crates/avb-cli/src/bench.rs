@@ -123,12 +123,14 @@ fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
         let mut fitted = None;
         for _ in 0..=a.reps {
             let t = Instant::now();
-            let (map, form) = ridge::fit_ridge(&x, &y, a.lambda, Form::Auto, true)?;
+            let fit = ridge::fit_ridge(&x, &y, a.lambda, Form::Auto, true)?;
             times.push(t.elapsed().as_secs_f64());
-            fitted = Some((map, form));
+            fitted = Some(fit);
         }
         times.remove(0);
-        let (map, form) = fitted.unwrap();
+        let fit = fitted.unwrap();
+        let (map, form) = (fit.map, fit.form);
+        let solve = if fit.f32_solve { "f32" } else { "f64" };
         let ours = median(times);
         eprintln!("n = {n}: scikit-learn");
         let out = Command::new(&a.python)
@@ -168,7 +170,7 @@ fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
         let gf = flops(n, a.d_src, a.d_tgt, form) / ours / 1e9;
         let ceiling = rate.max(r["numpy_sgemm_gflops"].as_f64().unwrap_or(0.0));
         rows.push(format!(
-            "| {n} | {} -> {} | {} | {ours:.2} | {theirs:.2} | {:.2}x | {gf:.0} | {:.0}% | {:.1e} |",
+            "| {n} | {} -> {} | {} ({solve} solve) | {ours:.2} | {theirs:.2} | {:.2}x | {gf:.0} | {:.0}% | {:.1e} |",
             a.d_src,
             a.d_tgt,
             form.name(),

@@ -282,8 +282,13 @@ pub fn fit_map(a: FitMapArgs) -> Result<()> {
     ));
     let (map, solver) = match lambda {
         Some(l) => {
-            let (m, f) = ridge::fit_ridge(&xt, &yt, l, form, fit_intercept)?;
-            (m, f.name().to_string())
+            let fit = ridge::fit_ridge(&xt, &yt, l, form, fit_intercept)?;
+            let solve = if fit.f32_solve {
+                "f32 solve, checked"
+            } else {
+                "f64 solve"
+            };
+            (fit.map, format!("{} ({solve})", fit.form.name()))
         }
         None => (
             ridge::fit_procrustes(&xt, &yt, fit_intercept)?,

@@ -114,8 +114,10 @@ fn column_means(m: &Matrix, fit_intercept: bool) -> Vec<f64> {
     mean
 }
 
-fn centered(m: &Matrix, mean: &[f64]) -> Mat<f32> {
-    Mat::from_fn(m.rows, m.cols, |i, j| {
+/// The centred matrix, transposed ([cols, rows] column-major): a contiguous copy of the row-major input, so
+/// building it streams memory instead of striding across rows. Callers take `.transpose()` for the [rows, cols] view.
+fn centered_t(m: &Matrix, mean: &[f64]) -> Mat<f32> {
+    Mat::from_fn(m.cols, m.rows, |j, i| {
         (m.data[i * m.cols + j] as f64 - mean[j]) as f32
     })
 }
@@ -163,27 +165,27 @@ fn intercept(x_mean: &[f64], y_mean: &[f64], w: &Matrix) -> Vec<f32> {
     b.iter().map(|v| *v as f32).collect()
 }
 
-/// Ridge regression, equal to scikit-learn's `Ridge(alpha=lambda, fit_intercept=...)`. Returns the map and
-/// the form used.
+/// Ridge regression, equal to scikit-learn's `Ridge(alpha=lambda, fit_intercept=...)`.
 pub fn fit_ridge(
     x: &Matrix,
     y: &Matrix,
     lambda: f64,
     form: Form,
     fit_intercept: bool,
-) -> Result<(AffineMap, Form)> {
+) -> Result<RidgeFit> {
     check_pair(x, y)?;
     check_lambda(lambda)?;
     let form = form.resolve(x.rows, x.cols);
     // Always centre before the f32 products: activations carry a large shared offset that f32 sums would
     // lose. Without an intercept the rank-one terms are added back in f64.
     let (xm, ym) = (column_means(x, true), column_means(y, true));
-    let (xc, yc) = (centered(x, &xm), centered(y, &ym));
+    let (xct, yct) = (centered_t(x, &xm), centered_t(y, &ym));
+    let (xc, yc) = (xct.transpose(), yct.transpose());
     let n = x.rows as f64;
-    let w: Mat<f32> = match form {
+    let (w, f32_solve): (Mat<f32>, bool) = match form {
         Form::Primal | Form::Auto => {
-            let mut g = to_f64(lower_gram(xc.transpose()).as_ref());
-            let mut b = to_f64((xc.transpose() * &yc).as_ref());
+            let mut g = to_f64(lower_gram(xct.as_ref()).as_ref());
+            let mut b = to_f64((xct.as_ref() * yc).as_ref());
             if !fit_intercept {
                 add_outer(&mut g, n, &xm, &xm);
                 add_outer(&mut b, n, &xm, &ym);
@@ -191,12 +193,11 @@ pub fn fit_ridge(
             for k in 0..g.nrows() {
                 g[(k, k)] += lambda;
             }
-            let llt = g.llt(Side::Lower).map_err(|_| singular(form, lambda))?;
-            to_f32(llt.solve(&b).as_ref())
+            solve_spd(&g, &b).ok_or_else(|| singular(form, lambda))?
         }
         Form::Dual => {
-            let mut k = to_f64((&xc * xc.transpose()).as_ref());
-            let mut rhs = to_f64(yc.as_ref());
+            let mut k = to_f64(lower_gram(xc).as_ref());
+            let mut rhs = to_f64(yc);
             if !fit_intercept {
                 // X X^T = Xc Xc^T + v 1^T + 1 v^T + |xm|^2 1 1^T with v = Xc xm; the targets are uncentred.
                 let v: Vec<f64> = (0..x.rows)
@@ -204,7 +205,7 @@ pub fn fit_ridge(
                     .collect();
                 let mm: f64 = xm.iter().map(|a| a * a).sum();
                 for i in 0..x.rows {
-                    for j in 0..x.rows {
+                    for j in 0..=i {
                         k[(i, j)] += v[i] + v[j] + mm;
                     }
                     for (t, m) in ym.iter().enumerate() {
@@ -215,19 +216,18 @@ pub fn fit_ridge(
             for i in 0..k.nrows() {
                 k[(i, i)] += lambda;
             }
-            let llt = k.llt(Side::Lower).map_err(|_| singular(form, lambda))?;
-            let a = llt.solve(&rhs);
-            let mut w = xc.transpose() * to_f32(a.as_ref());
+            let (a, f32_solve) = solve_spd(&k, &rhs).ok_or_else(|| singular(form, lambda))?;
+            let mut w = xct.as_ref() * a.as_ref();
             if !fit_intercept {
                 // X^T A = Xc^T A + xm (1^T A)
                 for t in 0..a.ncols() {
-                    let col_sum: f64 = (0..a.nrows()).map(|i| a[(i, t)]).sum();
+                    let col_sum: f64 = (0..a.nrows()).map(|i| a[(i, t)] as f64).sum();
                     for (j, m) in xm.iter().enumerate() {
                         w[(j, t)] += (m * col_sum) as f32;
                     }
                 }
             }
-            w
+            (w, f32_solve)
         }
     };
     let weight = to_matrix(w.as_ref());
@@ -237,7 +237,68 @@ pub fn fit_ridge(
     } else {
         vec![0.0; y.cols]
     };
-    Ok((AffineMap { weight, bias }, form))
+    Ok(RidgeFit {
+        map: AffineMap { weight, bias },
+        form,
+        f32_solve,
+    })
+}
+
+/// A fitted ridge map and how it was solved.
+#[derive(Clone, Debug)]
+pub struct RidgeFit {
+    pub map: AffineMap,
+    pub form: Form,
+    /// True when the triangular solves ran in f32 and passed the a-posteriori check; false when they ran in f64.
+    pub f32_solve: bool,
+}
+
+/// Largest relative error (estimated on random probes) accepted from the f32 triangular solves.
+const F32_SOLVE_TOL: f64 = 1e-5;
+
+/// Solve G W = B for symmetric positive definite G (only its lower triangle is read). The Cholesky factor is
+/// computed in f64; the two triangular solves (2 r^2 c flops, the costly part) run in f32, then the result is
+/// checked a posteriori: for random probe vectors s, e = G^-1 (B s - G W s) in f64 estimates the forward error
+/// of W s. If it exceeds F32_SOLVE_TOL (an ill-conditioned G) the solves are redone in f64.
+/// None when G is not positive definite; otherwise the solution and whether the f32 path was kept.
+fn solve_spd(g: &Mat<f64>, b: &Mat<f64>) -> Option<(Mat<f32>, bool)> {
+    let llt = g.llt(Side::Lower).ok()?;
+    let l32 = to_f32(llt.L());
+    let mut w = to_f32(b.as_ref());
+    l32.solve_lower_triangular_in_place(w.as_mut());
+    l32.transpose().solve_upper_triangular_in_place(w.as_mut());
+    let mut rng = crate::rng::SplitMix64::new(0x5EED);
+    let (r, c) = (b.nrows(), b.ncols());
+    let mut worst = 0f64;
+    for _ in 0..3 {
+        let probe: Vec<f64> = (0..c).map(|_| rng.normal()).collect();
+        let mut bs = vec![0f64; r];
+        let mut ws = vec![0f64; r];
+        for (j, p) in probe.iter().enumerate() {
+            for i in 0..r {
+                bs[i] += b[(i, j)] * p;
+                ws[i] += w[(i, j)] as f64 * p;
+            }
+        }
+        // residual = B s - G (W s), with G symmetric from its lower triangle
+        let mut res = Mat::<f64>::from_fn(r, 1, |i, _| bs[i]);
+        for j in 0..r {
+            res[(j, 0)] -= g[(j, j)] * ws[j];
+            for i in j + 1..r {
+                res[(i, 0)] -= g[(i, j)] * ws[j];
+                res[(j, 0)] -= g[(i, j)] * ws[i];
+            }
+        }
+        let err = llt.solve(&res);
+        let en: f64 = (0..r).map(|i| err[(i, 0)].powi(2)).sum::<f64>().sqrt();
+        let wn: f64 = ws.iter().map(|v| v * v).sum::<f64>().sqrt();
+        worst = worst.max(if wn > 0.0 { en / wn } else { en });
+    }
+    if worst.is_finite() && worst <= F32_SOLVE_TOL {
+        Some((w, true))
+    } else {
+        Some((to_f32(llt.solve(b).as_ref()), false))
+    }
 }
 
 /// The lower triangle of a a^T (a: r x c) in f32: half the flops of a full product. The upper triangle is zero;
@@ -282,9 +343,10 @@ pub fn fit_procrustes(x: &Matrix, y: &Matrix, fit_intercept: bool) -> Result<Aff
         column_means(x, fit_intercept),
         column_means(y, fit_intercept),
     );
-    let (xc, yc) = (centered(x, &xm), centered(y, &ym));
+    let (xct, yct) = (centered_t(x, &xm), centered_t(y, &ym));
+    let xc = xct.transpose();
     // In f64: U V^T along weak singular directions is sensitive to rounding in Xc^T Yc.
-    let m = to_f64(xc.as_ref()).transpose() * to_f64(yc.as_ref());
+    let m = to_f64(xct.as_ref()) * to_f64(yct.as_ref()).transpose();
     let svd = m.thin_svd().map_err(|_| AvbError::Singular {
         what: "procrustes SVD".into(),
         detail: "the SVD did not converge".into(),
@@ -379,9 +441,10 @@ fn fold_scores(
         column_means(xt, fit_intercept),
         column_means(yt, fit_intercept),
     );
-    let (xtc, ytc) = (centered(xt, &xm), centered(yt, &ym));
-    let xvc = to_f64(centered(xv, &xm).as_ref());
-    let yvc = to_f64(centered(yv, &ym).as_ref());
+    let (xtct, ytct) = (centered_t(xt, &xm), centered_t(yt, &ym));
+    let (xtc, ytc) = (xtct.transpose(), ytct.transpose());
+    let xvc = to_f64(centered_t(xv, &xm).transpose());
+    let yvc = to_f64(centered_t(yv, &ym).transpose());
     let eig_err = |_| AvbError::Singular {
         what: "cross-validation eigendecomposition".into(),
         detail: "did not converge".into(),
@@ -390,24 +453,24 @@ fn fold_scores(
     // Predictions on the validation rows are C diag(1 / (s + lambda)) A.
     let (c, a, s) = match form.resolve(xt.rows, xt.cols) {
         Form::Dual => {
-            let kmat = to_f64((&xtc * xtc.transpose()).as_ref());
+            let kmat = to_f64((xtc * xtc.transpose()).as_ref());
             let eig = kmat.self_adjoint_eigen(Side::Lower).map_err(eig_err)?;
             let u = eig.U().to_owned();
             let s: Vec<f64> = (0..u.ncols())
                 .map(|i| eig.S().column_vector()[i].max(0.0))
                 .collect();
-            let a = u.transpose() * to_f64(ytc.as_ref());
-            let c = &xvc * to_f64(xtc.transpose()) * &u;
+            let a = u.transpose() * to_f64(ytc);
+            let c = &xvc * to_f64(xtct.as_ref()) * &u;
             (c, a, s)
         }
         _ => {
-            let g = to_f64((xtc.transpose() * &xtc).as_ref());
+            let g = to_f64((xtct.as_ref() * xtc).as_ref());
             let eig = g.self_adjoint_eigen(Side::Lower).map_err(eig_err)?;
             let v = eig.U().to_owned();
             let s: Vec<f64> = (0..v.ncols())
                 .map(|i| eig.S().column_vector()[i].max(0.0))
                 .collect();
-            let a = v.transpose() * to_f64((xtc.transpose() * &ytc).as_ref());
+            let a = v.transpose() * to_f64((xtct.as_ref() * ytc).as_ref());
             let c = &xvc * &v;
             (c, a, s)
         }

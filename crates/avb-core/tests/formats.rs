@@ -294,8 +294,9 @@ fn ridge_bad_inputs() {
         err_text(ridge::fit_ridge(&dup, &y, -1.0, Form::Primal, true)).contains("lambda must be")
     );
 
-    let (map, _) =
-        ridge::fit_ridge(&x, &Matrix::new(10, 2, values(20)), 1.0, Form::Auto, true).unwrap();
+    let map = ridge::fit_ridge(&x, &Matrix::new(10, 2, values(20)), 1.0, Form::Auto, true)
+        .unwrap()
+        .map;
     let e = err_text(map.apply(&Matrix::new(1, 5, values(5)), false));
     assert!(
         e.contains("inputs have d = 5 but the map expects d_src = 3"),

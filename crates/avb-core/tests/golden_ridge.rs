@@ -37,7 +37,8 @@ fn check_ridge(name: &str) {
         load(&format!("{name}_bias")),
     );
     for form in [Form::Auto, Form::Primal, Form::Dual] {
-        let (map, used) = ridge::fit_ridge(&xt, &yt, lambda, form, true).unwrap();
+        let fit = ridge::fit_ridge(&xt, &yt, lambda, form, true).unwrap();
+        let (map, used) = (fit.map, fit.form);
         let (ew, eb) = (
             rel_err(&map.weight.data, &w_ref.data),
             rel_err(&map.bias, &b_ref.data),
@@ -47,16 +48,20 @@ fn check_ridge(name: &str) {
             "{name} {form:?} (used {used:?}): weight rel err {ew:e}, bias rel err {eb:e}"
         );
     }
-    let (_, auto) = ridge::fit_ridge(&xt, &yt, lambda, Form::Auto, true).unwrap();
+    let auto = ridge::fit_ridge(&xt, &yt, lambda, Form::Auto, true).unwrap();
+    // Well conditioned with an intercept: the f32 triangular solves pass their a-posteriori check.
+    assert!(auto.f32_solve, "{name}: expected the f32 solve to be kept");
     assert_eq!(
-        auto,
+        auto.form,
         if xt.rows >= xt.cols {
             Form::Primal
         } else {
             Form::Dual
         }
     );
-    let (map, _) = ridge::fit_ridge(&xt, &yt, lambda, Form::Auto, false).unwrap();
+    let map = ridge::fit_ridge(&xt, &yt, lambda, Form::Auto, false)
+        .unwrap()
+        .map;
     let e = rel_err(
         &map.weight.data,
         &load(&format!("{name}_weight_nointercept")).data,
@@ -65,7 +70,9 @@ fn check_ridge(name: &str) {
     assert!(map.bias.iter().all(|b| *b == 0.0));
 
     // Held-out metrics equal numpy/sklearn's on the same split.
-    let (map, _) = ridge::fit_ridge(&xt, &yt, lambda, Form::Auto, true).unwrap();
+    let map = ridge::fit_ridge(&xt, &yt, lambda, Form::Auto, true)
+        .unwrap()
+        .map;
     let (xh, yh) = (x.select_rows(&hold), y.select_rows(&hold));
     let m = ridge::fit_metrics(
         &map.apply(&xh, true).unwrap(),
@@ -116,6 +123,27 @@ fn ridge_primal_regime_matches_sklearn() {
 #[test]
 fn ridge_dual_regime_matches_sklearn() {
     check_ridge("dual");
+}
+
+#[test]
+fn ill_conditioned_solve_falls_back_to_f64() {
+    // Without centring, the large shared offset makes the primal system ill-conditioned: the f32 solve's error
+    // (~1e-4 here) fails the a-posteriori check, and the f64 solve gives sklearn's answer.
+    let (g, x, y, train, _) = case("primal");
+    let fit = ridge::fit_ridge(
+        &x.select_rows(&train),
+        &y.select_rows(&train),
+        g["lambda"].as_f64().unwrap(),
+        Form::Primal,
+        false,
+    )
+    .unwrap();
+    assert!(!fit.f32_solve);
+    let e = rel_err(
+        &fit.map.weight.data,
+        &load("primal_weight_nointercept").data,
+    );
+    assert!(e < 1e-6, "f64 fallback rel err {e:e}");
 }
 
 #[test]
