@@ -260,6 +260,12 @@ pub fn fit_map(a: FitMapArgs) -> Result<()> {
                 .ok_or_else(|| {
                     AvbError::Invalid("cross-validation produced no finite score".into())
                 })?;
+            if best == 0 || best == grid.len() - 1 {
+                eprintln!(
+                    "warning: cross-validation chose lambda = {:.1e}, at the edge of --lambda-grid; the best value may lie outside it. Widen the grid.",
+                    grid[best]
+                );
+            }
             selection = Some(LambdaSelection {
                 mode: "cv".into(),
                 folds: Some(k),

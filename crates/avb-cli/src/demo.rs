@@ -42,12 +42,13 @@ macro_rules! capture {
 const CAPTURES: &[Capture] = &[
     capture!("smollm2", "smollm2-135m-instruct_L20"),
     capture!("qwen", "qwen2.5-coder-0.5b-instruct_L16"),
+    capture!("gemma", "gemma-3-270m_L12"),
 ];
 const CORPUS: &str = include_str!("../../../tests/fixtures/corpus/wiki_en_sentences.jsonl");
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
-    /// Source model of the embedded captures: smollm2 (SmolLM2-135M-Instruct L20) or qwen (Qwen2.5-Coder-0.5B-Instruct L16).
+    /// Source model of the embedded captures: smollm2 (SmolLM2-135M-Instruct L20), qwen (Qwen2.5-Coder-0.5B-Instruct L16), gemma (Gemma-3-270M L12).
     #[arg(long, default_value = "smollm2")]
     pub source: String,
     #[arg(long, default_value = "qwen")]
@@ -122,7 +123,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         method,
         lambda: None,
         cv_folds: (method == Method::Ridge).then_some(5),
-        lambda_grid: "1e-1:1e5:7".into(),
+        lambda_grid: "1e-1:1e7:9".into(),
         form: FormArg::Auto,
         no_intercept: false,
         holdout: 0.2,

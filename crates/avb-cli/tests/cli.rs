@@ -475,3 +475,37 @@ fn eval_embeddings_matches_golden_lift() {
         "20 cross rows but 45 native rows",
     );
 }
+
+#[test]
+fn demo_runs_on_the_embedded_captures() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, report) = (dir.path().join("demo"), dir.path().join("report.md"));
+    ok(&[
+        "demo",
+        "--source",
+        "smollm2",
+        "--target",
+        "qwen",
+        "--out",
+        s(&out),
+        "--report",
+        s(&report),
+    ]);
+    let text = std::fs::read_to_string(&report).unwrap();
+    assert!(text.contains("| ridge: vs other topics | 10 |"), "{text}");
+    let map: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", s(&out.join("map.safetensors")), "--json"])).unwrap();
+    let h = &map["metadata"]["heldout"];
+    // On held-out sentences the map must beat predicting the training mean (the shared mean direction).
+    assert!(h["mean_cosine"].as_f64().unwrap() > h["mean_baseline_cosine"].as_f64().unwrap());
+    assert!(h["mean_centered_cosine"].as_f64().unwrap() > 0.5, "{h}");
+    assert_eq!(
+        map["metadata"]["source"]["model"],
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    );
+    assert_eq!(map["metadata"]["lambda_selection"]["mode"], "cv");
+    fails(
+        &["demo", "--source", "llama"],
+        "unknown embedded model `llama`",
+    );
+}
