@@ -289,10 +289,9 @@ pub fn fit_map(a: FitMapArgs) -> Result<()> {
     let (map, solver) = match lambda {
         Some(l) => {
             let fit = ridge::fit_ridge(&xt, &yt, l, form, fit_intercept)?;
-            let solve = if fit.f32_solve {
-                "f32 solve, checked"
-            } else {
-                "f64 solve"
+            let solve = match fit.f32_solve {
+                Some(e) => format!("f32 solve, est. prediction error {e:.1e}"),
+                None => "f64 solve".to_string(),
             };
             (fit.map, format!("{} ({solve})", fit.form.name()))
         }

@@ -124,8 +124,8 @@ fn ridge_dual_regime_matches_sklearn() {
 }
 
 #[test]
-fn ill_conditioned_solve_falls_back_to_f64() {
-    // Without centring, the large shared offset makes the primal system ill-conditioned: the f32 solve's error
+fn uncentred_fit_solves_in_f64() {
+    // Without an intercept the Gram carries the large shared offset (ill-conditioned by construction): f64 solve.
     // (~1e-4 here) fails the a-posteriori check, and the f64 solve gives sklearn's answer.
     let (g, x, y, train, _) = case("primal");
     let fit = ridge::fit_ridge(
@@ -136,7 +136,7 @@ fn ill_conditioned_solve_falls_back_to_f64() {
         false,
     )
     .unwrap();
-    assert!(!fit.f32_solve);
+    assert!(fit.f32_solve.is_none());
     let e = rel_err(
         &fit.map.weight.data,
         &load("primal_weight_nointercept").data,
@@ -151,25 +151,33 @@ fn well_conditioned_solve_stays_in_f32_and_solves_the_normal_equations() {
     let x = avb_core::Matrix::new(n, d, (0..n * d).map(|_| r.normal() as f32).collect());
     let y = avb_core::Matrix::new(n, t, (0..n * t).map(|_| r.normal() as f32).collect());
     let lambda = 1.0;
-    let fit = ridge::fit_ridge(&x, &y, lambda, Form::Primal, false).unwrap();
-    assert!(fit.f32_solve);
-    // (X^T X + lambda I) W = X^T Y, checked in f64.
+    let fit = ridge::fit_ridge(&x, &y, lambda, Form::Primal, true).unwrap();
+    assert!(
+        fit.f32_solve.is_some_and(|e| e <= 1e-5),
+        "{:?}",
+        fit.f32_solve
+    );
+    // (Xc^T Xc + lambda I) W = Xc^T Yc with centred data, checked in f64.
+    let mean =
+        |m: &avb_core::Matrix, j: usize| (0..n).map(|i| m.row(i)[j] as f64).sum::<f64>() / n as f64;
+    let (mx, my): (Vec<f64>, Vec<f64>) = (
+        (0..d).map(|j| mean(&x, j)).collect(),
+        (0..t).map(|j| mean(&y, j)).collect(),
+    );
+    let xc = |i: usize, j: usize| x.row(i)[j] as f64 - mx[j];
+    let yc = |i: usize, j: usize| y.row(i)[j] as f64 - my[j];
     let w = &fit.map.weight;
     let mut worst = 0f64;
     for a in 0..d {
         for b in 0..t {
             let lhs: f64 = (0..d)
                 .map(|k| {
-                    let g: f64 = (0..n)
-                        .map(|i| x.row(i)[a] as f64 * x.row(i)[k] as f64)
-                        .sum::<f64>()
+                    let g: f64 = (0..n).map(|i| xc(i, a) * xc(i, k)).sum::<f64>()
                         + if k == a { lambda } else { 0.0 };
                     g * w.row(k)[b] as f64
                 })
                 .sum();
-            let rhs: f64 = (0..n)
-                .map(|i| x.row(i)[a] as f64 * y.row(i)[b] as f64)
-                .sum();
+            let rhs: f64 = (0..n).map(|i| xc(i, a) * yc(i, b)).sum();
             worst = worst.max((lhs - rhs).abs() / rhs.abs().max(1.0));
         }
     }
