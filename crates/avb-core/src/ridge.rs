@@ -146,8 +146,8 @@ fn centered_cm(m: &Matrix, mean: &[f64]) -> ColMajor {
             let i1 = (i0 + TILE).min(r);
             for (dj, col) in block.chunks_mut(r).enumerate() {
                 let j = j0 + dj;
-                for i in i0..i1 {
-                    col[i] = m.data[i * c + j] - mean32[j];
+                for (i, v) in col.iter_mut().enumerate().take(i1).skip(i0) {
+                    *v = m.data[i * c + j] - mean32[j];
                 }
             }
         }
