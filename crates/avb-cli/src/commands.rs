@@ -45,7 +45,8 @@ pub enum FormArg {
     Dual,
 }
 
-/// The command line with paths reduced to file names (artifacts must not record machine paths).
+/// The command line, with absolute paths reduced to file names (artifacts and reports must not record machine
+/// paths; relative paths are kept).
 pub fn created_by() -> String {
     std::env::args()
         .enumerate()
@@ -53,9 +54,7 @@ pub fn created_by() -> String {
             let p = Path::new(&a);
             if i == 0 {
                 "avb".to_string()
-            } else if p.components().count() > 1
-                && (p.exists() || p.parent().is_some_and(|d| d.is_dir()))
-            {
+            } else if p.is_absolute() {
                 file_name(p)
             } else {
                 a

@@ -338,7 +338,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
             avb_core::matrix::cosine(plain.row(i), tgt_dirs.row(i))
         );
     }
-    let _ = writeln!(report, "\nArtifacts in `{}`: map.safetensors, map_procrustes.safetensors, washout.safetensors, topics_mapped*.safetensors (inspect them with `avb inspect`).", out.display());
+    let _ = writeln!(
+        report,
+        "\nArtifacts (in the --out directory): map.safetensors, map_procrustes.safetensors, washout.safetensors, topics_mapped*.safetensors; inspect them with `avb inspect`."
+    );
     println!("\n{report}");
     if let Some(p) = &a.report {
         write_atomic(p, &[report.as_bytes()])?;
