@@ -53,6 +53,31 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `avb import-activations` arguments for a mean-pooled capture.
+fn import_args<'a>(
+    input: &'a str,
+    model: &'a str,
+    layer: &'a str,
+    corpus: &'a str,
+    out: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "import-activations",
+        "--input",
+        input,
+        "--model",
+        model,
+        "--layer",
+        layer,
+        "--pooling",
+        "mean",
+        "--corpus",
+        corpus,
+        "-o",
+        out,
+    ]
+}
+
 fn corpus(dir: &Path, n: usize, prefix: &str) -> PathBuf {
     let p = dir.join(format!("{prefix}.jsonl"));
     let text: String = (0..n)
@@ -69,38 +94,20 @@ fn pipeline_on_golden_activations() {
     let d = dir.path();
     let c = corpus(d, 300, "wiki");
     let (src, tgt) = (d.join("src.safetensors"), d.join("tgt.safetensors"));
-    ok(&[
-        "import-activations",
-        "--input",
+    ok(&import_args(
         s(&golden("primal_x.npy")),
-        "--model",
         "org/source-model",
-        "--layer",
         "5",
-        "--pooling",
-        "mean",
-        "--corpus",
         s(&c),
-        "-o",
         s(&src),
-    ]);
-    ok(&[
-        "import-activations",
-        "--input",
+    ));
+    ok(&import_args(
         s(&golden("primal_y.npy")),
-        "--model",
         "org/target-model",
-        "--layer",
         "9",
-        "--pooling",
-        "mean",
-        "--corpus",
         s(&c),
-        "-o",
         s(&tgt),
-        "--dtype",
-        "f32",
-    ]);
+    ));
 
     // Fixed lambda: held-out metrics equal numpy's on the documented split (seed 7).
     let map = d.join("map.safetensors");
@@ -267,36 +274,20 @@ fn bad_inputs_fail_cleanly() {
     let c300 = corpus(d, 300, "wiki");
     let other = corpus(d, 300, "other");
     let (src, tgt) = (d.join("src.safetensors"), d.join("tgt.safetensors"));
-    ok(&[
-        "import-activations",
-        "--input",
+    ok(&import_args(
         s(&golden("primal_x.npy")),
-        "--model",
         "a",
-        "--layer",
         "1",
-        "--pooling",
-        "mean",
-        "--corpus",
         s(&c300),
-        "-o",
         s(&src),
-    ]);
-    ok(&[
-        "import-activations",
-        "--input",
+    ));
+    ok(&import_args(
         s(&golden("primal_y.npy")),
-        "--model",
         "b",
-        "--layer",
         "2",
-        "--pooling",
-        "mean",
-        "--corpus",
         s(&other),
-        "-o",
         s(&tgt),
-    ]);
+    ));
     let out = d.join("out.safetensors");
     fails(
         &[
@@ -311,21 +302,7 @@ fn bad_inputs_fail_cleanly() {
         "row 0 is `wiki-0` in the source but `other-0` in the target",
     );
     fails(
-        &[
-            "import-activations",
-            "--input",
-            s(&golden("dual_x.npy")),
-            "--model",
-            "a",
-            "--layer",
-            "1",
-            "--pooling",
-            "mean",
-            "--corpus",
-            s(&c300),
-            "-o",
-            s(&out),
-        ],
+        &import_args(s(&golden("dual_x.npy")), "a", "1", s(&c300), s(&out)),
         "30 rows but the corpus has 300 lines",
     );
     fails(
