@@ -486,3 +486,23 @@ fn demo_runs_on_the_embedded_captures() {
         "unknown embedded model `llama`",
     );
 }
+
+#[test]
+fn inspect_reads_gguf_headers() {
+    let gguf =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/types.gguf");
+    let r: serde_json::Value = serde_json::from_str(&ok(&["inspect", s(&gguf), "--json"])).unwrap();
+    assert_eq!(r["kind"], "gguf");
+    assert_eq!(r["architecture"], "avbtest");
+    assert_eq!(r["tensors"], 11);
+    assert_eq!(r["parameters"], 11 * 3 * 512);
+    assert_eq!(r["tensor_types"]["Q6_K"], 1);
+    assert_eq!(
+        r["metadata"]["test.strings"],
+        serde_json::json!(["a", "bb", "", "ccc"])
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &std::fs::read(&gguf).unwrap()[..500]).unwrap();
+    fails(&["inspect", s(&cut)], "truncated");
+}
