@@ -259,19 +259,20 @@ pub fn fit_ridge(
     let n = x.rows as f64;
     let (w, f32_solve): (Mat<f32>, Option<f64>) = match form {
         Form::Primal | Form::Auto => {
-            let mut g = to_f64(lower_product(xct, xc).as_ref());
-            for k in 0..g.nrows() {
-                g[(k, k)] += lambda;
-            }
+            let mut g = lower_product(xct, xc);
             let b = xct * yc;
             if fit_intercept {
-                let predict = |v: &[f64]| mat_vec(xc, v);
-                solve_spd(&g, b.as_ref(), &predict).ok_or_else(|| singular(form, lambda))?
+                add_ridge(&mut g, lambda);
+                let predict = |v: MatRef<'_, f32>| xc * v;
+                solve_spd(g, b, &predict).ok_or_else(|| singular(form, lambda))?
             } else {
                 // Without an intercept the Gram carries n xm xm^T and is ill-conditioned by construction: f64.
-                let mut b = to_f64(b.as_ref());
+                let (mut g, mut b) = (to_f64(g.as_ref()), to_f64(b.as_ref()));
                 add_outer(&mut g, n, &xm, &xm);
                 add_outer(&mut b, n, &xm, &ym);
+                for k in 0..g.nrows() {
+                    g[(k, k)] += lambda;
+                }
                 (
                     solve_spd_f64(&g, &b).ok_or_else(|| singular(form, lambda))?,
                     None,
@@ -279,18 +280,20 @@ pub fn fit_ridge(
             }
         }
         Form::Dual => {
-            let mut k = to_f64(lower_product(xc, xct).as_ref());
-            for i in 0..k.nrows() {
-                k[(i, i)] += lambda;
-            }
+            let mut k = lower_product(xc, xct);
             if fit_intercept {
-                // Predictions are Xc Xc^T A: a solution vector v maps to Xc (Xc^T v).
-                let predict = |v: &[f64]| mat_vec(xc, &mat_vec(xct, v));
+                add_ridge(&mut k, lambda);
+                // Predictions are Xc Xc^T A: solution columns v map to Xc (Xc^T v).
+                let predict = |v: MatRef<'_, f32>| xc * (xct * v);
                 let (a, f32_solve) =
-                    solve_spd(&k, yc, &predict).ok_or_else(|| singular(form, lambda))?;
+                    solve_spd(k, yc.to_owned(), &predict).ok_or_else(|| singular(form, lambda))?;
                 (xct * a, f32_solve)
             } else {
                 // X X^T = Xc Xc^T + v 1^T + 1 v^T + |xm|^2 1 1^T with v = Xc xm; the targets are uncentred.
+                let mut k = to_f64(k.as_ref());
+                for i in 0..k.nrows() {
+                    k[(i, i)] += lambda;
+                }
                 let v: Vec<f64> = mat_vec(xc, &xm);
                 let mm: f64 = xm.iter().map(|a| a * a).sum();
                 let mut rhs = to_f64(yc);
@@ -348,23 +351,23 @@ fn solve_spd_f64(g: &Mat<f64>, b: &Mat<f64>) -> Option<Mat<f32>> {
     Some(to_f32(g.llt(Side::Lower).ok()?.solve(b).as_ref()))
 }
 
-/// Solve G W = B for symmetric positive definite G (only its lower triangle is read) and f32 B, first entirely
+/// Solve G W = B for symmetric positive definite G (only its lower triangle is read), both f32, first entirely
 /// in f32 (Cholesky and the two triangular solves, 2 r^2 c flops, the costly part), then checked a posteriori:
-/// for random probe vectors s, e = G^-1 (B s - G W s) in f64 estimates the error of W s, and `predict` maps it
-/// to what the map outputs (Xc e for the primal form), so the check measures the error of predictions rather
-/// than of W along directions the data never visits. Above F32_SOLVE_TOL everything is redone in f64. Returns
-/// None when G is not positive definite, else the solution and, when the f32 path was kept, its estimated error.
+/// for random probe vectors s, e = G^-1 (B s - G W s) with the residual in f64 estimates the error of W s, and
+/// `predict` maps the columns [e | W s] to what the map outputs (Xc e for the primal form), so the check measures
+/// the error of predictions rather than of W along directions the data never visits. Above F32_SOLVE_TOL
+/// everything is redone in f64. Returns None when G is not positive definite, else the solution and, when the
+/// f32 path was kept, its estimated error.
 fn solve_spd(
-    g: &Mat<f64>,
-    b: MatRef<'_, f32>,
-    predict: &dyn Fn(&[f64]) -> Vec<f64>,
+    g: Mat<f32>,
+    b: Mat<f32>,
+    predict: &dyn Fn(MatRef<'_, f32>) -> Mat<f32>,
 ) -> Option<(Mat<f32>, Option<f64>)> {
-    let f64_solve = || solve_spd_f64(g, &to_f64(b)).map(|w| (w, None));
-    let Ok(llt32) = to_f32(g.as_ref()).llt(Side::Lower) else {
-        return f64_solve();
+    let Ok(llt32) = g.llt(Side::Lower) else {
+        return solve_spd_f64(&to_f64(g.as_ref()), &to_f64(b.as_ref())).map(|w| (w, None));
     };
+    let mut w = b.clone();
     let l32 = llt32.L();
-    let mut w = b.to_owned();
     l32.solve_lower_triangular_in_place(w.as_mut());
     l32.transpose().solve_upper_triangular_in_place(w.as_mut());
     const PROBES: usize = 3;
@@ -390,28 +393,45 @@ fn solve_spd(
     for j in 0..r {
         let gcol = g.col(j);
         for k in 0..PROBES {
-            res[(j, k)] -= gcol[j] * ws[j][k];
+            res[(j, k)] -= gcol[j] as f64 * ws[j][k];
         }
         for i in j + 1..r {
+            let gij = gcol[i] as f64;
             for k in 0..PROBES {
-                res[(i, k)] -= gcol[i] * ws[j][k];
-                res[(j, k)] -= gcol[i] * ws[i][k];
+                res[(i, k)] -= gij * ws[j][k];
+                res[(j, k)] -= gij * ws[i][k];
             }
         }
     }
     let err = llt32.solve(to_f32(res.as_ref()));
-    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let mut worst = 0f64;
-    for k in 0..PROBES {
-        let e: Vec<f64> = (0..r).map(|i| err[(i, k)] as f64).collect();
-        let s: Vec<f64> = (0..r).map(|i| ws[i][k]).collect();
-        let (en, sn) = (norm(&predict(&e)), norm(&predict(&s)));
-        worst = worst.max(if sn > 0.0 { en / sn } else { en });
-    }
+    let both = Mat::<f32>::from_fn(r, 2 * PROBES, |i, k| {
+        if k < PROBES {
+            err[(i, k)]
+        } else {
+            ws[i][k - PROBES] as f32
+        }
+    });
+    let pred = predict(both.as_ref());
+    let col_norm = |k: usize| {
+        (0..pred.nrows())
+            .map(|i| (pred[(i, k)] as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let worst = (0..PROBES)
+        .map(|k| {
+            let (en, sn) = (col_norm(k), col_norm(k + PROBES));
+            if sn > 0.0 {
+                en / sn
+            } else {
+                en
+            }
+        })
+        .fold(0f64, f64::max);
     if worst.is_finite() && worst <= F32_SOLVE_TOL {
         Some((w, Some(worst)))
     } else {
-        f64_solve()
+        solve_spd_f64(&to_f64(g.as_ref()), &to_f64(b.as_ref())).map(|w| (w, None))
     }
 }
 
@@ -439,6 +459,13 @@ fn lower_product(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
         faer::get_global_parallelism(),
     );
     g
+}
+
+/// g += lambda I
+fn add_ridge(g: &mut Mat<f32>, lambda: f64) {
+    for k in 0..g.nrows() {
+        g[(k, k)] = (g[(k, k)] as f64 + lambda) as f32;
+    }
 }
 
 /// m += s * a b^T
