@@ -90,6 +90,17 @@ pub fn site(s: &Space) -> String {
     }
 }
 
+/// After writing an artifact: its metadata as JSON with `--json` (returns false), else the `wrote PATH` line
+/// (returns true: the caller prints its summary).
+fn announce(written: &artifact::Metadata, json: bool, path: &Path) -> bool {
+    if json {
+        print_json(&serde_json::to_value(written).unwrap());
+    } else {
+        println!("wrote {}", path.display());
+    }
+    !json
+}
+
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap());
 }
@@ -377,10 +388,8 @@ pub fn fit_map(a: FitMapArgs) -> Result<()> {
         a.dtype.dtype(),
         &tensors,
     )?;
-    if a.json {
-        print_json(&serde_json::to_value(&written).unwrap());
-    } else {
-        print_map_summary(&a.output, &meta);
+    if announce(&written, a.json, &a.output) {
+        print_map_summary(&meta);
     }
     Ok(())
 }
@@ -392,8 +401,7 @@ fn fmt_metrics(m: &FitMetrics) -> String {
     )
 }
 
-fn print_map_summary(path: &Path, m: &RidgeMapMeta) {
-    println!("wrote {}", path.display());
+fn print_map_summary(m: &RidgeMapMeta) {
     println!("  map      {} -> {}", site(&m.source), site(&m.target));
     let lam = m.lambda.map_or("-".to_string(), |l| format!("{l:.4e}"));
     println!(
@@ -460,10 +468,7 @@ pub fn washout(a: WashoutArgs) -> Result<()> {
             values: &b,
         }],
     )?;
-    if a.json {
-        print_json(&serde_json::to_value(&written).unwrap());
-    } else {
-        println!("wrote {}", a.output.display());
+    if announce(&written, a.json, &a.output) {
         println!(
             "  washout  {}, {} rows ({} pooling), ||b|| = {norm:.4}",
             site(&act.space),
@@ -668,10 +673,7 @@ pub fn map(a: MapArgs) -> Result<()> {
             values: &out,
         }],
     )?;
-    if a.json {
-        print_json(&serde_json::to_value(&written).unwrap());
-    } else {
-        println!("wrote {}", a.output.display());
+    if announce(&written, a.json, &a.output) {
         println!(
             "  {} features ({}) {} -> {}, washout {}",
             ids.len(),
