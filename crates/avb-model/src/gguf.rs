@@ -259,6 +259,12 @@ impl Gguf {
             let dims = (0..n_dims)
                 .map(|_| c.u64(&name))
                 .collect::<Result<Vec<u64>>>()?;
+            if dims.contains(&0) {
+                return Err(AvbError::corrupt(
+                    &path,
+                    format!("tensor `{name}` has a zero dimension ({dims:?})"),
+                ));
+            }
             let type_id = c.u32(&name)?;
             let ty = GgmlType::from_id(type_id).ok_or_else(|| {
                 AvbError::unsupported(&path, format!("tensor `{name}` has GGML type {type_id}; avb reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K"))
@@ -342,7 +348,7 @@ impl Gguf {
                 t.name
             )));
         }
-        let row_bytes = t.n_bytes / rows as u64;
+        let row_bytes = t.ty.bytes_for(t.dims[0]).unwrap_or(0);
         let bytes = src.read_vec(
             t.start + row as u64 * row_bytes,
             (count as u64 * row_bytes) as usize,
