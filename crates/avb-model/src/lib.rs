@@ -1,5 +1,7 @@
 //! avbridge model runtime. This first part reads checkpoints: GGUF (llama.cpp) with dequantization of the
-//! quantized block formats; the burn-based decoder runtime builds on it.
+//! quantized block formats, and Hugging Face safetensors checkpoints (sharded or not); the burn-based decoder
+//! runtime builds on them.
 
+pub mod checkpoint;
 pub mod gguf;
 pub mod quant;
