@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Regenerate tests/fixtures/tokenizer/ids.json: token ids that Hugging Face transformers' tokenizers (built from
 the GGUF files, as `AutoTokenizer.from_pretrained(dir, gguf_file=...)` does) give for a multilingual test text,
-with and without special tokens, plus the chat-template rendering of one user message.
+with and without special tokens, and `apply_chat_template` renderings (text and ids) of a few conversations for
+the models whose GGUF carries a chat template.
 
 Run with the Python that has torch/transformers/gguf (see tests/scripts/fetch_models.py for the model cache):
     python tests/scripts/make_tokenizer_fixture.py
@@ -29,6 +30,11 @@ TEXTS = [
     "def f(x):\n    return x**2  # 1234567 ✓ 🦀 emoji",
     "<|im_start|>user\nhi<|im_end|> <start_of_turn> <bos>",
 ]
+CHATS = [
+    [{"role": "user", "content": "Describe the vector.\n\n<concept>x</concept>"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Bonjour ! Ça va ?"}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}],
+]
 
 
 def main():
@@ -38,6 +44,11 @@ def main():
         rec = {"gguf": gguf, "plain": [tok.encode(t, add_special_tokens=False) for t in TEXTS],
                "special": [tok.encode(t) for t in TEXTS],
                "decoded": [tok.decode(tok.encode(t, add_special_tokens=False)) for t in TEXTS]}
+        if tok.chat_template:
+            rec["chat"] = [{"messages": m,
+                            "text": tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                            "ids": list(tok.apply_chat_template(m, tokenize=True, add_generation_prompt=True, return_dict=False))}
+                           for m in CHATS]
         out["models"][name] = rec
         print(name, [len(x) for x in rec["plain"]])
     OUT.parent.mkdir(parents=True, exist_ok=True)

