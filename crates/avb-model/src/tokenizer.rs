@@ -1,11 +1,12 @@
 //! Tokenizers built from GGUF metadata, equal to what Hugging Face transformers builds from the same file:
 //! gpt2-style byte-level BPE (Qwen2, SmolLM2) from `tokenizer.ggml.tokens` + `merges`, with the pre-tokenizer
 //! named by `tokenizer.ggml.pre`; control tokens (type 3) become special added tokens, user-defined ones (type 4)
-//! plain added tokens. SentencePiece vocabularies (`tokenizer.ggml.model = llama`, Gemma) are not built yet.
+//! plain added tokens; and Gemma's SentencePiece vocabulary (`tokenizer.ggml.model = llama`) as BPE with byte fallback.
 
 use crate::gguf::{Gguf, MetaValue};
 use avb_core::{AvbError, Result};
 use serde_json::json;
+use std::collections::HashMap;
 use std::path::Path;
 
 /// Qwen2's split pattern (its tokenizer.json and llama.cpp's `qwen2` pre-tokenizer).
@@ -34,20 +35,187 @@ fn strings<'a>(g: &'a Gguf, key: &str, path: &Path) -> Result<Vec<&'a str>> {
         .collect()
 }
 
+/// Added-token entries as transformers makes them from a GGUF: control tokens (type 3) special, user-defined ones
+/// (type 4) plain, both matched whole in text. A token is added only where its own spelling is in the vocabulary
+/// (`vocab`), so a respelled entry is not duplicated; `control_ok` drops control tokens transformers drops.
+fn added_tokens(
+    tokens: &[&str],
+    types: &[i64],
+    vocab: &HashMap<&str, usize>,
+    control_ok: impl Fn(&str) -> bool,
+) -> Vec<serde_json::Value> {
+    let mut seen = std::collections::HashSet::new();
+    tokens
+        .iter()
+        .zip(types)
+        .filter(|(t, ty)| match **ty {
+            TOKEN_CONTROL => control_ok(t),
+            TOKEN_USER_DEFINED => true,
+            _ => false,
+        })
+        .filter_map(|(t, ty)| {
+            let id = *vocab.get(t)?;
+            seen.insert(id).then(|| json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": *ty == TOKEN_CONTROL}))
+        })
+        .collect()
+}
+
+/// Token -> id, the last id winning for a spelling that occurs twice (as a Python dict built in order), and the
+/// spellings in first-occurrence order.
+fn index_tokens(tokens: &[String]) -> (HashMap<&str, usize>, Vec<&str>) {
+    let mut index = HashMap::new();
+    let mut order = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if index.insert(t.as_str(), i).is_none() {
+            order.push(t.as_str());
+        }
+    }
+    (index, order)
+}
+
+/// GPT-2's byte-to-character alphabet: printable Latin-1 maps to itself, the other 68 bytes to U+0100..U+0143.
+fn byte_level_char(byte: u8) -> char {
+    let b = u32::from(byte);
+    if (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b) {
+        return char::from(byte);
+    }
+    let rank = (0..b)
+        .filter(|x| !((33..=126).contains(x) || (161..=172).contains(x) || (174..=255).contains(x)))
+        .count() as u32;
+    char::from_u32(256 + rank).unwrap_or('\u{FFFD}')
+}
+
+fn in_byte_alphabet(c: char) -> bool {
+    let c = c as u32;
+    (33..=126).contains(&c) || (161..=172).contains(&c) || (174..=323).contains(&c)
+}
+
+fn byte_level_spec(
+    g: &Gguf,
+    tokens: &[&str],
+    types: &[i64],
+    path: &Path,
+) -> Result<serde_json::Value> {
+    let merges = strings(g, "tokenizer.ggml.merges", path)?;
+    // Tokens spelled outside the byte alphabet are respelled byte by byte, as transformers does.
+    let spelled: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            if t.chars().all(in_byte_alphabet) {
+                t.to_string()
+            } else {
+                t.bytes().map(byte_level_char).collect()
+            }
+        })
+        .collect();
+    let (index, order) = index_tokens(&spelled);
+    let vocab: serde_json::Map<String, serde_json::Value> = order
+        .iter()
+        .map(|t| (t.to_string(), json!(index[t])))
+        .collect();
+    let merges: Vec<serde_json::Value> = merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| json!([a, b]))
+                .ok_or_else(|| AvbError::corrupt(path, format!("merge `{m}` is not two tokens")))
+        })
+        .collect::<Result<_>>()?;
+    let pre = g
+        .meta("tokenizer.ggml.pre")
+        .and_then(MetaValue::as_str)
+        .unwrap_or("default");
+    let pre_tokenizer = match pre {
+        "qwen2" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+        // GPT-2's own pattern inside ByteLevel: what transformers builds for the other gpt2-style GGUFs.
+        _ => {
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+        }
+    };
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens(tokens, types, &index, |t| t.chars().all(in_byte_alphabet)),
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "", "end_of_word_suffix": "",
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges},
+    }))
+}
+
+/// Gemma's SentencePiece vocabulary as a BPE with byte fallback, built the way transformers builds it from GGUF:
+/// whitespace-only tokens are respelled with U+2581 (the file stores real spaces), and since the file has no
+/// merges they are recovered from the vocabulary, ranked by the token's position in the file (Gemma's scores do
+/// not follow its merge order).
+fn gemma_spec(tokens: &[&str], types: &[i64]) -> serde_json::Value {
+    let respelled: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            if t.contains(' ') && t.trim().is_empty() {
+                "\u{2581}".repeat(t.chars().count())
+            } else {
+                t.to_string()
+            }
+        })
+        .collect();
+    let (index, order) = index_tokens(&respelled);
+    // (left, right, rank of the merged token); within a token, pairs ordered by the ids of their pieces.
+    let mut merges: Vec<(&str, &str, usize)> = Vec::new();
+    for merged in &order {
+        let rank = index[merged];
+        let start = merges.len();
+        for (cut, _) in merged.char_indices().skip(1) {
+            let (l, r) = merged.split_at(cut);
+            if index.contains_key(l) && index.contains_key(r) {
+                merges.push((l, r, rank));
+            }
+        }
+        merges[start..].sort_by_key(|(l, r, _)| (index[l], index[r]));
+    }
+    // Best first: lower rank, then longer left piece, then longer right piece; stable otherwise.
+    merges.sort_by(|a, b| {
+        a.2.cmp(&b.2)
+            .then(b.0.chars().count().cmp(&a.0.chars().count()))
+            .then(b.1.chars().count().cmp(&a.1.chars().count()))
+    });
+    let vocab: serde_json::Map<String, serde_json::Value> = order
+        .iter()
+        .map(|t| (t.to_string(), json!(index[t])))
+        .collect();
+    let merges: Vec<serde_json::Value> = merges.iter().map(|(l, r, _)| json!([l, r])).collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens(tokens, types, &index, |_| true),
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": true, "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges},
+    })
+}
+
 impl Tokenizer {
     pub fn from_gguf(g: &Gguf, path: &Path) -> Result<Tokenizer> {
         let model = g
             .meta("tokenizer.ggml.model")
             .and_then(MetaValue::as_str)
             .unwrap_or("");
-        if model != "gpt2" {
-            return Err(AvbError::unsupported(
-                path,
-                format!("tokenizer.ggml.model `{model}`: avb builds gpt2-style byte-level BPE vocabularies so far (SentencePiece vocabularies such as Gemma's are not supported yet)"),
-            ));
-        }
+        let arch = g
+            .meta("general.architecture")
+            .and_then(MetaValue::as_str)
+            .unwrap_or("");
         let tokens = strings(g, "tokenizer.ggml.tokens", path)?;
-        let merges = strings(g, "tokenizer.ggml.merges", path)?;
         let types: Vec<i64> = match g
             .meta("tokenizer.ggml.token_type")
             .and_then(MetaValue::as_array)
@@ -61,52 +229,16 @@ impl Tokenizer {
                 format!("{} token types for {} tokens", types.len(), tokens.len()),
             ));
         }
-        let vocab: serde_json::Map<String, serde_json::Value> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.to_string(), json!(i)))
-            .collect();
-        let merges: Vec<serde_json::Value> = merges
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| json!([a, b]))
-                    .ok_or_else(|| {
-                        AvbError::corrupt(path, format!("merge `{m}` is not two tokens"))
-                    })
-            })
-            .collect::<Result<_>>()?;
-        let added: Vec<serde_json::Value> = types
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| **t == TOKEN_CONTROL || **t == TOKEN_USER_DEFINED)
-            .map(|(i, t)| json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": *t == TOKEN_CONTROL}))
-            .collect();
-        let pre = g
-            .meta("tokenizer.ggml.pre")
-            .and_then(MetaValue::as_str)
-            .unwrap_or("default");
-        let pre_tokenizer = match pre {
-            "qwen2" => json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": false},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
-            // GPT-2's own pattern inside ByteLevel: what transformers builds for the other gpt2-style GGUFs.
+        let spec = match (model, arch) {
+            ("gpt2", _) => byte_level_spec(g, &tokens, &types, path)?,
+            ("llama", "gemma" | "gemma2" | "gemma3") => gemma_spec(&tokens, &types),
             _ => {
-                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+                return Err(AvbError::unsupported(
+                    path,
+                    format!("tokenizer.ggml.model `{model}` for architecture `{arch}`: avb builds gpt2-style byte-level BPE and Gemma's SentencePiece vocabularies"),
+                ))
             }
         };
-        let spec = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "", "end_of_word_suffix": "",
-                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges},
-        });
         let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e| {
             AvbError::corrupt(
                 path,
@@ -114,14 +246,16 @@ impl Tokenizer {
             )
         })?;
         let id = |key: &str| g.meta(key).and_then(MetaValue::as_i64).map(|v| v as u32);
+        // llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise (and transformers follows).
+        let add_bos = match g.meta("tokenizer.ggml.add_bos_token") {
+            Some(MetaValue::Bool(b)) => *b,
+            _ => model == "llama",
+        };
         Ok(Tokenizer {
             inner,
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
-            add_bos: matches!(
-                g.meta("tokenizer.ggml.add_bos_token"),
-                Some(MetaValue::Bool(true))
-            ),
+            add_bos,
         })
     }
 

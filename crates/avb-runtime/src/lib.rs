@@ -1,0 +1,17 @@
+//! avbridge's decoder runtime on burn. One code base for every backend: the model runs on whatever burn
+//! `Device` it is loaded onto (CPU via burn-flex, wgpu/WebGPU, CUDA), chosen by cargo features and at run time.
+//!
+//! Families, one file each: [`qwen2`], [`llama`], [`gemma3`]. Weights come from GGUF or Hugging Face
+//! checkpoints ([`weights`]); [`model`] holds the shared decoder with capture and injection.
+
+pub mod config;
+pub mod gemma3;
+pub mod generate;
+pub mod llama;
+pub mod model;
+pub mod qwen2;
+pub mod weights;
+
+pub use config::{Family, ModelConfig};
+pub use generate::{generate, Control, Finish, GenerateOptions, Generation, Sampling};
+pub use model::{Injection, Input, KvCache, Model};

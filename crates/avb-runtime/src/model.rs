@@ -1,0 +1,541 @@
+//! One decoder for the three families, on burn tensors: the backend is whatever `Device` the model lives on
+//! (CPU through burn-flex, wgpu/WebGPU, CUDA). Computation is in f32, the way transformers runs a float32 model.
+//!
+//! Batches are left-padded: row b's real tokens sit at cache indices pad_b.., its positions count from 0 at
+//! its first real token, and attention never looks at padding. The residual stream can be read at the output of
+//! any block (the forward pass stops there) and input embeddings can be replaced at given positions.
+
+use crate::config::{Family, ModelConfig};
+use crate::weights::{LayerTensor, TensorId, WeightSource};
+use avb_core::{AvbError, Result};
+use burn::tensor::{activation, module, Bool, Device, Int, Tensor, TensorData};
+use std::path::Path;
+
+/// One sequence: token ids, and vectors that replace the input embedding at given positions.
+#[derive(Clone, Debug, Default)]
+pub struct Input {
+    pub ids: Vec<u32>,
+    pub injections: Vec<Injection>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Injection {
+    pub position: usize,
+    pub vector: Vec<f32>,
+}
+
+impl Input {
+    pub fn ids(ids: Vec<u32>) -> Input {
+        Input {
+            ids,
+            injections: Vec::new(),
+        }
+    }
+}
+
+struct Linear {
+    /// [out, in], as checkpoints store it; matmul reads it transposed without a copy.
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+}
+
+impl Linear {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        module::linear(x, self.weight.clone().transpose(), self.bias.clone())
+    }
+}
+
+struct Block {
+    attn_norm: Tensor<1>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Tensor<1>>,
+    k_norm: Option<Tensor<1>>,
+    post_attn_norm: Option<Tensor<1>>,
+    ffn_norm: Tensor<1>,
+    post_ffn_norm: Option<Tensor<1>>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    window: Option<usize>,
+}
+
+/// Keys and values of every layer for the positions seen so far, [batch, kv_heads, len, head_dim].
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    /// Left padding of each row.
+    pads: Vec<usize>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    device: Device,
+    embed: Tensor<2>,
+    head: Option<Tensor<2>>,
+    final_norm: Tensor<1>,
+    blocks: Vec<Block>,
+    embed_scale: Option<f32>,
+    /// Norm weights are stored as applied (Gemma's 1 + w).
+    norm_offset: f32,
+    inv_freq: Vec<f32>,
+    inv_freq_local: Option<Vec<f32>>,
+}
+
+fn tensor2(data: Vec<f32>, shape: [usize; 2], device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+fn tensor1(data: Vec<f32>, device: &Device) -> Tensor<1> {
+    let n = data.len();
+    Tensor::from_data(TensorData::new(data, [n]), device)
+}
+
+/// x * rsqrt(mean(x^2) + eps) * w over the last dimension.
+fn rms_norm<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps: f32) -> Tensor<D> {
+    let mean_square = x.clone().square().mean_dim(D - 1);
+    x * (mean_square + eps).sqrt().recip() * weight.clone().unsqueeze::<D>()
+}
+
+/// Rotate-half RoPE on [batch, heads, seq, head_dim] with cos/sin of [batch, 1, seq, head_dim].
+fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let half = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+fn softcap<const D: usize>(x: Tensor<D>, cap: Option<f32>) -> Tensor<D> {
+    match cap {
+        Some(c) => (x / c).tanh() * c,
+        None => x,
+    }
+}
+
+impl Model {
+    /// Load a `.gguf` file or a Hugging Face checkpoint directory onto `device`, weights at f32.
+    pub fn load(path: &Path, device: &Device) -> Result<Model> {
+        let (src, config) = WeightSource::open(path)?;
+        Model::from_source(&src, config, device)
+    }
+
+    pub fn from_source(src: &WeightSource, config: ModelConfig, device: &Device) -> Result<Model> {
+        let c = &config;
+        let (d, hd) = (c.hidden_size, c.head_dim);
+        let q_out = c.num_heads * hd;
+        let kv_out = c.num_kv_heads * hd;
+        let gemma = c.family == Family::Gemma3;
+        let norm_offset = if gemma { 1.0 } else { 0.0 };
+        let read2 = |id: TensorId, shape: [usize; 2]| -> Result<Tensor<2>> {
+            Ok(tensor2(src.read(c, id, &shape)?, shape, device))
+        };
+        let read_norm = |id: TensorId, n: usize| -> Result<Tensor<1>> {
+            let mut w = src.read(c, id, &[n])?;
+            if norm_offset != 0.0 {
+                w.iter_mut().for_each(|x| *x += norm_offset);
+            }
+            Ok(tensor1(w, device))
+        };
+        let linear = |l: usize,
+                      t: LayerTensor,
+                      bias: Option<LayerTensor>,
+                      shape: [usize; 2]|
+         -> Result<Linear> {
+            Ok(Linear {
+                weight: read2(TensorId::Layer(l, t), shape)?,
+                bias: match bias {
+                    Some(b) => Some(tensor1(
+                        src.read(c, TensorId::Layer(l, b), &[shape[0]])?,
+                        device,
+                    )),
+                    None => None,
+                },
+            })
+        };
+        let mut blocks = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let qkv_bias = |b: LayerTensor| c.qkv_bias.then_some(b);
+            let norm = |t: LayerTensor, n: usize| read_norm(TensorId::Layer(l, t), n);
+            blocks.push(Block {
+                attn_norm: norm(LayerTensor::AttnNorm, d)?,
+                q: linear(l, LayerTensor::Q, qkv_bias(LayerTensor::QBias), [q_out, d])?,
+                k: linear(l, LayerTensor::K, qkv_bias(LayerTensor::KBias), [kv_out, d])?,
+                v: linear(l, LayerTensor::V, qkv_bias(LayerTensor::VBias), [kv_out, d])?,
+                o: linear(l, LayerTensor::O, None, [d, q_out])?,
+                q_norm: gemma.then(|| norm(LayerTensor::QNorm, hd)).transpose()?,
+                k_norm: gemma.then(|| norm(LayerTensor::KNorm, hd)).transpose()?,
+                post_attn_norm: gemma
+                    .then(|| norm(LayerTensor::PostAttnNorm, d))
+                    .transpose()?,
+                ffn_norm: norm(LayerTensor::PreFfnNorm, d)?,
+                post_ffn_norm: gemma
+                    .then(|| norm(LayerTensor::PostFfnNorm, d))
+                    .transpose()?,
+                gate: linear(l, LayerTensor::Gate, None, [c.intermediate_size, d])?,
+                up: linear(l, LayerTensor::Up, None, [c.intermediate_size, d])?,
+                down: linear(l, LayerTensor::Down, None, [d, c.intermediate_size])?,
+                window: c.windows[l],
+            });
+        }
+        let embed = read2(TensorId::Embed, [c.vocab_size, d])?;
+        let head = if c.tie_embeddings && !src.has(c, TensorId::Head) {
+            None
+        } else {
+            Some(read2(TensorId::Head, [c.vocab_size, d])?)
+        };
+        let final_norm = read_norm(TensorId::FinalNorm, d)?;
+        Ok(Model {
+            device: device.clone(),
+            embed,
+            head,
+            final_norm,
+            blocks,
+            // transformers multiplies by sqrt(hidden) rounded to the weight dtype (f32 here).
+            embed_scale: gemma.then(|| (d as f32).sqrt()),
+            norm_offset,
+            inv_freq: c.rope.inv_freq(hd),
+            inv_freq_local: c.rope_local.as_ref().map(|r| r.inv_freq(hd)),
+            config,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The norm offset folded into stored norm weights (1 for Gemma); exposed for tests of the loader.
+    pub fn norm_offset(&self) -> f32 {
+        self.norm_offset
+    }
+
+    pub fn new_cache(&self, pads: Vec<usize>) -> KvCache {
+        KvCache {
+            layers: (0..self.config.num_layers).map(|_| None).collect(),
+            pads,
+            len: 0,
+        }
+    }
+
+    /// Left-pad `inputs` to one length; returns the padded id rows and each row's padding.
+    pub fn pad(&self, inputs: &[Input]) -> Result<(Vec<Vec<u32>>, Vec<usize>)> {
+        let t = inputs.iter().map(|i| i.ids.len()).max().unwrap_or(0);
+        if t == 0 {
+            return Err(AvbError::Invalid("every input sequence is empty".into()));
+        }
+        let mut rows = Vec::with_capacity(inputs.len());
+        let mut pads = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let pad = t - input.ids.len();
+            if input.ids.is_empty() {
+                return Err(AvbError::Invalid("an input sequence is empty".into()));
+            }
+            let mut row = vec![input.ids[0]; pad];
+            row.extend_from_slice(&input.ids);
+            rows.push(row);
+            pads.push(pad);
+        }
+        Ok((rows, pads))
+    }
+
+    /// Input embeddings of padded rows, with injected vectors (unscaled) in place of the scaled embedding.
+    fn embed(&self, rows: &[Vec<u32>], pads: &[usize], inputs: &[Input]) -> Result<Tensor<3>> {
+        let (b, t) = (rows.len(), rows[0].len());
+        let vocab = self.config.vocab_size;
+        let mut flat = Vec::with_capacity(b * t);
+        for id in rows.iter().flatten() {
+            if *id as usize >= vocab {
+                return Err(AvbError::Invalid(format!(
+                    "token id {id} is outside the vocabulary of {vocab}"
+                )));
+            }
+            flat.push(*id as i64);
+        }
+        let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(flat, [b, t]), &self.device);
+        let mut x = module::embedding(self.embed.clone(), ids);
+        if let Some(s) = self.embed_scale {
+            x = x * s;
+        }
+        let d = self.config.hidden_size;
+        for (row, input) in inputs.iter().enumerate() {
+            for inj in &input.injections {
+                if inj.vector.len() != d {
+                    return Err(AvbError::dimension(
+                        "injected vector",
+                        format!(
+                            "{} values, the model's hidden size is {d}",
+                            inj.vector.len()
+                        ),
+                        "map the vector into this model's residual space first",
+                    ));
+                }
+                if inj.position >= input.ids.len() {
+                    return Err(AvbError::Invalid(format!(
+                        "injection at position {} of a {}-token sequence",
+                        inj.position,
+                        input.ids.len()
+                    )));
+                }
+                if let Some(i) = inj.vector.iter().position(|v| !v.is_finite()) {
+                    return Err(AvbError::NonFinite {
+                        what: "injected vector".into(),
+                        row,
+                        col: i,
+                    });
+                }
+                let at = pads[row] + inj.position;
+                let v: Tensor<3> =
+                    Tensor::from_data(TensorData::new(inj.vector.clone(), [1, 1, d]), &self.device);
+                x = x.slice_assign([row..row + 1, at..at + 1, 0..d], v);
+            }
+        }
+        Ok(x)
+    }
+
+    /// cos and sin, [batch, 1, seq, head_dim], for cache indices start..start + seq.
+    fn rope_tables(
+        &self,
+        inv_freq: &[f32],
+        pads: &[usize],
+        start: usize,
+        seq: usize,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let hd = self.config.head_dim;
+        let b = pads.len();
+        let mut cos = Vec::with_capacity(b * seq * hd);
+        let mut sin = Vec::with_capacity(b * seq * hd);
+        for &pad in pads {
+            for i in start..start + seq {
+                let pos = i.saturating_sub(pad) as f32;
+                // cat(freqs, freqs): the two halves share frequencies.
+                for _ in 0..2 {
+                    for f in inv_freq {
+                        let angle = pos * f;
+                        cos.push(angle.cos());
+                        sin.push(angle.sin());
+                    }
+                }
+            }
+        }
+        let shape = [b, 1, seq, hd];
+        (
+            Tensor::from_data(TensorData::new(cos, shape), &self.device),
+            Tensor::from_data(TensorData::new(sin, shape), &self.device),
+        )
+    }
+
+    /// true = masked, [batch, 1, seq, start + seq]: causal, no padding keys, and the sliding window if any.
+    fn mask(
+        &self,
+        pads: &[usize],
+        start: usize,
+        seq: usize,
+        window: Option<usize>,
+    ) -> Tensor<4, Bool> {
+        let total = start + seq;
+        let mut m = Vec::with_capacity(pads.len() * seq * total);
+        for &pad in pads {
+            for i in start..total {
+                for j in 0..total {
+                    let visible = j == i || (j < i && j >= pad && window.is_none_or(|w| i - j < w));
+                    m.push(!visible);
+                }
+            }
+        }
+        Tensor::from_data(
+            TensorData::new(m, [pads.len(), 1, seq, total]),
+            &self.device,
+        )
+    }
+
+    fn attention(
+        &self,
+        block: &Block,
+        layer: usize,
+        x: Tensor<3>,
+        rope_tables: &(Tensor<4>, Tensor<4>),
+        mask: Tensor<4, Bool>,
+        cache: &mut Option<&mut KvCache>,
+    ) -> Tensor<3> {
+        let c = &self.config;
+        let [b, t, _] = x.dims();
+        let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let eps = c.rms_eps as f32;
+        let heads = |y: Tensor<3>, n: usize, norm: &Option<Tensor<1>>| {
+            let y = y.reshape([b, t, n, hd]);
+            let y = match norm {
+                Some(w) => rms_norm(y, w, eps),
+                None => y,
+            };
+            rope(y.swap_dims(1, 2), &rope_tables.0, &rope_tables.1)
+        };
+        let q = heads(block.q.forward(x.clone()), h, &block.q_norm);
+        let mut k = heads(block.k.forward(x.clone()), kvh, &block.k_norm);
+        let mut v = block.v.forward(x).reshape([b, t, kvh, hd]).swap_dims(1, 2);
+        if let Some(cache) = cache.as_deref_mut() {
+            if let Some((pk, pv)) = cache.layers[layer].take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            cache.layers[layer] = Some((k.clone(), v.clone()));
+        }
+        let total = k.dims()[2];
+        // Grouped-query attention without repeating K/V: the g query heads of one KV head share a matmul.
+        let g = h / kvh;
+        let q = q.reshape([b, kvh, g * t, hd]);
+        let scores = q.matmul(k.swap_dims(2, 3)) * c.attn_scale;
+        let scores = softcap(scores, c.attn_softcap);
+        let mask = mask
+            .reshape([b, 1, 1, t, total])
+            .expand([b, kvh, g, t, total])
+            .reshape([b, kvh, g * t, total]);
+        let probs = activation::softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3);
+        let out = probs.matmul(v).reshape([b, h, t, hd]).swap_dims(1, 2);
+        block.o.forward(out.reshape([b, t, h * hd]))
+    }
+
+    fn block(
+        &self,
+        layer: usize,
+        x: Tensor<3>,
+        tables: &(Tensor<4>, Tensor<4>),
+        mask: Tensor<4, Bool>,
+        cache: &mut Option<&mut KvCache>,
+    ) -> Tensor<3> {
+        let block = &self.blocks[layer];
+        let eps = self.config.rms_eps as f32;
+        let attn_in = rms_norm(x.clone(), &block.attn_norm, eps);
+        let mut attn = self.attention(block, layer, attn_in, tables, mask, cache);
+        if let Some(w) = &block.post_attn_norm {
+            attn = rms_norm(attn, w, eps);
+        }
+        let x = x + attn;
+        let ffn_in = rms_norm(x.clone(), &block.ffn_norm, eps);
+        let gate = block.gate.forward(ffn_in.clone());
+        let gate = match self.config.family {
+            Family::Gemma3 => activation::gelu_approximate(gate),
+            Family::Qwen2 | Family::Llama => activation::silu(gate),
+        };
+        let mut ffn = block.down.forward(gate * block.up.forward(ffn_in));
+        if let Some(w) = &block.post_ffn_norm {
+            ffn = rms_norm(ffn, w, eps);
+        }
+        x + ffn
+    }
+
+    /// Run blocks 0..=last on new positions of `inputs` (appending to `cache` if given) and return the residual
+    /// stream at the output of block `last`, [batch, seq, hidden] (left-padded rows).
+    pub fn forward_to(
+        &self,
+        inputs: &[Input],
+        last: usize,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor<3>> {
+        if last >= self.config.num_layers {
+            return Err(AvbError::Invalid(format!(
+                "layer {last} is out of range: the model has blocks 0..={}",
+                self.config.num_layers - 1
+            )));
+        }
+        if inputs.is_empty() {
+            return Err(AvbError::Invalid("no input sequences".into()));
+        }
+        if cache.is_some() && last + 1 != self.config.num_layers {
+            return Err(AvbError::Invalid(
+                "a KV cache needs the full forward pass (last = final block)".into(),
+            ));
+        }
+        let (rows, pads) = match cache.as_deref() {
+            Some(c) if !c.is_empty() => {
+                // Continuing: every row brings the same number of new tokens, no new padding.
+                let t = inputs[0].ids.len();
+                if inputs.iter().any(|i| i.ids.len() != t) || inputs.len() != c.pads.len() {
+                    return Err(AvbError::Invalid(
+                        "a cached step needs one equal-length continuation per cached row".into(),
+                    ));
+                }
+                (
+                    inputs.iter().map(|i| i.ids.clone()).collect(),
+                    c.pads.clone(),
+                )
+            }
+            _ => {
+                let (rows, pads) = self.pad(inputs)?;
+                if let Some(c) = cache.as_deref_mut() {
+                    c.pads = pads.clone();
+                }
+                (rows, pads)
+            }
+        };
+        let start = cache.as_deref().map_or(0, KvCache::len);
+        let seq = rows[0].len();
+        if start + seq > self.config.max_positions {
+            return Err(AvbError::Invalid(format!(
+                "{} positions exceed the model's context of {}",
+                start + seq,
+                self.config.max_positions
+            )));
+        }
+        let pads_for_embed: Vec<usize> = if start == 0 {
+            pads.clone()
+        } else {
+            vec![0; pads.len()]
+        };
+        let mut x = self.embed(&rows, &pads_for_embed, inputs)?;
+        let global = self.rope_tables(&self.inv_freq, &pads, start, seq);
+        let local = self
+            .inv_freq_local
+            .as_ref()
+            .map(|f| self.rope_tables(f, &pads, start, seq));
+        let full_mask = self.mask(&pads, start, seq, None);
+        for layer in 0..=last {
+            let window = self.blocks[layer].window;
+            let (tables, mask) = match window {
+                Some(_) => (
+                    local.as_ref().unwrap_or(&global),
+                    self.mask(&pads, start, seq, window),
+                ),
+                None => (&global, full_mask.clone()),
+            };
+            x = self.block(layer, x, tables, mask, &mut cache);
+        }
+        if let Some(c) = cache {
+            c.len = start + seq;
+        }
+        Ok(x)
+    }
+
+    /// Final norm, LM head and final soft-capping of hidden states [batch, seq, hidden] -> logits.
+    pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = rms_norm(x, &self.final_norm, self.config.rms_eps as f32);
+        let w = self.head.as_ref().unwrap_or(&self.embed).clone();
+        softcap(
+            x.matmul(w.transpose().unsqueeze::<3>()),
+            self.config.final_softcap,
+        )
+    }
+
+    /// Logits of every position, [batch, seq, vocab] (left-padded rows).
+    pub fn logits(&self, inputs: &[Input]) -> Result<Tensor<3>> {
+        let h = self.forward_to(inputs, self.config.num_layers - 1, None)?;
+        Ok(self.head(h))
+    }
+}
+
+/// Copy a tensor to the host as f32 (blocking; native backends only).
+pub fn to_vec(t: Tensor<3>) -> Result<Vec<f32>> {
+    t.into_data()
+        .try_into_vec::<f32>()
+        .map_err(|e| AvbError::Invalid(format!("reading a tensor back failed: {e:?}")))
+}
