@@ -7,7 +7,7 @@ use avb_core::safetensors::{self, Header};
 use avb_runtime::model::to_vec;
 use avb_runtime::{generate, Control, GenerateOptions, Injection, Input, Model, Sampling};
 use burn::tensor::Device;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -18,7 +18,7 @@ struct Golden {
 }
 
 impl Golden {
-    fn open(dir: &PathBuf) -> Golden {
+    fn open(dir: &Path) -> Golden {
         let src = FileSource::open(&dir.join("golden.safetensors")).unwrap();
         let header = Header::read(&src).unwrap();
         let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
