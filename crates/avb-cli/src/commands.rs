@@ -24,7 +24,7 @@ pub enum DtypeArg {
 }
 
 impl DtypeArg {
-    fn dtype(self) -> Dtype {
+    pub fn dtype(self) -> Dtype {
         match self {
             DtypeArg::F32 => Dtype::F32,
             DtypeArg::F16 => Dtype::F16,
@@ -64,7 +64,7 @@ pub fn created_by() -> String {
         .join(" ")
 }
 
-fn spinner(msg: &str) -> ProgressBar {
+pub fn spinner(msg: &str) -> ProgressBar {
     let pb = ProgressBar::new_spinner();
     pb.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}]").unwrap());
     pb.set_message(msg.to_string());
@@ -72,7 +72,7 @@ fn spinner(msg: &str) -> ProgressBar {
     pb
 }
 
-fn bar(len: u64, msg: &str) -> ProgressBar {
+pub fn bar(len: u64, msg: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
         ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} [{elapsed_precise}, eta {eta}]")

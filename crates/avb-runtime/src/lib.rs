@@ -4,14 +4,17 @@
 //! Families, one file each: [`qwen2`], [`llama`], [`gemma3`]. Weights come from GGUF or Hugging Face
 //! checkpoints ([`weights`]); [`model`] holds the shared decoder with capture and injection.
 
+pub mod capture;
 pub mod config;
 pub mod gemma3;
 pub mod generate;
 pub mod llama;
+pub mod loader;
 pub mod model;
 pub mod qwen2;
 pub mod weights;
 
+pub use burn::tensor::Device;
 pub use config::{Family, ModelConfig};
 pub use generate::{generate, Control, Finish, GenerateOptions, Generation, Sampling};
 pub use model::{Injection, Input, KvCache, Model};

@@ -2,52 +2,15 @@
 //! from tests/fixtures/tiny made by tests/scripts/make_tiny_models.py: logits of a left-padded batch, the residual
 //! stream at block K, logits with injected embedding rows, and batched greedy continuations.
 
-use avb_core::io::FileSource;
-use avb_core::safetensors::{self, Header};
+mod common;
+
 use avb_runtime::model::to_vec;
 use avb_runtime::{generate, Control, GenerateOptions, Injection, Input, Model, Sampling};
 use burn::tensor::Device;
-use std::path::{Path, PathBuf};
+use common::{row_errors, Golden};
+use std::path::PathBuf;
 
 const TOLERANCE: f64 = 1e-4;
-
-struct Golden {
-    src: FileSource,
-    header: Header,
-    meta: serde_json::Value,
-}
-
-impl Golden {
-    fn open(dir: &Path) -> Golden {
-        let src = FileSource::open(&dir.join("golden.safetensors")).unwrap();
-        let header = Header::read(&src).unwrap();
-        let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
-            .unwrap();
-        Golden { src, header, meta }
-    }
-    fn bytes(&self, name: &str) -> (Vec<u8>, Vec<usize>) {
-        let t = self.header.tensor(&self.src, name).unwrap();
-        let bytes =
-            avb_core::io::RangeSource::read_vec(&self.src, t.start, (t.end - t.start) as usize)
-                .unwrap();
-        (bytes, t.shape.clone())
-    }
-    fn f32s(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
-        let t = self.header.tensor(&self.src, name).unwrap().clone();
-        let (bytes, shape) = self.bytes(name);
-        let mut out = Vec::new();
-        safetensors::decode_f32(t.dtype, &bytes, &mut out);
-        (out, shape)
-    }
-    fn i64s(&self, name: &str) -> (Vec<i64>, Vec<usize>) {
-        let (bytes, shape) = self.bytes(name);
-        let v = bytes
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        (v, shape)
-    }
-}
 
 fn dir(family: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -55,21 +18,8 @@ fn dir(family: &str) -> PathBuf {
         .join(family)
 }
 
-/// max over rows of ||a - b|| / ||b||, rows of length `width`.
 fn worst_row_error(a: &[f32], b: &[f32], width: usize) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.chunks(width)
-        .zip(b.chunks(width))
-        .map(|(x, y)| {
-            let num: f64 = x
-                .iter()
-                .zip(y)
-                .map(|(p, q)| (f64::from(*p) - f64::from(*q)).powi(2))
-                .sum();
-            let den: f64 = y.iter().map(|q| f64::from(*q).powi(2)).sum();
-            (num / den.max(1e-30)).sqrt()
-        })
-        .fold(0.0, f64::max)
+    row_errors(a, b, width).into_iter().fold(0.0, f64::max)
 }
 
 /// Rows of the golden batch with their padding removed.
@@ -104,7 +54,9 @@ fn check_family(family: &str) {
     let device = Device::flex();
     let d = dir(family);
     let model = Model::load(&d, &device).unwrap();
-    let g = Golden::open(&d);
+    let g = Golden::open(&d.join("golden.safetensors"));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("golden.json")).unwrap()).unwrap();
     let (batch, pads) = inputs(&g);
 
     let (want, shape) = g.f32s("logits");
@@ -113,14 +65,14 @@ fn check_family(family: &str) {
     println!("{family}: logits worst relative error {err:.2e}");
     assert!(err < TOLERANCE, "{family} logits: {err:e}");
 
-    let k = g.meta["layer_k"].as_u64().unwrap() as usize;
+    let k = meta["layer_k"].as_u64().unwrap() as usize;
     let (want, shape) = g.f32s("hidden_K");
     let got = to_vec(model.forward_to(&batch, k, None).unwrap()).unwrap();
     let err = compare_real_positions(&got, &want, &shape, &pads);
     println!("{family}: hidden state at block {k} worst relative error {err:.2e}");
     assert!(err < TOLERANCE, "{family} hidden_K: {err:e}");
 
-    let positions: Vec<usize> = g.meta["inject_positions"]
+    let positions: Vec<usize> = meta["inject_positions"]
         .as_array()
         .unwrap()
         .iter()
@@ -142,8 +94,8 @@ fn check_family(family: &str) {
     println!("{family}: logits with injected rows worst relative error {err:.2e}");
     assert!(err < TOLERANCE, "{family} inject_logits: {err:e}");
 
-    let n_prompts = g.meta["prompts"].as_u64().unwrap() as usize;
-    let n_new = g.meta["n_new"].as_u64().unwrap() as usize;
+    let n_prompts = meta["prompts"].as_u64().unwrap() as usize;
+    let n_new = meta["n_new"].as_u64().unwrap() as usize;
     let prompts: Vec<Input> = (0..n_prompts)
         .map(|i| {
             Input::ids(
