@@ -506,3 +506,55 @@ fn inspect_reads_gguf_headers() {
     std::fs::write(&cut, &std::fs::read(&gguf).unwrap()[..500]).unwrap();
     fails(&["inspect", s(&cut)], "truncated");
 }
+
+/// `avb capture` on the real SmolLM2 GGUF reproduces the transformers captures the demo embeds
+/// (tests/scripts/capture_reference.py: block 20 output, mean over at most 64 tokens, BOS included).
+#[test]
+fn capture_matches_the_transformers_reference_captures() {
+    use avb_core::artifact::Artifact;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2_L20.safetensors");
+    let corpus = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/corpus/wiki_en_sentences.jsonl");
+    let n = 40;
+    let stdout = ok(&[
+        "capture",
+        "--model",
+        "smollm2-135m-instruct",
+        "--layer",
+        "20",
+        "--corpus",
+        s(&corpus),
+        "--limit",
+        &n.to_string(),
+        "--batch",
+        "8",
+        "-o",
+        s(&out),
+    ]);
+    assert!(stdout.contains("tokens/s"), "{stdout}");
+    let ours = Artifact::open(&out).unwrap();
+    let reference = Artifact::open(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/captures/smollm2-135m-instruct_L20_wiki_mean.safetensors"),
+    )
+    .unwrap();
+    let (shape, a) = ours.read_tensor("activations").unwrap();
+    let (_, b) = reference.read_tensor("activations").unwrap();
+    let d = shape[1];
+    for r in 0..n {
+        let (x, y) = (&a[r * d..(r + 1) * d], &b[r * d..(r + 1) * d]);
+        let dot: f64 = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| f64::from(*p) * f64::from(*q))
+            .sum();
+        let nx: f64 = x.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt();
+        let ny: f64 = y.iter().map(|q| f64::from(*q).powi(2)).sum::<f64>().sqrt();
+        assert!(
+            dot / (nx * ny) > 0.9999,
+            "row {r}: cosine {}",
+            dot / (nx * ny)
+        );
+    }
+}
