@@ -11,7 +11,7 @@ use avb_model::registry;
 use avb_runtime::capture::{capture, CaptureOptions};
 use avb_runtime::loader::{self, LoadedModel};
 use avb_runtime::Device;
-use avb_runtime::{generate, Control, GenerateOptions, Input, Sampling};
+use avb_runtime::{generate, Control, GenerateOptions, Input, Precision, Sampling};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -41,10 +41,30 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
     }
 }
 
-fn load(spec: &str, dev: DeviceArg) -> Result<LoadedModel> {
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum PrecisionArg {
+    /// f32 weights: exact parity with transformers' float32 run.
+    F32,
+    /// 8-bit weights with a scale per block of 32 (compact path).
+    Q8,
+    /// 4-bit weights with a scale per block of 32 (compact path).
+    Q4,
+}
+
+impl PrecisionArg {
+    fn precision(self) -> Precision {
+        match self {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Q8 => Precision::Q8,
+            PrecisionArg::Q4 => Precision::Q4,
+        }
+    }
+}
+
+fn load(spec: &str, dev: DeviceArg, precision: PrecisionArg) -> Result<LoadedModel> {
     let device = device(dev)?;
     let pb = spinner(&format!("loading {spec}"));
-    let loaded = loader::open(spec, &device);
+    let loaded = loader::open(spec, &device, precision.precision());
     pb.finish_and_clear();
     loaded
 }
@@ -77,6 +97,8 @@ pub struct CaptureArgs {
     pub limit: Option<usize>,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    pub precision: PrecisionArg,
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
     #[arg(short, long)]
@@ -125,7 +147,7 @@ pub fn capture_cmd(a: CaptureArgs) -> Result<()> {
             fix: "give a JSONL corpus with {\"id\", \"text\"} lines".into(),
         });
     }
-    let lm = load(&a.model, a.device)?;
+    let lm = load(&a.model, a.device, a.precision)?;
     let layer = match a.layer {
         Some(l) => l,
         None => registry::find(&lm.name)
@@ -235,13 +257,15 @@ pub struct GenerateArgs {
     pub stop: Vec<String>,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    pub precision: PrecisionArg,
     /// Print one JSON object with the ids, text and timing instead of streaming.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
-    let lm = load(&a.model, a.device)?;
+    let lm = load(&a.model, a.device, a.precision)?;
     let ids = if a.chat {
         let chat = lm.chat.as_ref().ok_or_else(|| {
             AvbError::Invalid(format!("{} has no chat template; drop --chat", lm.name))

@@ -17,4 +17,4 @@ pub mod weights;
 pub use burn::tensor::Device;
 pub use config::{Family, ModelConfig};
 pub use generate::{generate, Control, Finish, GenerateOptions, Generation, Sampling};
-pub use model::{Injection, Input, KvCache, Model};
+pub use model::{Injection, Input, KvCache, Model, Precision};

@@ -1,7 +1,7 @@
 //! Opening a model by registry name (fetched on first use) or by path (a `.gguf` file or a Hugging Face checkpoint
 //! directory), with its tokenizer and chat template.
 
-use crate::model::Model;
+use crate::model::{Model, Precision};
 use crate::weights::WeightSource;
 use avb_core::{AvbError, Result};
 use avb_model::chat::ChatTemplate;
@@ -37,7 +37,7 @@ pub fn resolve(spec: &str) -> Result<(String, PathBuf)> {
     Ok((spec.to_string(), registry::ensure(spec)?))
 }
 
-pub fn open(spec: &str, device: &Device) -> Result<LoadedModel> {
+pub fn open(spec: &str, device: &Device, precision: Precision) -> Result<LoadedModel> {
     let (name, path) = resolve(spec)?;
     let (src, config) = WeightSource::open(&path)?;
     let (tokenizer, chat) = match src.gguf() {
@@ -58,7 +58,7 @@ pub fn open(spec: &str, device: &Device) -> Result<LoadedModel> {
             "use the tokenizer that belongs to these weights",
         ));
     }
-    let model = Model::from_source(&src, config, device)?;
+    let model = Model::from_source(&src, config, device, precision)?;
     Ok(LoadedModel {
         name,
         path,

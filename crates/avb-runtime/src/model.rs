@@ -8,6 +8,7 @@
 use crate::config::{Family, ModelConfig};
 use crate::weights::{LayerTensor, TensorId, WeightSource};
 use avb_core::{AvbError, Result};
+use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
 use burn::tensor::{activation, module, Bool, Device, Int, Tensor, TensorData};
 use std::path::Path;
 
@@ -30,6 +31,37 @@ impl Input {
             ids,
             injections: Vec::new(),
         }
+    }
+}
+
+/// How the projection matrices and the LM head are held on the device. The embedding table stays f32. Blocks run
+/// along the input dimension, as in GGUF's block formats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// The exact path: f32 weights, parity with transformers' float32 run.
+    #[default]
+    F32,
+    /// The compact path: symmetric 8-bit integers with one f32 scale per block of 32 (burn's Q8S).
+    Q8,
+    /// The compact path: symmetric 4-bit integers with one f32 scale per block of 32 (burn's Q4S).
+    Q4,
+}
+
+impl Precision {
+    pub const BLOCK: u8 = 32;
+
+    fn scheme(self) -> Option<QuantScheme> {
+        let value = match self {
+            Precision::F32 => return None,
+            Precision::Q8 => QuantValue::Q8S,
+            Precision::Q4 => QuantValue::Q4S,
+        };
+        Some(
+            QuantScheme::default()
+                .with_value(value)
+                .with_store(QuantStore::PackedU32(0))
+                .per_block([Self::BLOCK, 1], ScaleDtype::F32),
+        )
     }
 }
 
@@ -145,21 +177,39 @@ fn softcap<const D: usize>(x: Tensor<D>, cap: Option<f32>) -> Tensor<D> {
 impl Model {
     /// Load a `.gguf` file or a Hugging Face checkpoint directory onto `device`, weights at f32.
     pub fn load(path: &Path, device: &Device) -> Result<Model> {
-        let (src, config) = WeightSource::open(path)?;
-        Model::from_source(&src, config, device)
+        Model::load_with(path, device, Precision::F32)
     }
 
-    pub fn from_source(src: &WeightSource, config: ModelConfig, device: &Device) -> Result<Model> {
+    pub fn load_with(path: &Path, device: &Device, precision: Precision) -> Result<Model> {
+        let (src, config) = WeightSource::open(path)?;
+        Model::from_source(&src, config, device, precision)
+    }
+
+    pub fn from_source(
+        src: &WeightSource,
+        config: ModelConfig,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Model> {
         let c = &config;
         let (d, hd) = (c.hidden_size, c.head_dim);
         let q_out = c.num_heads * hd;
         let kv_out = c.num_kv_heads * hd;
         let gemma = c.family == Family::Gemma3;
         let norm_offset = if gemma { 1.0 } else { 0.0 };
-        // [out, in] from the file, [in, out] on the device.
+        let scheme = precision.scheme();
+        let compact = |t: Tensor<2>| match &scheme {
+            Some(s) if t.dims()[0] % usize::from(Precision::BLOCK) == 0 => t.quantize_dynamic(s),
+            _ => t,
+        };
+        // [out, in] from the file, [in, out] on the device (quantized in blocks along `in` on the compact path).
         let read_t = |id: TensorId, [out, inp]: [usize; 2]| -> Result<Tensor<2>> {
             let w = src.read(c, id, &[out, inp])?;
-            Ok(tensor2(transpose_host(&w, out, inp), [inp, out], device))
+            Ok(compact(tensor2(
+                transpose_host(&w, out, inp),
+                [inp, out],
+                device,
+            )))
         };
         let read_norm = |id: TensorId, n: usize| -> Result<Tensor<1>> {
             let mut w = src.read(c, id, &[n])?;
@@ -211,11 +261,11 @@ impl Model {
         }
         let embed_rows = src.read(c, TensorId::Embed, &[c.vocab_size, d])?;
         let head = if c.tie_embeddings && !src.has(c, TensorId::Head) {
-            tensor2(
+            compact(tensor2(
                 transpose_host(&embed_rows, c.vocab_size, d),
                 [d, c.vocab_size],
                 device,
-            )
+            ))
         } else {
             read_t(TensorId::Head, [c.vocab_size, d])?
         };

@@ -10,7 +10,7 @@ use avb_model::gguf::Gguf;
 use avb_model::registry;
 use avb_model::tokenizer::Tokenizer;
 use avb_runtime::model::to_vec;
-use avb_runtime::{generate, Control, GenerateOptions, Input, Model, Sampling};
+use avb_runtime::{generate, Control, GenerateOptions, Input, Model, Precision, Sampling};
 use burn::tensor::{Device, Int, Tensor};
 use common::{row_cosines, Golden};
 use std::path::PathBuf;
@@ -91,6 +91,59 @@ fn check(name: &str) {
         );
         assert_eq!(out.ids, want, "{name}: greedy continuation of prompt {i}");
     }
+}
+
+/// The compact path (block-quantized weights) against the same transformers float32 reference: reported, with
+/// floors that catch a broken quantizer rather than grade the format.
+fn compact(name: &str) {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/real");
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let g = Golden::open(&fixtures.join(format!("{name}.safetensors")));
+    let path = registry::ensure(name).unwrap();
+    let layer = meta["layer"].as_u64().unwrap() as usize;
+    let input = [Input::ids(g.ids("ids"))];
+    let (want_hidden, shape) = g.f32s("hidden");
+    let want_top1 = g.i64s("top1").0;
+    for (precision, min_cos_floor, top1_floor) in
+        [(Precision::Q8, 0.99, 0.85), (Precision::Q4, 0.8, 0.35)]
+    {
+        let model = Model::load_with(&path, &Device::flex(), precision).unwrap();
+        let hidden = to_vec(model.forward_to(&input, layer, None).unwrap()).unwrap();
+        let cos = row_cosines(&hidden, &want_hidden, shape[1]);
+        let min_cos = cos.iter().cloned().fold(1.0, f64::min);
+        let mean_cos = cos.iter().sum::<f64>() / cos.len() as f64;
+        let top1: Tensor<3, Int> = model.logits(&input).unwrap().argmax(2);
+        let top1: Vec<i64> = top1.into_data().convert::<i64>().try_into_vec().unwrap();
+        let agree = top1.iter().zip(&want_top1).filter(|(a, b)| a == b).count();
+        let rate = agree as f64 / want_top1.len() as f64;
+        println!(
+            "{name} {precision:?}: block {layer} cosine min {min_cos:.4} mean {mean_cos:.4}; top-1 agreement {agree}/{} ({:.1}%)",
+            want_top1.len(),
+            100.0 * rate
+        );
+        assert!(
+            min_cos > min_cos_floor && rate > top1_floor,
+            "{name} {precision:?}"
+        );
+    }
+}
+
+#[test]
+fn smollm2_compact_paths() {
+    compact("smollm2-135m-instruct");
+}
+
+#[test]
+fn qwen2_5_coder_compact_paths() {
+    compact("qwen2.5-coder-0.5b-instruct");
+}
+
+#[test]
+fn gemma3_270m_compact_paths() {
+    compact("gemma-3-270m");
 }
 
 #[test]
