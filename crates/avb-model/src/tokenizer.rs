@@ -333,6 +333,35 @@ impl Tokenizer {
             .map_err(|e| AvbError::Invalid(format!("detokenizing failed: {e}")))
     }
 
+    /// The tokenizer as Hugging Face files: (`tokenizer.json`, `tokenizer_config.json`). A GGUF-built tokenizer
+    /// gets a post-processor that adds BOS when the model wants it, so `from_hf_dir` reads back the same ids.
+    pub fn to_hf_files(&self) -> Result<(String, String)> {
+        let text = self
+            .inner
+            .to_string(false)
+            .map_err(|e| AvbError::Invalid(format!("cannot serialize the tokenizer: {e}")))?;
+        let mut spec: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| AvbError::Invalid(format!("cannot serialize the tokenizer: {e}")))?;
+        let token = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
+        if !self.post_processor && self.add_bos {
+            if let (Some(id), Some(bos)) = (self.bos, token(self.bos)) {
+                spec["post_processor"] = json!({
+                    "type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {bos.clone(): {"id": bos, "ids": [id], "tokens": [bos]}},
+                });
+            }
+        }
+        let config = json!({
+            "bos_token": token(self.bos),
+            "eos_token": token(self.eos),
+            "add_bos_token": self.add_bos,
+        });
+        Ok((spec.to_string(), config.to_string()))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

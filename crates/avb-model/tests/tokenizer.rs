@@ -59,6 +59,53 @@ fn check(name: &str) {
     }
 }
 
+/// Written out as Hugging Face files and read back through `from_hf_dir` (the checkpoint-directory path), the
+/// tokenizer still gives transformers' ids, with and without special tokens.
+fn check_hf_roundtrip(name: &str) {
+    let fx = fixture();
+    let rec = &fx["models"][name];
+    let path = model_path(name, rec["gguf"].as_str().unwrap());
+    let g = Gguf::read(&FileSource::open(&path).unwrap()).unwrap();
+    let (tokenizer_json, config_json) = Tokenizer::from_gguf(&g, &path)
+        .unwrap()
+        .to_hf_files()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), tokenizer_json).unwrap();
+    std::fs::write(dir.path().join("tokenizer_config.json"), config_json).unwrap();
+    let tok = Tokenizer::from_hf_dir(dir.path()).unwrap();
+    for (i, text) in fx["texts"].as_array().unwrap().iter().enumerate() {
+        let text = text.as_str().unwrap();
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            ids(&rec["plain"][i]),
+            "{name}: text {i}"
+        );
+        assert_eq!(
+            tok.encode(text, true).unwrap(),
+            ids(&rec["special"][i]),
+            "{name}: text {i} special"
+        );
+    }
+}
+
+#[test]
+fn hf_tokenizer_files_roundtrip_qwen2() {
+    check_hf_roundtrip("qwen2.5-coder-0.5b-instruct");
+}
+
+#[test]
+fn hf_tokenizer_files_roundtrip_gemma3() {
+    check_hf_roundtrip("gemma-3-270m");
+}
+
 #[test]
 fn qwen2_byte_level_bpe_matches_transformers() {
     check("qwen2.5-coder-0.5b-instruct");

@@ -11,19 +11,18 @@ use avb_model::registry;
 use avb_model::tokenizer::Tokenizer;
 use avb_runtime::model::to_vec;
 use avb_runtime::{generate, Control, GenerateOptions, Input, Model, Precision, Sampling};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Int, Tensor};
 use common::{row_cosines, Golden};
-use std::path::PathBuf;
 
 fn check(name: &str) {
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/real");
+    let fixtures = common::repo_root().join("tests/fixtures/real");
     let meta: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures.join(format!("{name}.json"))).unwrap(),
     )
     .unwrap();
     let g = Golden::open(&fixtures.join(format!("{name}.safetensors")));
     let path = registry::ensure(name).unwrap();
-    let device = Device::flex();
+    let device = common::test_device();
     let model = Model::load(&path, &device).unwrap();
     let gguf = Gguf::read(&FileSource::open(&path).unwrap()).unwrap();
     let tok = Tokenizer::from_gguf(&gguf, &path).unwrap();
@@ -96,7 +95,7 @@ fn check(name: &str) {
 /// The compact path (block-quantized weights) against the same transformers float32 reference: reported, with
 /// floors that catch a broken quantizer rather than grade the format.
 fn compact(name: &str) {
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/real");
+    let fixtures = common::repo_root().join("tests/fixtures/real");
     let meta: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures.join(format!("{name}.json"))).unwrap(),
     )
@@ -110,7 +109,7 @@ fn compact(name: &str) {
     for (precision, min_cos_floor, top1_floor) in
         [(Precision::Q8, 0.99, 0.85), (Precision::Q4, 0.8, 0.35)]
     {
-        let model = Model::load_with(&path, &Device::flex(), precision).unwrap();
+        let model = Model::load_with(&path, &common::test_device(), precision).unwrap();
         let hidden = to_vec(model.forward_to(&input, layer, None).unwrap()).unwrap();
         let cos = row_cosines(&hidden, &want_hidden, shape[1]);
         let min_cos = cos.iter().cloned().fold(1.0, f64::min);

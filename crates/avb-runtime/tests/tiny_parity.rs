@@ -6,16 +6,13 @@ mod common;
 
 use avb_runtime::model::to_vec;
 use avb_runtime::{generate, Control, GenerateOptions, Injection, Input, Model, Sampling};
-use burn::tensor::Device;
 use common::{row_errors, Golden};
 use std::path::PathBuf;
 
 const TOLERANCE: f64 = 1e-4;
 
 fn dir(family: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/tiny")
-        .join(family)
+    common::repo_root().join("tests/fixtures/tiny").join(family)
 }
 
 fn worst_row_error(a: &[f32], b: &[f32], width: usize) -> f64 {
@@ -51,7 +48,7 @@ fn compare_real_positions(ours: &[f32], golden: &[f32], shape: &[usize], pads: &
 }
 
 fn check_family(family: &str) {
-    let device = Device::flex();
+    let device = common::test_device();
     let d = dir(family);
     let model = Model::load(&d, &device).unwrap();
     let g = Golden::open(&d.join("golden.safetensors"));

@@ -77,3 +77,27 @@ pub fn row_cosines(a: &[f32], b: &[f32], width: usize) -> Vec<f64> {
         })
         .collect()
 }
+
+/// The repository root: `AVB_REPO_ROOT` when the test binary runs away from its build tree (the GPU machine),
+/// else the one it was built in.
+pub fn repo_root() -> std::path::PathBuf {
+    std::env::var_os("AVB_REPO_ROOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
+}
+
+/// The backend the parity tests run on: `AVB_TEST_DEVICE` = cpu (default), wgpu or cuda (the latter two need the
+/// crate's `wgpu` / `cuda` features).
+pub fn test_device() -> avb_runtime::Device {
+    let want = std::env::var("AVB_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    match want.as_str() {
+        "cpu" => avb_runtime::Device::flex(),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => avb_runtime::Device::wgpu(Default::default()),
+        #[cfg(feature = "cuda")]
+        "cuda" => avb_runtime::Device::cuda(0),
+        other => {
+            panic!("AVB_TEST_DEVICE={other}: not compiled in (features wgpu / cuda) or unknown")
+        }
+    }
+}
