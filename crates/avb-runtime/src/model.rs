@@ -35,7 +35,8 @@ impl Input {
 }
 
 /// How the projection matrices and the LM head are held on the device. The embedding table stays f32. Blocks run
-/// along the input dimension, as in GGUF's block formats.
+/// along the last dimension of the [in, out] matrices (the output dimension): CubeCL's quantized kernels need
+/// blocks along the innermost dimension, and GGUF's layout (blocks along `in`) would need [out, in] storage.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
     /// The exact path: f32 weights, parity with transformers' float32 run.
@@ -60,7 +61,7 @@ impl Precision {
             QuantScheme::default()
                 .with_value(value)
                 .with_store(QuantStore::PackedU32(0))
-                .per_block([Self::BLOCK, 1], ScaleDtype::F32),
+                .per_block([Self::BLOCK], ScaleDtype::F32),
         )
     }
 }
@@ -191,6 +192,13 @@ impl Model {
         device: &Device,
         precision: Precision,
     ) -> Result<Model> {
+        if precision == Precision::Q4 && *device != Device::flex() {
+            // burn-cubecl 0.22.1 picks a 4-bit matmul kernel that asks for 72 KiB of shared memory where wgpu allows
+            // 48 KiB, and panics (seen on an H100 through Vulkan). avb's own quantized kernels will lift this.
+            return Err(AvbError::Invalid(
+                "4-bit weights run on the CPU backend only for now (burn-cubecl's 4-bit matmul exceeds the GPU's shared-memory limit); use --precision q8 or f32 on GPUs".into(),
+            ));
+        }
         let c = &config;
         let (d, hd) = (c.hidden_size, c.head_dim);
         let q_out = c.num_heads * hd;
@@ -199,10 +207,10 @@ impl Model {
         let norm_offset = if gemma { 1.0 } else { 0.0 };
         let scheme = precision.scheme();
         let compact = |t: Tensor<2>| match &scheme {
-            Some(s) if t.dims()[0] % usize::from(Precision::BLOCK) == 0 => t.quantize_dynamic(s),
+            Some(s) if t.dims()[1] % usize::from(Precision::BLOCK) == 0 => t.quantize_dynamic(s),
             _ => t,
         };
-        // [out, in] from the file, [in, out] on the device (quantized in blocks along `in` on the compact path).
+        // [out, in] from the file, [in, out] on the device (quantized in blocks along `out` on the compact path).
         let read_t = |id: TensorId, [out, inp]: [usize; 2]| -> Result<Tensor<2>> {
             let w = src.read(c, id, &[out, inp])?;
             Ok(compact(tensor2(
