@@ -162,3 +162,28 @@ pub fn ensure(name: &str) -> Result<PathBuf> {
     }
     Ok(a.main_file(&cache))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_is_complete() {
+        let all = artefacts();
+        assert!(all.len() >= 5);
+        let mut names: Vec<&str> = all.iter().map(|a| a.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all.len(), "artefact names are unique");
+        for a in all.iter().filter(|a| a.kind == "decoder") {
+            assert!(a.family.is_some() && a.layer.is_some(), "{}", a.name);
+            let f = &a.files[0];
+            assert!(f.name.ends_with(".gguf") && f.size.is_some(), "{}", a.name);
+            assert_eq!(f.sha256.as_deref().map(str::len), Some(64), "{}", a.name);
+        }
+        assert!(find("no-such-model")
+            .unwrap_err()
+            .to_string()
+            .contains("avb models list"));
+    }
+}
