@@ -293,7 +293,7 @@ impl Gguf {
                     &path,
                     format!(
                         "tensor `{name}` needs bytes up to {} but the file has {}",
-                        data_start + offset + n_bytes,
+                        data_start.saturating_add(offset).saturating_add(n_bytes),
                         src.len()
                     ),
                 ));

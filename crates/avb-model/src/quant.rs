@@ -67,10 +67,13 @@ impl GgmlType {
         }
     }
 
-    /// Bytes of `n` elements (n must be a multiple of the block size).
+    /// Bytes of `n` elements; None unless n is a multiple of the block size and the size fits in u64.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let (be, bb) = self.block();
-        (n % be as u64 == 0).then(|| n / be as u64 * bb as u64)
+        if n % be as u64 != 0 {
+            return None;
+        }
+        (n / be as u64).checked_mul(bb as u64)
     }
 }
 
@@ -184,5 +187,18 @@ pub fn dequantize(ty: GgmlType, src: &[u8], out: &mut Vec<f32>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GgmlType;
+
+    /// Found by the header fuzzer: a GGUF declaring ~2^64 elements made the byte count overflow.
+    #[test]
+    fn byte_counts_that_overflow_are_refused() {
+        assert_eq!(GgmlType::Q8_0.bytes_for(32 * (u64::MAX / 32)), None);
+        assert_eq!(GgmlType::Q8_0.bytes_for(64), Some(68));
+        assert_eq!(GgmlType::Q4K.bytes_for(100), None);
     }
 }
