@@ -929,8 +929,8 @@ pub struct ImportArgs {
     pub dtype: DtypeArg,
 }
 
-/// Row ids from a corpus JSONL file.
-pub fn corpus_ids(path: &Path) -> Result<Vec<String>> {
+/// One string field of every line of a corpus JSONL file (`id`, `text`, ...), in order.
+pub fn corpus_field(path: &Path, field: &str) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| AvbError::io(path, e))?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
@@ -938,12 +938,19 @@ pub fn corpus_ids(path: &Path) -> Result<Vec<String>> {
         .map(|(i, l)| {
             let v: serde_json::Value = serde_json::from_str(l)
                 .map_err(|e| AvbError::corrupt(path, format!("line {}: not JSON ({e})", i + 1)))?;
-            v.get("id")
+            v.get(field)
                 .and_then(|x| x.as_str())
                 .map(str::to_string)
-                .ok_or_else(|| AvbError::corrupt(path, format!("line {}: no string `id`", i + 1)))
+                .ok_or_else(|| {
+                    AvbError::corrupt(path, format!("line {}: no string `{field}`", i + 1))
+                })
         })
         .collect()
+}
+
+/// Row ids from a corpus JSONL file.
+pub fn corpus_ids(path: &Path) -> Result<Vec<String>> {
+    corpus_field(path, "id")
 }
 
 pub fn import_activations(a: ImportArgs) -> Result<()> {

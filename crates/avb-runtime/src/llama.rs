@@ -5,28 +5,22 @@
 use crate::config::{Family, GgufMeta, HfConfig, ModelConfig, RopeScaling};
 use avb_core::Result;
 
+const DEFAULT_THETA: f32 = 10_000.0;
+const DEFAULT_CONTEXT: usize = 8192;
+
 pub(crate) fn config_from_hf(c: &HfConfig) -> Result<ModelConfig> {
-    let (vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim) =
-        c.shape()?;
+    let base = ModelConfig::base(
+        Family::Llama,
+        c.shape()?,
+        c.f64_or("rms_norm_eps", 1e-6),
+        c.rope(c.v.get("rope_parameters"), DEFAULT_THETA)?,
+        c.opt_usize("max_position_embeddings")
+            .unwrap_or(DEFAULT_CONTEXT),
+    );
     Ok(ModelConfig {
-        family: Family::Llama,
-        vocab_size,
-        hidden_size,
-        intermediate_size,
-        num_layers,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        rms_eps: c.f64_or("rms_norm_eps", 1e-6),
         qkv_bias: c.bool_or("attention_bias", false),
         tie_embeddings: c.bool_or("tie_word_embeddings", false),
-        rope: c.rope(c.v.get("rope_parameters"), 10_000.0)?,
-        rope_local: None,
-        windows: vec![None; num_layers],
-        attn_scale: (head_dim as f32).powf(-0.5),
-        attn_softcap: None,
-        final_softcap: None,
-        max_positions: c.opt_usize("max_position_embeddings").unwrap_or(8192),
+        ..base
     })
 }
 
@@ -35,31 +29,21 @@ pub(crate) fn config_from_gguf(
     m: &GgufMeta,
     rope_divisors: Option<Vec<f32>>,
 ) -> Result<ModelConfig> {
-    let (vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim) =
-        m.shape()?;
-    let mut rope = m.rope(10_000.0)?;
+    let mut rope = m.rope(DEFAULT_THETA)?;
     if let Some(d) = rope_divisors {
         rope.scaling = RopeScaling::Divisors(d);
     }
+    let base = ModelConfig::base(
+        Family::Llama,
+        m.shape()?,
+        m.rms_eps(),
+        rope,
+        m.opt_usize("context_length").unwrap_or(DEFAULT_CONTEXT),
+    );
     Ok(ModelConfig {
-        family: Family::Llama,
-        vocab_size,
-        hidden_size,
-        intermediate_size,
-        num_layers,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        rms_eps: m.rms_eps(),
         qkv_bias: m.g.tensor("blk.0.attn_q.bias").is_some(),
         tie_embeddings: m.g.tensor("output.weight").is_none(),
-        rope,
-        rope_local: None,
-        windows: vec![None; num_layers],
-        attn_scale: (head_dim as f32).powf(-0.5),
-        attn_softcap: None,
-        final_softcap: None,
-        max_positions: m.opt_usize("context_length").unwrap_or(8192),
+        ..base
     })
 }
 

@@ -138,8 +138,6 @@ pub struct Model {
     final_norm: Tensor<1>,
     blocks: Vec<Block>,
     embed_scale: Option<f32>,
-    /// Norm weights are stored as applied (Gemma's 1 + w).
-    norm_offset: f32,
     inv_freq: Vec<f32>,
     inv_freq_local: Option<Vec<f32>>,
 }
@@ -287,20 +285,10 @@ impl Model {
             blocks,
             // transformers multiplies by sqrt(hidden) rounded to the weight dtype (f32 here).
             embed_scale: gemma.then(|| (d as f32).sqrt()),
-            norm_offset,
             inv_freq: c.rope.inv_freq(hd),
             inv_freq_local: c.rope_local.as_ref().map(|r| r.inv_freq(hd)),
             config,
         })
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// The norm offset folded into stored norm weights (1 for Gemma); exposed for tests of the loader.
-    pub fn norm_offset(&self) -> f32 {
-        self.norm_offset
     }
 
     pub fn new_cache(&self, pads: Vec<usize>) -> KvCache {

@@ -8,7 +8,7 @@ use avb_core::io::{FileSource, RangeSource};
 use avb_core::{AvbError, Result};
 use avb_model::checkpoint::Checkpoint;
 use avb_model::gguf::Gguf;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LayerTensor {
@@ -127,13 +127,6 @@ impl WeightSource {
             let gguf = Gguf::read(&src)?;
             let cfg = ModelConfig::from_gguf(&gguf, &src)?;
             Ok((WeightSource::Gguf { gguf, src }, cfg))
-        }
-    }
-
-    pub fn path(&self) -> PathBuf {
-        match self {
-            WeightSource::Gguf { src, .. } => src.name().to_path_buf(),
-            WeightSource::Hf { ckpt, .. } => ckpt.dir.clone(),
         }
     }
 

@@ -14,14 +14,19 @@ use avb_runtime::{generate, Control, GenerateOptions, Input, Model, Precision, S
 use burn::tensor::{Int, Tensor};
 use common::{row_cosines, Golden};
 
-fn check(name: &str) {
+/// The golden record of a model (metadata, tensors) and the model file, fetched if needed.
+fn fixture(name: &str) -> (serde_json::Value, Golden, std::path::PathBuf) {
     let fixtures = common::repo_root().join("tests/fixtures/real");
     let meta: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures.join(format!("{name}.json"))).unwrap(),
     )
     .unwrap();
     let g = Golden::open(&fixtures.join(format!("{name}.safetensors")));
-    let path = registry::ensure(name).unwrap();
+    (meta, g, registry::ensure(name).unwrap())
+}
+
+fn check(name: &str) {
+    let (meta, g, path) = fixture(name);
     let device = common::test_device();
     let model = Model::load(&path, &device).unwrap();
     let gguf = Gguf::read(&FileSource::open(&path).unwrap()).unwrap();
@@ -95,13 +100,7 @@ fn check(name: &str) {
 /// The compact path (block-quantized weights) against the same transformers float32 reference: reported, with
 /// floors that catch a broken quantizer rather than grade the format.
 fn compact(name: &str) {
-    let fixtures = common::repo_root().join("tests/fixtures/real");
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures.join(format!("{name}.json"))).unwrap(),
-    )
-    .unwrap();
-    let g = Golden::open(&fixtures.join(format!("{name}.safetensors")));
-    let path = registry::ensure(name).unwrap();
+    let (meta, g, path) = fixture(name);
     let layer = meta["layer"].as_u64().unwrap() as usize;
     let input = [Input::ids(g.ids("ids"))];
     let (want_hidden, shape) = g.f32s("hidden");
