@@ -948,6 +948,17 @@ pub fn corpus_field(path: &Path, field: &str) -> Result<Vec<String>> {
         .collect()
 }
 
+/// The provenance record of a corpus file: its stem and sha256.
+pub fn corpus_ref(path: &Path) -> Result<CorpusRef> {
+    Ok(CorpusRef {
+        id: path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        sha256: file_sha256(path)?,
+    })
+}
+
 /// Row ids from a corpus JSONL file.
 pub fn corpus_ids(path: &Path) -> Result<Vec<String>> {
     corpus_field(path, "id")
@@ -970,14 +981,7 @@ pub fn import_activations(a: ImportArgs) -> Result<()> {
     let meta = ActivationSetMeta {
         space: act.space.clone(),
         pooling: a.pooling.clone(),
-        corpus: CorpusRef {
-            id: a
-                .corpus
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            sha256: file_sha256(&a.corpus)?,
-        },
+        corpus: corpus_ref(&a.corpus)?,
         row_ids: ids,
     };
     artifact::write(

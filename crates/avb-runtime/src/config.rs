@@ -288,6 +288,18 @@ impl HfConfig<'_> {
         })
     }
 
+    /// `ModelConfig::base` from this config's shape, `rms_norm_eps` and `max_position_embeddings`.
+    pub fn base(&self, family: Family, rope: Rope, default_context: usize) -> Result<ModelConfig> {
+        Ok(ModelConfig::base(
+            family,
+            self.shape()?,
+            self.f64_or("rms_norm_eps", 1e-6),
+            rope,
+            self.opt_usize("max_position_embeddings")
+                .unwrap_or(default_context),
+        ))
+    }
+
     /// RoPE from a flat parameter object: transformers 5 `rope_parameters`, or the older `rope_theta` +
     /// `rope_scaling` pair.
     pub fn rope(&self, params: Option<&Value>, default_theta: f32) -> Result<Rope> {
@@ -410,6 +422,17 @@ impl GgufMeta<'_> {
                 .or_else(|| self.opt_usize("rope.dimension_count"))
                 .unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0)),
         })
+    }
+
+    /// `ModelConfig::base` from this file's shape, RMS epsilon and context length.
+    pub fn base(&self, family: Family, rope: Rope, default_context: usize) -> Result<ModelConfig> {
+        Ok(ModelConfig::base(
+            family,
+            self.shape()?,
+            self.rms_eps(),
+            rope,
+            self.opt_usize("context_length").unwrap_or(default_context),
+        ))
     }
 
     /// `rope.freq_base` and `rope.scaling.*` (llama.cpp's keys); llama.cpp's per-frequency divisors come in

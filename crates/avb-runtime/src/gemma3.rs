@@ -19,27 +19,6 @@ fn windows_from_pattern(num_layers: usize, pattern: usize, window: usize) -> Vec
 }
 
 pub(crate) fn config_from_hf(c: &HfConfig) -> Result<ModelConfig> {
-    let shape = c.shape()?;
-    let window = c.opt_usize("sliding_window").unwrap_or(4096);
-    let windows = match c.v.get("layer_types").and_then(Value::as_array) {
-        Some(types) => types
-            .iter()
-            .map(|t| match t.as_str() {
-                Some("sliding_attention") => Ok(Some(window)),
-                Some("full_attention") => Ok(None),
-                other => Err(AvbError::corrupt(
-                    c.path,
-                    format!("unknown Gemma-3 layer type {other:?} in `layer_types`"),
-                )),
-            })
-            .collect::<Result<Vec<_>>>()?,
-        None => windows_from_pattern(
-            shape.num_layers,
-            c.opt_usize("sliding_window_pattern")
-                .unwrap_or(DEFAULT_PATTERN),
-            window,
-        ),
-    };
     // transformers 5 nests rope_parameters by layer type; older configs have rope_theta (+ rope_scaling, global
     // layers only) and rope_local_base_freq.
     let params = c.v.get("rope_parameters").filter(|p| !p.is_null());
@@ -58,15 +37,28 @@ pub(crate) fn config_from_hf(c: &HfConfig) -> Result<ModelConfig> {
             },
         ),
     };
+    let base = c.base(Family::Gemma3, rope, DEFAULT_CONTEXT)?;
+    let window = c.opt_usize("sliding_window").unwrap_or(4096);
+    let windows = match c.v.get("layer_types").and_then(Value::as_array) {
+        Some(types) => types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(Some(window)),
+                Some("full_attention") => Ok(None),
+                other => Err(AvbError::corrupt(
+                    c.path,
+                    format!("unknown Gemma-3 layer type {other:?} in `layer_types`"),
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?,
+        None => windows_from_pattern(
+            base.num_layers,
+            c.opt_usize("sliding_window_pattern")
+                .unwrap_or(DEFAULT_PATTERN),
+            window,
+        ),
+    };
     let scalar = c.f64_or("query_pre_attn_scalar", 256.0) as f32;
-    let base = ModelConfig::base(
-        Family::Gemma3,
-        shape,
-        c.f64_or("rms_norm_eps", 1e-6),
-        rope,
-        c.opt_usize("max_position_embeddings")
-            .unwrap_or(DEFAULT_CONTEXT),
-    );
     Ok(ModelConfig {
         qkv_bias: c.bool_or("attention_bias", false),
         tie_embeddings: c.bool_or("tie_word_embeddings", true),
@@ -80,22 +72,19 @@ pub(crate) fn config_from_hf(c: &HfConfig) -> Result<ModelConfig> {
 }
 
 pub(crate) fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
-    let shape = m.shape()?;
+    let base = m.base(
+        Family::Gemma3,
+        m.rope(DEFAULT_GLOBAL_THETA)?,
+        DEFAULT_CONTEXT,
+    )?;
     let window = m.opt_usize("attention.sliding_window").unwrap_or(4096);
     // llama.cpp's rule for the attention scale: Gemma-3 27B (62 layers) uses hidden / heads (= its
     // query_pre_attn_scalar, 168); the other sizes use head_dim (their query_pre_attn_scalar = head_dim).
-    let scalar = if shape.num_layers == 62 {
-        (shape.hidden_size / shape.num_heads) as f32
+    let scalar = if base.num_layers == 62 {
+        (base.hidden_size / base.num_heads) as f32
     } else {
-        shape.head_dim as f32
+        base.head_dim as f32
     };
-    let base = ModelConfig::base(
-        Family::Gemma3,
-        shape,
-        m.rms_eps(),
-        m.rope(DEFAULT_GLOBAL_THETA)?,
-        m.opt_usize("context_length").unwrap_or(DEFAULT_CONTEXT),
-    );
     Ok(ModelConfig {
         tie_embeddings: m.g.tensor("output.weight").is_none(),
         rope_local: Some(Rope {
@@ -104,7 +93,7 @@ pub(crate) fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
                 .unwrap_or(DEFAULT_LOCAL_THETA),
             scaling: RopeScaling::None,
         }),
-        windows: windows_from_pattern(shape.num_layers, DEFAULT_PATTERN, window),
+        windows: windows_from_pattern(base.num_layers, DEFAULT_PATTERN, window),
         attn_scale: scalar.powf(-0.5),
         attn_softcap: m.opt_f32("attn_logit_softcapping"),
         final_softcap: m.opt_f32("final_logit_softcapping"),

@@ -9,14 +9,11 @@ const DEFAULT_THETA: f32 = 10_000.0;
 const DEFAULT_CONTEXT: usize = 8192;
 
 pub(crate) fn config_from_hf(c: &HfConfig) -> Result<ModelConfig> {
-    let base = ModelConfig::base(
+    let base = c.base(
         Family::Llama,
-        c.shape()?,
-        c.f64_or("rms_norm_eps", 1e-6),
         c.rope(c.v.get("rope_parameters"), DEFAULT_THETA)?,
-        c.opt_usize("max_position_embeddings")
-            .unwrap_or(DEFAULT_CONTEXT),
-    );
+        DEFAULT_CONTEXT,
+    )?;
     Ok(ModelConfig {
         qkv_bias: c.bool_or("attention_bias", false),
         tie_embeddings: c.bool_or("tie_word_embeddings", false),
@@ -33,13 +30,7 @@ pub(crate) fn config_from_gguf(
     if let Some(d) = rope_divisors {
         rope.scaling = RopeScaling::Divisors(d);
     }
-    let base = ModelConfig::base(
-        Family::Llama,
-        m.shape()?,
-        m.rms_eps(),
-        rope,
-        m.opt_usize("context_length").unwrap_or(DEFAULT_CONTEXT),
-    );
+    let base = m.base(Family::Llama, rope, DEFAULT_CONTEXT)?;
     Ok(ModelConfig {
         qkv_bias: m.g.tensor("blk.0.attn_q.bias").is_some(),
         tie_embeddings: m.g.tensor("output.weight").is_none(),

@@ -569,15 +569,21 @@ impl Model {
             .inv_freq_local
             .as_ref()
             .map(|f| self.rope_tables(f, &pads, start, seq));
-        let full_mask = self.mask(&pads, start, seq, None);
+        // One mask per distinct window (Gemma-3's sliding layers all share one), built once per pass.
+        let mut masks: Vec<(Option<usize>, Tensor<4, Bool>)> = Vec::new();
         for layer in 0..=last {
             let window = self.blocks[layer].window;
-            let (tables, mask) = match window {
-                Some(_) => (
-                    local.as_ref().unwrap_or(&global),
-                    self.mask(&pads, start, seq, window),
-                ),
-                None => (&global, full_mask.clone()),
+            let mask = match masks.iter().find(|(w, _)| *w == window) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let m = self.mask(&pads, start, seq, window);
+                    masks.push((window, m.clone()));
+                    m
+                }
+            };
+            let tables = match window {
+                Some(_) => local.as_ref().unwrap_or(&global),
+                None => &global,
             };
             x = self.block(layer, x, tables, mask, &mut cache);
         }

@@ -14,14 +14,11 @@ pub(crate) fn config_from_hf(c: &HfConfig) -> Result<ModelConfig> {
             "Qwen2 with use_sliding_window = true (no released Qwen2.5 checkpoint uses it)",
         ));
     }
-    let base = ModelConfig::base(
+    let base = c.base(
         Family::Qwen2,
-        c.shape()?,
-        c.f64_or("rms_norm_eps", 1e-6),
         c.rope(c.v.get("rope_parameters"), DEFAULT_THETA)?,
-        c.opt_usize("max_position_embeddings")
-            .unwrap_or(DEFAULT_CONTEXT),
-    );
+        DEFAULT_CONTEXT,
+    )?;
     Ok(ModelConfig {
         qkv_bias: true,
         tie_embeddings: c.bool_or("tie_word_embeddings", false),
@@ -30,13 +27,7 @@ pub(crate) fn config_from_hf(c: &HfConfig) -> Result<ModelConfig> {
 }
 
 pub(crate) fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
-    let base = ModelConfig::base(
-        Family::Qwen2,
-        m.shape()?,
-        m.rms_eps(),
-        m.rope(DEFAULT_THETA)?,
-        m.opt_usize("context_length").unwrap_or(DEFAULT_CONTEXT),
-    );
+    let base = m.base(Family::Qwen2, m.rope(DEFAULT_THETA)?, DEFAULT_CONTEXT)?;
     Ok(ModelConfig {
         qkv_bias: true,
         tie_embeddings: m.g.tensor("output.weight").is_none(),
