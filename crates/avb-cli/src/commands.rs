@@ -533,7 +533,7 @@ pub fn open_kind(path: &Path, kind: &str) -> Result<Artifact> {
     Ok(art)
 }
 
-fn same_site(a: &Space, b: &Space) -> bool {
+pub fn same_site(a: &Space, b: &Space) -> bool {
     let model = |s: &Space| s.model.rsplit('/').next().unwrap_or("").to_lowercase();
     let known = |s: &Space| s.model != "unknown";
     (!known(a) || !known(b) || model(a) == model(b))

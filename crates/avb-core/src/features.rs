@@ -10,7 +10,7 @@ use crate::safetensors::{self, Header, TensorInfo};
 use std::path::{Path, PathBuf};
 
 pub struct FeatureSource {
-    /// `saelens`, `gemmascope`, `directions` or `mapped_features`.
+    /// `saelens`, `gemmascope`, `directions`, `mapped_features` or `concept_directions`.
     pub kind: String,
     /// The site the directions live in, when the files say (SAELens cfg, mapped tables).
     pub space: Option<Space>,
@@ -151,18 +151,28 @@ fn open_safetensors(path: &Path) -> Result<FeatureSource> {
     let header = Header::read(&src)?;
     if header.metadata.contains_key(crate::artifact::METADATA_KEY) {
         let art = Artifact::open(path)?;
-        let Body::MappedFeatures(m) = &art.meta.body else {
-            return Err(AvbError::unsupported(
+        let (space, labels, ids) = match &art.meta.body {
+            Body::MappedFeatures(m) => (
+                m.target.clone(),
+                m.labels.clone(),
+                Some(m.feature_ids.clone()),
+            ),
+            Body::ConceptDirections(m) => (
+                m.space.clone(),
+                Some(m.labels.iter().cloned().map(Some).collect()),
+                None,
+            ),
+            other => return Err(AvbError::unsupported(
                 path,
-                format!("an avbridge `{}` artifact is not a feature table; pass a mapped_features table, an SAE or a direction file", art.meta.body.kind()),
-            ));
+                format!("an avbridge `{}` artifact is not a feature table; pass a mapped_features or concept_directions table, an SAE or a direction file", other.kind()),
+            )),
         };
         let info = art.tensor_info("features")?.clone();
         return Ok(FeatureSource {
-            kind: "mapped_features".into(),
-            space: Some(m.target.clone()),
-            labels: m.labels.clone(),
-            ids: Some(m.feature_ids.clone()),
+            kind: art.meta.body.kind().into(),
+            space: Some(space),
+            labels,
+            ids,
             file: path.to_path_buf(),
             src: Box::new(src),
             info,

@@ -22,6 +22,8 @@ pub struct Artefact {
     pub layer: Option<usize>,
     pub packages: Vec<String>,
     pub files: Vec<ArtefactFile>,
+    /// Shipped as a whole checkpoint directory (an embedder): loaders open the directory.
+    pub is_directory: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -76,6 +78,7 @@ pub fn artefacts() -> Vec<Artefact> {
                         .collect()
                 })
                 .unwrap_or_default(),
+            is_directory: a.get("copy_dir").is_some(),
         })
         .collect()
 }
@@ -97,7 +100,12 @@ impl Artefact {
     }
 
     /// The artefact's main file (the GGUF of a decoder).
+    /// What a loader opens: the checkpoint directory of an artefact shipped as a directory (an embedder),
+    /// otherwise its first file (a GGUF, a corpus).
     pub fn main_file(&self, cache: &Path) -> PathBuf {
+        if self.is_directory {
+            return self.dir(cache);
+        }
         let first = self.files.first().map_or("", |f| f.name.as_str());
         self.dir(cache).join(first)
     }
@@ -153,7 +161,7 @@ pub fn fetch(names: &[String], cache: &Path) -> Result<()> {
     result
 }
 
-/// The main file of artefact `name`, fetched first when it is not cached.
+/// The main file (or checkpoint directory) of artefact `name`, fetched first when it is not cached.
 pub fn ensure(name: &str) -> Result<PathBuf> {
     let cache = cache_dir();
     let a = find(name)?;

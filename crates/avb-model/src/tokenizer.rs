@@ -327,6 +327,37 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Truncate encodings to `max_length` tokens (special tokens included) and never pad: what
+    /// sentence-transformers asks of an encoder's tokenizer, whatever tokenizer.json itself says.
+    pub fn set_max_length(&mut self, max_length: usize) -> Result<()> {
+        self.inner
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length,
+                ..Default::default()
+            }))
+            .map_err(|e| AvbError::Invalid(format!("cannot set truncation: {e}")))?;
+        self.inner.with_padding(None);
+        Ok(())
+    }
+
+    /// The id of a token spelled exactly `token` (a special token such as `<end_of_turn>`, or a vocabulary entry).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Ids that end a generated turn: EOS and the chat formats' end-of-turn tokens present in the vocabulary.
+    pub fn end_of_turn_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.eos.into_iter().collect();
+        for t in ["<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"] {
+            if let Some(id) = self.token_id(t) {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, false)

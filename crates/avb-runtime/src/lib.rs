@@ -4,6 +4,7 @@
 //! Families, one file each: [`qwen2`], [`llama`], [`gemma3`]. Weights come from GGUF or Hugging Face
 //! checkpoints ([`weights`]); [`model`] holds the shared decoder with capture and injection.
 
+pub mod bert;
 pub mod capture;
 pub mod config;
 pub mod gemma3;
@@ -14,6 +15,7 @@ pub mod model;
 pub mod qwen2;
 pub mod weights;
 
+pub use bert::SentenceEmbedder;
 pub use burn::tensor::Device;
 pub use config::{Family, ModelConfig};
 pub use generate::{generate, Control, Finish, GenerateOptions, Generation, Sampling};

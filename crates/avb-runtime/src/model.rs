@@ -12,16 +12,20 @@ use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype
 use burn::tensor::{activation, module, Bool, Device, Int, Tensor, TensorData};
 use std::path::Path;
 
-/// One sequence: token ids, and vectors that replace the input embedding at given positions.
+/// One sequence: token ids, and vectors that replace the residual stream at given positions.
 #[derive(Clone, Debug, Default)]
 pub struct Input {
     pub ids: Vec<u32>,
     pub injections: Vec<Injection>,
 }
 
+/// `vector` replaces the residual stream at `position` at the input of block `layer`: layer 0 is the input
+/// embedding (the NLA protocol; for Gemma the vector is not scaled by sqrt(d)), a later layer is a residual patch
+/// (Patchscopes / SelfIE style, used by zero-shot verbalizer profiles).
 #[derive(Clone, Debug)]
 pub struct Injection {
     pub position: usize,
+    pub layer: usize,
     pub vector: Vec<f32>,
 }
 
@@ -320,8 +324,8 @@ impl Model {
         Ok((rows, pads))
     }
 
-    /// Input embeddings of padded rows, with injected vectors (unscaled) in place of the scaled embedding.
-    fn embed(&self, rows: &[Vec<u32>], pads: &[usize], inputs: &[Input]) -> Result<Tensor<3>> {
+    /// Input embeddings of padded rows (scaled where the family scales them).
+    fn embed(&self, rows: &[Vec<u32>]) -> Result<Tensor<3>> {
         let (b, t) = (rows.len(), rows[0].len());
         let vocab = self.config.vocab_size;
         let mut flat = Vec::with_capacity(b * t);
@@ -334,10 +338,15 @@ impl Model {
             flat.push(*id as i64);
         }
         let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(flat, [b, t]), &self.device);
-        let mut x = module::embedding(self.embed.clone(), ids);
-        if let Some(s) = self.embed_scale {
-            x = x * s;
-        }
+        let x = module::embedding(self.embed.clone(), ids);
+        Ok(match self.embed_scale {
+            Some(s) => x * s,
+            None => x,
+        })
+    }
+
+    /// Check every injection before any work: dimension, position, layer, finite values.
+    fn check_injections(&self, inputs: &[Input]) -> Result<()> {
         let d = self.config.hidden_size;
         for (row, input) in inputs.iter().enumerate() {
             for inj in &input.injections {
@@ -358,6 +367,13 @@ impl Model {
                         input.ids.len()
                     )));
                 }
+                if inj.layer >= self.config.num_layers {
+                    return Err(AvbError::Invalid(format!(
+                        "injection at the input of block {}: the model has blocks 0..={}",
+                        inj.layer,
+                        self.config.num_layers - 1
+                    )));
+                }
                 if let Some(i) = inj.vector.iter().position(|v| !v.is_finite()) {
                     return Err(AvbError::NonFinite {
                         what: "injected vector".into(),
@@ -365,13 +381,29 @@ impl Model {
                         col: i,
                     });
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replace the residual rows that `inputs` inject at the input of block `layer`.
+    fn inject(
+        &self,
+        mut x: Tensor<3>,
+        pads: &[usize],
+        inputs: &[Input],
+        layer: usize,
+    ) -> Tensor<3> {
+        let d = self.config.hidden_size;
+        for (row, input) in inputs.iter().enumerate() {
+            for inj in input.injections.iter().filter(|i| i.layer == layer) {
                 let at = pads[row] + inj.position;
                 let v: Tensor<3> =
                     Tensor::from_data(TensorData::new(inj.vector.clone(), [1, 1, d]), &self.device);
                 x = x.slice_assign([row..row + 1, at..at + 1, 0..d], v);
             }
         }
-        Ok(x)
+        x
     }
 
     /// cos and sin, [batch, 1, seq, head_dim], for cache indices start..start + seq.
@@ -558,12 +590,13 @@ impl Model {
                 self.config.max_positions
             )));
         }
-        let pads_for_embed: Vec<usize> = if start == 0 {
+        self.check_injections(inputs)?;
+        let pads_for_inject: Vec<usize> = if start == 0 {
             pads.clone()
         } else {
             vec![0; pads.len()]
         };
-        let mut x = self.embed(&rows, &pads_for_embed, inputs)?;
+        let mut x = self.embed(&rows)?;
         let global = self.rope_tables(&self.inv_freq, &pads, start, seq);
         let local = self
             .inv_freq_local
@@ -585,12 +618,24 @@ impl Model {
                 Some(_) => local.as_ref().unwrap_or(&global),
                 None => &global,
             };
+            x = self.inject(x, &pads_for_inject, inputs, layer);
             x = self.block(layer, x, tables, mask, &mut cache);
         }
         if let Some(c) = cache {
             c.len = start + seq;
         }
         Ok(x)
+    }
+
+    /// The residual stream at the input of block `layer`, [batch, seq, hidden]: the (scaled) input embeddings
+    /// with layer-0 injections in place for layer 0, else the output of block layer - 1.
+    pub fn residual_at_input(&self, inputs: &[Input], layer: usize) -> Result<Tensor<3>> {
+        if layer == 0 {
+            self.check_injections(inputs)?;
+            let (rows, pads) = self.pad(inputs)?;
+            return Ok(self.inject(self.embed(&rows)?, &pads, inputs, 0));
+        }
+        self.forward_to(inputs, layer - 1, None)
     }
 
     /// Final norm, LM head and final soft-capping of hidden states [batch, seq, hidden] -> logits.

@@ -116,18 +116,21 @@ fn bad_requests_are_refused_with_the_reason() {
     );
     let mut wrong_dim = ids.clone();
     wrong_dim.injections.push(Injection {
+        layer: 0,
         position: 1,
         vector: vec![0.5; c.hidden_size + 1],
     });
     assert_mentions(&err(model.logits(&[wrong_dim])), "hidden size");
     let mut past_end = ids.clone();
     past_end.injections.push(Injection {
+        layer: 0,
         position: 4,
         vector: vec![0.5; c.hidden_size],
     });
     assert_mentions(&err(model.logits(&[past_end])), "position 4");
     let mut nan = ids;
     nan.injections.push(Injection {
+        layer: 0,
         position: 1,
         vector: vec![f32::NAN; c.hidden_size],
     });

@@ -81,6 +81,7 @@ fn check_family(family: &str) {
         .iter()
         .enumerate()
         .map(|(i, &position)| Injection {
+            layer: 0,
             position,
             vector: vectors[i * vshape[1]..(i + 1) * vshape[1]].to_vec(),
         })
