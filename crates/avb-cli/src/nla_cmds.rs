@@ -8,7 +8,8 @@ use crate::commands::{
 };
 use crate::runtime_cmds::{self, device, CaptureArgs, DeviceArg, PrecisionArg};
 use avb_core::artifact::{
-    self, file_name, file_sha256, Artifact, Body, ConceptDirectionsMeta, NamedTensor, Space,
+    self, file_name, file_sha256, Artifact, Body, ConceptDirectionsMeta, NamedTensor, RidgeMapMeta,
+    Space, WashoutMeta,
 };
 use avb_core::directions::concept_directions;
 use avb_core::features::FeatureSource;
@@ -22,6 +23,7 @@ use avb_nla::explain::{
     self, AvInfo, Condition, Feature, FileRef, Job, PlanInputs, Record, RecordWriter, Settings,
 };
 use avb_nla::profiles::{make_profile, ProfileOptions};
+use avb_nla::reconstructor::{ar_scores, Reconstructor};
 use avb_nla::{ExplainOptions, Verbalizer};
 use avb_runtime::capture::{capture, CaptureOptions};
 use avb_runtime::{loader, Sampling, SentenceEmbedder};
@@ -432,16 +434,22 @@ fn space_of_av(av: &Verbalizer) -> Space {
     }
 }
 
-pub fn explain_cmd(a: ExplainArgs) -> Result<()> {
-    let conditions = parse_list(&a.conditions, Condition::parse)?;
-    let weights = parse_list(&a.washout_weights, |w| {
-        w.parse::<f64>()
-            .ok()
-            .filter(|w| w.is_finite() && *w >= 0.0)
-            .ok_or_else(|| AvbError::Invalid(format!("washout weight `{w}` is not a number >= 0")))
-    })?;
-    let feats = FeatureSource::open(&a.features, None)?;
-    let rows = match &a.ids {
+/// Features (selected rows), map and washout of an explanation run, checked against each other.
+struct ExplainInputs {
+    feats: FeatureSource,
+    features: Vec<Feature>,
+    map: Option<(AffineMap, RidgeMapMeta, FileRef)>,
+    washout: Option<(Vec<f32>, WashoutMeta, FileRef)>,
+}
+
+fn load_inputs(
+    features_path: &Path,
+    ids: Option<&str>,
+    map_path: Option<&Path>,
+    washout_path: Option<&Path>,
+) -> Result<ExplainInputs> {
+    let feats = FeatureSource::open(features_path, None)?;
+    let rows = match ids {
         Some(s) => parse_ids(s, feats.len())?,
         None => (0..feats.len()).collect(),
     };
@@ -455,7 +463,7 @@ pub fn explain_cmd(a: ExplainArgs) -> Result<()> {
             })
         })
         .collect::<Result<_>>()?;
-    let map = match &a.map {
+    let map = match map_path {
         Some(p) => {
             let art = open_kind(p, "ridge_map")?;
             let Body::RidgeMap(mm) = art.meta.body.clone() else {
@@ -463,7 +471,7 @@ pub fn explain_cmd(a: ExplainArgs) -> Result<()> {
             };
             if mm.source.d != feats.d() {
                 return Err(AvbError::dimension(
-                    format!("features {}", a.features.display()),
+                    format!("features {}", features_path.display()),
                     format!(
                         "rows of d = {} but the map {} reads d = {}",
                         feats.d(),
@@ -491,7 +499,7 @@ pub fn explain_cmd(a: ExplainArgs) -> Result<()> {
         }
         None => None,
     };
-    let washout = match &a.washout {
+    let washout = match washout_path {
         Some(p) => {
             let art: Artifact = open_kind(p, "washout")?;
             let Body::Washout(wm) = art.meta.body.clone() else {
@@ -511,6 +519,33 @@ pub fn explain_cmd(a: ExplainArgs) -> Result<()> {
         }
         None => None,
     };
+    Ok(ExplainInputs {
+        feats,
+        features,
+        map,
+        washout,
+    })
+}
+
+pub fn explain_cmd(a: ExplainArgs) -> Result<()> {
+    let conditions = parse_list(&a.conditions, Condition::parse)?;
+    let weights = parse_list(&a.washout_weights, |w| {
+        w.parse::<f64>()
+            .ok()
+            .filter(|w| w.is_finite() && *w >= 0.0)
+            .ok_or_else(|| AvbError::Invalid(format!("washout weight `{w}` is not a number >= 0")))
+    })?;
+    let ExplainInputs {
+        feats,
+        features,
+        map,
+        washout,
+    } = load_inputs(
+        &a.features,
+        a.ids.as_deref(),
+        a.map.as_deref(),
+        a.washout.as_deref(),
+    )?;
     let dev = device(a.device)?;
     let precision = precision_of(a.precision);
     let open_av = |spec: &Option<String>, role: &str| -> Result<Option<Verbalizer>> {
@@ -686,6 +721,128 @@ pub struct EvalArgs {
     /// Title of the report.
     #[arg(long, default_value = "Explanation evaluation")]
     pub title: String,
+    /// AR checkpoint of the source model's NLA pair: scores the native explanations by reconstruction.
+    #[arg(long)]
+    pub source_ar: Option<PathBuf>,
+    /// AR checkpoint of the target model's NLA pair: scores the cross explanations by reconstruction.
+    #[arg(long)]
+    pub target_ar: Option<PathBuf>,
+    /// The features, map and washout the explanations were made from (for AR scores: the verbalized vectors
+    /// are rebuilt from them and checked against the hashes in the records).
+    #[arg(long)]
+    pub features: Option<PathBuf>,
+    #[arg(long)]
+    pub map: Option<PathBuf>,
+    #[arg(long)]
+    pub washout: Option<PathBuf>,
+}
+
+/// Rebuild the verbalized vectors and add AR reconstruction scores for the arms an AR is given for.
+fn ar_scores_cmd(a: &EvalArgs, records: &[Record], ev: &mut Evaluation) -> Result<()> {
+    let Some(settings) = records.first().map(|r| &r.settings) else {
+        return Ok(());
+    };
+    let features = a.features.as_deref().ok_or_else(|| {
+        AvbError::Invalid("AR scores need --features (and --map / --washout for cross conditions): the vectors that were verbalized".into())
+    })?;
+    let inputs = load_inputs(features, None, a.map.as_deref(), a.washout.as_deref())?;
+    let same = |given: Option<&FileRef>, recorded: Option<&FileRef>, what: &str| -> Result<()> {
+        match (given, recorded) {
+            (Some(g), Some(r)) if g.sha256 != r.sha256 => Err(AvbError::Invalid(format!(
+                "the {what} given ({}, sha256 {}) is not the one the explanations were made from ({}, sha256 {})",
+                g.file, g.sha256, r.file, r.sha256
+            ))),
+            _ => Ok(()),
+        }
+    };
+    same(
+        Some(&file_ref(&inputs.feats.file)?),
+        Some(&settings.features),
+        "features file",
+    )?;
+    same(
+        inputs.map.as_ref().map(|m| &m.2),
+        settings.map.as_ref(),
+        "map",
+    )?;
+    same(
+        inputs.washout.as_ref().map(|w| &w.2),
+        settings.washout.as_ref(),
+        "washout",
+    )?;
+    let mut conditions: Vec<Condition> = records.iter().map(|r| r.condition).collect();
+    conditions.sort();
+    conditions.dedup();
+    let mut weights: Vec<f64> = records.iter().filter_map(|r| r.washout_weight).collect();
+    weights.sort_by(f64::total_cmp);
+    weights.dedup();
+    let jobs = explain::plan(&PlanInputs {
+        features: &inputs.features,
+        conditions: &conditions,
+        map: inputs.map.as_ref().map(|m| &m.0),
+        washout: inputs.washout.as_ref().map(|w| w.0.as_slice()),
+        washout_weights: &weights,
+        n_random: settings.n_random,
+        random_seed: settings.random_seed,
+    })?;
+    let vectors: std::collections::BTreeMap<String, &Vec<f32>> =
+        jobs.iter().map(|j| (j.key(), &j.vector)).collect();
+    let dev = avb_runtime::Device::flex();
+    let open = |p: &Option<PathBuf>| -> Result<Option<Reconstructor>> {
+        p.as_deref()
+            .map(|p| Reconstructor::open(p, &dev, avb_runtime::Precision::F32))
+            .transpose()
+    };
+    let (source_ar, target_ar) = (open(&a.source_ar)?, open(&a.target_ar)?);
+    let opts = EvalOptions {
+        ci_level: 0.95,
+        resamples: a.bootstrap,
+        seed: a.seed,
+    };
+    let arms: Vec<Arm> = ev
+        .arms
+        .iter()
+        .map(|(arm, _)| arm.clone())
+        .filter(|arm| !arm.condition.is_random())
+        .collect();
+    for arm in arms {
+        let ar = if arm.condition.uses_source_av() {
+            &source_ar
+        } else {
+            &target_ar
+        };
+        let Some(ar) = ar else { continue };
+        let recs: Vec<&Record> = ev
+            .feature_ids
+            .iter()
+            .filter_map(|id| {
+                records.iter().find(|r| {
+                    &r.feature_id == id
+                        && r.condition == arm.condition
+                        && r.washout_weight == arm.washout_weight
+                })
+            })
+            .collect();
+        let mut gold = Vec::new();
+        for r in &recs {
+            let v = vectors.get(&r.key()).ok_or_else(|| {
+                AvbError::Invalid(format!(
+                    "no vector for {} {} (were the explanations made from these files?)",
+                    r.condition.name(),
+                    r.feature_id
+                ))
+            })?;
+            gold.extend_from_slice(v);
+        }
+        let texts: Vec<String> = recs.iter().map(|r| r.explanation.clone()).collect();
+        let pb = spinner(&format!("AR reconstruction of {}", arm.name()));
+        let pred = ar.predict(&texts, 16)?;
+        pb.finish_and_clear();
+        let gold = Matrix::new(recs.len(), pred.cols, gold);
+        let scores = ar_scores(&pred, &gold, ar.meta.mse_scale())?;
+        eval::add_ar_scores(ev, &arm, &scores, &opts);
+    }
+    Ok(())
 }
 
 fn open_embedder(spec: &str) -> Result<SentenceEmbedder> {
@@ -722,7 +879,10 @@ pub fn evaluate_file(
 }
 
 pub fn eval_cmd(a: EvalArgs) -> Result<()> {
-    let (records, ev) = evaluate_file(&a.explanations, &a.embedder, a.bootstrap, a.seed)?;
+    let (records, mut ev) = evaluate_file(&a.explanations, &a.embedder, a.bootstrap, a.seed)?;
+    if a.source_ar.is_some() || a.target_ar.is_some() {
+        ar_scores_cmd(&a, &records, &mut ev)?;
+    }
     std::fs::create_dir_all(&a.output).map_err(|e| AvbError::io(&a.output, e))?;
     let report = write_report(&a.output, &a.title, "", &records, &ev, &a.explanations)?;
     print!("{}", summary_table(&ev));
@@ -738,13 +898,15 @@ fn fmt_p(p: f64) -> String {
     }
 }
 
-const HEADLINE: [&str; 6] = [
+const HEADLINE: [&str; 8] = [
     "lift",
     "control-lift",
     "label-cosine",
     "label-cosine-last",
     "label-lift",
     "label-control-lift",
+    "ar-cosine",
+    "ar-fve",
 ];
 
 fn summary_table(ev: &Evaluation) -> String {
@@ -863,7 +1025,7 @@ pub fn write_report(
     }
     let _ = writeln!(
         md,
-        "\n## Scores\n\n`lift`: cos(C_i, B_i) - mean over j != i of cos(C_i, B_j), B = native explanations. `control-lift`: cos(C_i, B_i) - mean over random-direction controls R of cos(R, B_i). `label-cosine`: cos(explanation, label); `-last`: the last paragraph only. `label-lift`: the lift formula with labels in place of native explanations; `label-control-lift`: against the random controls' label cosines.\n"
+        "\n## Scores\n\n`lift`: cos(C_i, B_i) - mean over j != i of cos(C_i, B_j), B = native explanations. `control-lift`: cos(C_i, B_i) - mean over random-direction controls R of cos(R, B_i). `label-cosine`: cos(explanation, label); `-last`: the last paragraph only. `label-lift`: the lift formula with labels in place of native explanations; `label-control-lift`: against the random controls' label cosines. `ar-cosine` / `ar-fve` (when an AR is given): the AR's reconstruction of the explanation against the verbalized vector.\n"
     );
     md.push_str(&summary_table(ev));
     for (arm, metric, why) in &ev.skipped {

@@ -727,6 +727,33 @@ fn explain_and_eval_on_tiny_verbalizers() {
         .starts_with("<svg"));
     assert!(report.join("sweep.svg").exists());
 
+    // AR scores of the cross explanations (the tiny qwen2 AR reads the target space), from the same inputs.
+    let ar_args = |map: &Path| {
+        vec![
+            "eval".to_string(),
+            "--explanations".into(),
+            s(&out).into(),
+            "-o".into(),
+            s(&p("report_ar")).into(),
+            "--bootstrap".into(),
+            "200".into(),
+            "--target-ar".into(),
+            nla_fixture("qwen2-ar"),
+            "--features".into(),
+            s(&p("features.npy")).into(),
+            "--map".into(),
+            s(map).into(),
+            "--washout".into(),
+            s(&p("washout.safetensors")).into(),
+        ]
+    };
+    let a1 = ar_args(&p("map.safetensors"));
+    let stdout = ok(&a1.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        stdout.contains("ar-cosine") && stdout.contains("ar-fve"),
+        "{stdout}"
+    );
+
     // Bad input: features of the wrong dimension for the map, a map whose target is not the AV's site.
     write_npy(&p("wide.npy"), 3, 65, 4);
     let mut bad = args.clone();
@@ -759,4 +786,29 @@ fn explain_and_eval_on_tiny_verbalizers() {
     let argv4: Vec<&str> = bad.iter().map(String::as_str).collect();
     fails(&argv4, "the map targets qwen2-av L3");
     assert!(!p("bad.jsonl").exists());
+    // AR scores from a map other than the one the explanations were made with (same sites, another lambda).
+    ok(&[
+        "fit-map",
+        "--source",
+        s(&p("src.npy")),
+        "--target",
+        s(&p("tgt.npy")),
+        "-o",
+        s(&p("map_b.safetensors")),
+        "--lambda",
+        "20",
+        "--source-model",
+        "gemma3-av",
+        "--source-layer",
+        "2",
+        "--target-model",
+        "qwen2-av",
+        "--target-layer",
+        "2",
+    ]);
+    let a2 = ar_args(&p("map_b.safetensors"));
+    fails(
+        &a2.iter().map(String::as_str).collect::<Vec<_>>(),
+        "not the one the explanations were made from",
+    );
 }

@@ -244,6 +244,32 @@ pub fn evaluate(
     })
 }
 
+/// Add the AR's reconstruction scores of one arm (values in feature order): `ar-cosine` and `ar-fve`.
+pub fn add_ar_scores(
+    ev: &mut Evaluation,
+    arm: &Arm,
+    scores: &[crate::reconstructor::ArScore],
+    opts: &EvalOptions,
+) {
+    for (metric, values) in [
+        (
+            "ar-cosine",
+            scores.iter().map(|s| s.cosine).collect::<Vec<_>>(),
+        ),
+        ("ar-fve", scores.iter().map(|s| s.fve).collect()),
+    ] {
+        match stats::summarize(&values, opts.ci_level, opts.resamples, opts.seed) {
+            Ok(summary) => ev.scores.push(Scored {
+                arm: arm.clone(),
+                metric: metric.into(),
+                summary,
+                values,
+            }),
+            Err(e) => ev.skipped.push((arm.name(), metric.into(), e.to_string())),
+        }
+    }
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter()
         .zip(b)
