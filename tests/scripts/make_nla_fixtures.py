@@ -11,7 +11,8 @@ Writes, under <out>:
               with special tokens would double the BOS), Gemma's turn template, placeholder U+321C, scale 80000
   qwen2-ar/   Qwen2-shaped model + value_head.safetensors, nla_meta.yaml (role ar, K = 2)
   golden.json + golden.safetensors: for each AV the prompt ids, the placeholder sites, the input embeddings with
-  the rescaled vector in place (inputs_embeds of the reference), the last-position logits and 8 greedy tokens;
+  the rescaled vector in place (inputs_embeds of the reference), the last-position logits and 8 greedy tokens, and
+  the same with the vector patched into the residual stream at the input of block 2 (zero-shot profiles' site);
   for the AR the input ids of three explanations, the predicted vectors, and cosine / nMSE / FVE against gold.
 """
 
@@ -30,6 +31,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, models, pre_tokenizers, decoders, processors, trainers
 
 SEED = 4321
+PATCH_LAYER = 2
 VOCAB = 512
 AV_TEMPLATE_NOTE = "the NLA default AV template (nla-protocol.md)"
 AV_TEMPLATE = (
@@ -152,8 +154,24 @@ def ref_av(model, tok, meta: dict, vector: torch.Tensor, n_new: int) -> dict:
         logits = model(inputs_embeds=embeds).logits[0, -1]
         out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              max_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+        # A zero-shot profile's residual patch: the same vector replaces the residual stream at the input of
+        # block PATCH_LAYER (a forward pre-hook on that decoder layer), on the ordinary embeddings.
+        def patch(_module, args, kwargs):
+            hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+            if hidden.shape[1] == len(ids):  # the prefill pass only
+                hidden[0, sites[0]] = v
+            if args:
+                return (hidden, *args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+        handle = model.model.layers[PATCH_LAYER].register_forward_pre_hook(patch, with_kwargs=True)
+        patched_logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        patched = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n_new, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+        handle.remove()
     return {"ids": torch.tensor(ids), "sites": torch.tensor(sites), "inputs_embeds": embeds[0],
-            "vector": vector.float(), "last_logits": logits, "greedy": out[0, -n_new:]}
+            "vector": vector.float(), "last_logits": logits, "greedy": out[0, -n_new:],
+            "patched_last_logits": patched_logits, "patched_greedy": patched[0, -n_new:]}
 
 
 def ref_ar(model, value_head, tok, meta: dict, explanations: list[str], gold: np.ndarray) -> dict:

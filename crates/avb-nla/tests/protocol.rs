@@ -73,8 +73,29 @@ fn check_av(name: &str) {
         sampling: Sampling::Greedy,
         stop_ids: vec![],
     };
-    let got = generate(&av.lm.model, &[input], &opts, &mut |_, _| Control::Continue).unwrap();
+    let got = generate(&av.lm.model, &[input.clone()], &opts, &mut |_, _| {
+        Control::Continue
+    })
+    .unwrap();
     assert_eq!(got[0].ids, want_greedy, "{name}: greedy tokens");
+    // The zero-shot profiles' site: the same vector patched into the residual stream at the input of block 2
+    // (the reference uses a forward pre-hook on that decoder layer).
+    let mut patched = input;
+    patched.injections[0].layer = 2;
+    let logits = to_vec(av.lm.model.logits(std::slice::from_ref(&patched)).unwrap()).unwrap();
+    let (want_logits, _) = g.f32s(&format!("{name}.patched_last_logits"));
+    let err = row_errors(&logits[logits.len() - v..], &want_logits, v)[0];
+    println!("{name}: residual patch at block 2, last logits rel err {err:.2e}");
+    assert!(err < 1e-4, "{name}: patched logits rel err {err}");
+    let got = generate(&av.lm.model, &[patched], &opts, &mut |_, _| {
+        Control::Continue
+    })
+    .unwrap();
+    assert_eq!(
+        got[0].ids,
+        g.ids(&format!("{name}.patched_greedy")),
+        "{name}: patched greedy tokens"
+    );
 }
 
 #[test]
