@@ -573,6 +573,30 @@ fn nla_fixture(name: &str) -> String {
         .to_string()
 }
 
+/// A map from the gemma3-av fixture's space (block 2) to qwen2-av's block `target_layer`, on random rows.
+fn fit_tiny_map(out: &Path, lambda: &str, target_layer: &str) {
+    let dir = out.parent().unwrap();
+    ok(&[
+        "fit-map",
+        "--source",
+        s(&dir.join("src.npy")),
+        "--target",
+        s(&dir.join("tgt.npy")),
+        "-o",
+        s(out),
+        "--lambda",
+        lambda,
+        "--source-model",
+        "gemma3-av",
+        "--source-layer",
+        "2",
+        "--target-model",
+        "qwen2-av",
+        "--target-layer",
+        target_layer,
+    ]);
+}
+
 /// explain -> resume -> eval on the tiny NLA checkpoints (gemma3-av explains its own features, qwen2-av the
 /// mapped ones), and the explain-time checks of maps, washouts and feature dimensions.
 #[test]
@@ -587,25 +611,7 @@ fn explain_and_eval_on_tiny_verbalizers() {
         r#"["war and battles", "cooking", "music", "religion"]"#,
     )
     .unwrap();
-    ok(&[
-        "fit-map",
-        "--source",
-        s(&p("src.npy")),
-        "--target",
-        s(&p("tgt.npy")),
-        "-o",
-        s(&p("map.safetensors")),
-        "--lambda",
-        "10",
-        "--source-model",
-        "gemma3-av",
-        "--source-layer",
-        "2",
-        "--target-model",
-        "qwen2-av",
-        "--target-layer",
-        "2",
-    ]);
+    fit_tiny_map(&p("map.safetensors"), "10", "2");
     ok(&[
         "washout",
         "--activations",
@@ -761,25 +767,7 @@ fn explain_and_eval_on_tiny_verbalizers() {
     bad[18] = s(&p("bad.jsonl")).into();
     let argv3: Vec<&str> = bad.iter().map(String::as_str).collect();
     fails(&argv3, "d = 65");
-    ok(&[
-        "fit-map",
-        "--source",
-        s(&p("src.npy")),
-        "--target",
-        s(&p("tgt.npy")),
-        "-o",
-        s(&p("map_l3.safetensors")),
-        "--lambda",
-        "10",
-        "--source-model",
-        "gemma3-av",
-        "--source-layer",
-        "2",
-        "--target-model",
-        "qwen2-av",
-        "--target-layer",
-        "3",
-    ]);
+    fit_tiny_map(&p("map_l3.safetensors"), "10", "3");
     let mut bad = args.clone();
     bad[8] = s(&p("map_l3.safetensors")).into();
     bad[18] = s(&p("bad.jsonl")).into();
@@ -787,25 +775,7 @@ fn explain_and_eval_on_tiny_verbalizers() {
     fails(&argv4, "the map targets qwen2-av L3");
     assert!(!p("bad.jsonl").exists());
     // AR scores from a map other than the one the explanations were made with (same sites, another lambda).
-    ok(&[
-        "fit-map",
-        "--source",
-        s(&p("src.npy")),
-        "--target",
-        s(&p("tgt.npy")),
-        "-o",
-        s(&p("map_b.safetensors")),
-        "--lambda",
-        "20",
-        "--source-model",
-        "gemma3-av",
-        "--source-layer",
-        "2",
-        "--target-model",
-        "qwen2-av",
-        "--target-layer",
-        "2",
-    ]);
+    fit_tiny_map(&p("map_b.safetensors"), "20", "2");
     let a2 = ar_args(&p("map_b.safetensors"));
     fails(
         &a2.iter().map(String::as_str).collect::<Vec<_>>(),

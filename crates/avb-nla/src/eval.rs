@@ -284,6 +284,14 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// An SVG document of w x h with a title line (closed by the caller).
+fn svg_open(w: f64, h: f64, title: &str) -> String {
+    format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><text x="10" y="20" font-size="14">{}</text>"#,
+        esc(title)
+    )
+}
+
 /// Per-feature values of the chosen metrics as strips of dots with the mean and its t CI: one row per (arm,
 /// metric).
 pub fn strip_plot_svg(title: &str, rows: &[&Scored]) -> String {
@@ -295,16 +303,7 @@ pub fn strip_plot_svg(title: &str, rows: &[&Scored]) -> String {
     lo -= pad;
     hi += pad;
     let x = |v: f64| left + (v - lo) / (hi - lo) * (w - left - right);
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = write!(
-        s,
-        r#"<text x="10" y="20" font-size="14">{}</text>"#,
-        esc(title)
-    );
+    let mut s = svg_open(w, h, title);
     let _ = write!(
         s,
         r##"<line x1="{0:.1}" y1="{top}" x2="{0:.1}" y2="{1:.1}" stroke="#999" stroke-dasharray="4 3"/>"##,
@@ -370,16 +369,7 @@ pub fn sweep_svg(title: &str, series: &[(String, Vec<(f64, &Summary)>)]) -> Stri
     let colors = [
         "#4477aa", "#cc3311", "#228833", "#aa3377", "#ee7733", "#66ccee",
     ];
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = write!(
-        s,
-        r#"<text x="10" y="20" font-size="14">{}</text>"#,
-        esc(title)
-    );
+    let mut s = svg_open(w, h, title);
     let _ = write!(
         s,
         r##"<line x1="{left}" y1="{0:.1}" x2="{1:.1}" y2="{0:.1}" stroke="#999" stroke-dasharray="4 3"/>"##,
