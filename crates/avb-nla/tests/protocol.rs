@@ -73,9 +73,12 @@ fn check_av(name: &str) {
         sampling: Sampling::Greedy,
         stop_ids: vec![],
     };
-    let got = generate(&av.lm.model, &[input.clone()], &opts, &mut |_, _| {
-        Control::Continue
-    })
+    let got = generate(
+        &av.lm.model,
+        std::slice::from_ref(&input),
+        &opts,
+        &mut |_, _| Control::Continue,
+    )
     .unwrap();
     assert_eq!(got[0].ids, want_greedy, "{name}: greedy tokens");
     // The zero-shot profiles' site: the same vector patched into the residual stream at the input of block 2
