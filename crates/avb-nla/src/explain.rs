@@ -262,6 +262,7 @@ pub struct Settings {
     pub temperature: f32,
     pub top_p: f32,
     pub seed: u64,
+    /// The token budget given on the command line; 0 = each verbalizer's own (its sidecar, pinned by the hash).
     pub max_new_tokens: usize,
     pub n_random: usize,
     pub random_seed: u64,
