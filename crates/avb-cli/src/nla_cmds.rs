@@ -407,7 +407,12 @@ fn parse_ids(s: &str, n: usize) -> Result<Vec<usize>> {
     };
     let ids: Vec<usize> = if let Some((a, b)) = s.split_once("..") {
         let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-        (a..b.min(n)).collect()
+        if b > n || a > b {
+            return Err(AvbError::Invalid(format!(
+                "--ids {s}: the source has features 0..{n}"
+            )));
+        }
+        (a..b).collect()
     } else {
         parse_list(s, |x| x.parse().map_err(|_| bad()))?
     };
@@ -528,6 +533,11 @@ fn load_inputs(
 }
 
 pub fn explain_cmd(a: ExplainArgs) -> Result<()> {
+    if a.max_new_tokens == Some(0) {
+        return Err(AvbError::Invalid(
+            "--max-new-tokens 0 would write empty explanations; leave it out for the verbalizer's own budget".into(),
+        ));
+    }
     let conditions = parse_list(&a.conditions, Condition::parse)?;
     let weights = parse_list(&a.washout_weights, |w| {
         w.parse::<f64>()
@@ -557,16 +567,10 @@ pub fn explain_cmd(a: ExplainArgs) -> Result<()> {
     };
     let needs_source = conditions.iter().any(|c| c.uses_source_av());
     let needs_target = conditions.iter().any(|c| !c.uses_source_av());
-    let source_av = if needs_source {
-        open_av(&a.source_av, "source")?
-    } else {
-        None
-    };
-    let target_av = if needs_target {
-        open_av(&a.target_av, "target")?
-    } else {
-        None
-    };
+    // Both verbalizers given are opened and recorded whatever the conditions, so that a later run adding
+    // conditions to the same file has the same settings.
+    let source_av = open_av(&a.source_av, "source")?;
+    let target_av = open_av(&a.target_av, "target")?;
     if needs_source && source_av.is_none() {
         return Err(AvbError::Invalid(
             "native conditions need --source-av".into(),
@@ -634,9 +638,10 @@ pub fn explain_cmd(a: ExplainArgs) -> Result<()> {
             "greedy"
         }
         .into(),
-        temperature: a.temperature,
-        top_p: a.top_p,
-        seed: a.seed,
+        // Greedy decoding ignores these: recorded as 0 so they do not split otherwise equal runs.
+        temperature: a.temperature.max(0.0),
+        top_p: if a.temperature > 0.0 { a.top_p } else { 0.0 },
+        seed: if a.temperature > 0.0 { a.seed } else { 0 },
         max_new_tokens: a.max_new_tokens.unwrap_or(0),
         n_random,
         random_seed: a.random_seed,
@@ -681,6 +686,7 @@ pub fn explain_cmd(a: ExplainArgs) -> Result<()> {
             max_new_tokens: a.max_new_tokens.unwrap_or(av.meta.max_new_tokens()),
             sampling: sampling.clone(),
             batch_size: a.batch,
+            seeds: Some(mine.iter().map(|j| j.seed(a.seed)).collect()),
         };
         let vectors: Vec<Vec<f32>> = mine.iter().map(|j| j.vector.clone()).collect();
         av.explain(&vectors, &opts, &mut |i, e| {
@@ -770,7 +776,19 @@ fn ar_scores_cmd(a: &EvalArgs, records: &[Record], ev: &mut Evaluation) -> Resul
         settings.washout.as_ref(),
         "washout",
     )?;
-    let mut conditions: Vec<Condition> = records.iter().map(|r| r.condition).collect();
+    // Only the conditions an AR was given for: the others may need inputs that were not passed.
+    let mut conditions: Vec<Condition> = records
+        .iter()
+        .map(|r| r.condition)
+        .filter(|c| {
+            !c.is_random()
+                && if c.uses_source_av() {
+                    a.source_ar.is_some()
+                } else {
+                    a.target_ar.is_some()
+                }
+        })
+        .collect();
     conditions.sort();
     conditions.dedup();
     let mut weights: Vec<f64> = records.iter().filter_map(|r| r.washout_weight).collect();
@@ -812,17 +830,21 @@ fn ar_scores_cmd(a: &EvalArgs, records: &[Record], ev: &mut Evaluation) -> Resul
             &target_ar
         };
         let Some(ar) = ar else { continue };
-        let recs: Vec<&Record> = ev
+        let (features, recs): (Vec<usize>, Vec<&Record>) = ev
             .feature_ids
             .iter()
-            .filter_map(|id| {
-                records.iter().find(|r| {
-                    &r.feature_id == id
-                        && r.condition == arm.condition
-                        && r.washout_weight == arm.washout_weight
-                })
+            .enumerate()
+            .filter_map(|(i, id)| {
+                records
+                    .iter()
+                    .find(|r| {
+                        &r.feature_id == id
+                            && r.condition == arm.condition
+                            && r.washout_weight == arm.washout_weight
+                    })
+                    .map(|r| (i, r))
             })
-            .collect();
+            .unzip();
         let mut gold = Vec::new();
         for r in &recs {
             let v = vectors.get(&r.key()).ok_or_else(|| {
@@ -840,7 +862,7 @@ fn ar_scores_cmd(a: &EvalArgs, records: &[Record], ev: &mut Evaluation) -> Resul
         pb.finish_and_clear();
         let gold = Matrix::new(recs.len(), pred.cols, gold);
         let scores = ar_scores(&pred, &gold, ar.meta.mse_scale())?;
-        eval::add_ar_scores(ev, &arm, &scores, &opts);
+        eval::add_ar_scores(ev, &arm, &features, &scores, &opts);
     }
     Ok(())
 }
@@ -1059,7 +1081,7 @@ pub fn write_report(
         for arm in &arms_shown {
             let cell = |metric: &str| {
                 ev.find(arm, metric)
-                    .and_then(|s| s.values.get(i))
+                    .and_then(|s| s.value_of(i))
                     .map_or(String::new(), |v| format!("{v:+.3}"))
             };
             if arm.condition != Condition::Native {
@@ -1139,6 +1161,25 @@ pub struct ExperimentArgs {
     pub report: Option<PathBuf>,
 }
 
+/// Whether the artifact at `path` exists, verifies, and satisfies `same_inputs`.
+fn reusable(path: &Path, same_inputs: impl Fn(&Body) -> bool) -> bool {
+    Artifact::open(path)
+        .ok()
+        .filter(|art| art.verify().is_ok())
+        .is_some_and(|art| same_inputs(&art.meta.body))
+}
+
+fn reusable_capture(path: &Path, model: &str, layer: usize, corpus: &Path) -> bool {
+    reusable(path, |b| match b {
+        Body::ActivationSet(m) => {
+            m.space.model == model
+                && m.space.layer == Some(layer as u32)
+                && corpus_ref(corpus).is_ok_and(|c| c.sha256 == m.corpus.sha256)
+        }
+        _ => false,
+    })
+}
+
 pub fn experiment_cmd(a: ExperimentArgs) -> Result<()> {
     let started = Instant::now();
     std::fs::create_dir_all(&a.work).map_err(|e| AvbError::io(&a.work, e))?;
@@ -1172,7 +1213,9 @@ pub fn experiment_cmd(a: ExperimentArgs) -> Result<()> {
         };
     let step = |name: &str| println!("\n== {name} ({:.0} s)", started.elapsed().as_secs_f64());
     let (src_caps, tgt_caps) = (w("source_map.safetensors"), w("target_map.safetensors"));
-    if !src_caps.exists() {
+    // A step's output is reused only when it was made from the same inputs (model, layer, corpus or upstream
+    // artifact hashes): a rerun with other settings in the same work directory redoes what they change.
+    if !reusable_capture(&src_caps, &a.source, src_layer, &map_corpus) {
         step("capture: source model on the map corpus");
         runtime_cmds::capture_cmd(capture_args(
             &a.source,
@@ -1182,7 +1225,7 @@ pub fn experiment_cmd(a: ExperimentArgs) -> Result<()> {
             src_caps.clone(),
         ))?;
     }
-    if !tgt_caps.exists() {
+    if !reusable_capture(&tgt_caps, &a.target, tgt_layer, &map_corpus) {
         step("capture: target model on the map corpus");
         runtime_cmds::capture_cmd(capture_args(
             &a.target,
@@ -1193,28 +1236,46 @@ pub fn experiment_cmd(a: ExperimentArgs) -> Result<()> {
         ))?;
     }
     let map_path = w("map.safetensors");
-    step("fit-map (ridge, 20% held out)");
-    commands::fit_map(FitMapArgs {
-        source: src_caps,
-        target: tgt_caps,
-        output: map_path.clone(),
-        method: Method::Ridge,
-        lambda: a.lambda,
-        cv_folds: a.lambda.is_none().then_some(5),
-        lambda_grid: "1e-1:1e7:17".into(),
-        form: FormArg::Auto,
-        no_intercept: false,
-        holdout: 0.2,
-        seed: 0,
-        dtype: DtypeArg::F32,
-        source_model: None,
-        source_layer: None,
-        target_model: None,
-        target_layer: None,
-        json: false,
-    })?;
+    let map_reusable = reusable(&map_path, |b| match b {
+        Body::RidgeMap(m) => {
+            let same_input = |key: &str, p: &Path| {
+                m.inputs
+                    .get(key)
+                    .is_some_and(|r| file_sha256(p).is_ok_and(|h| h == r.sha256))
+            };
+            let same_lambda = match (a.lambda, &m.lambda_selection) {
+                (Some(l), Some(sel)) => sel.mode == "given" && m.lambda == Some(l),
+                (None, Some(sel)) => sel.mode == "cv",
+                _ => false,
+            };
+            same_input("source", &src_caps) && same_input("target", &tgt_caps) && same_lambda
+        }
+        _ => false,
+    });
+    if !map_reusable {
+        step("fit-map (ridge, 20% held out)");
+        commands::fit_map(FitMapArgs {
+            source: src_caps,
+            target: tgt_caps,
+            output: map_path.clone(),
+            method: Method::Ridge,
+            lambda: a.lambda,
+            cv_folds: a.lambda.is_none().then_some(5),
+            lambda_grid: "1e-1:1e7:17".into(),
+            form: FormArg::Auto,
+            no_intercept: false,
+            holdout: 0.2,
+            seed: 0,
+            dtype: DtypeArg::F32,
+            source_model: None,
+            source_layer: None,
+            target_model: None,
+            target_layer: None,
+            json: false,
+        })?;
+    }
     let wash_caps = w("target_washout_last.safetensors");
-    if !wash_caps.exists() {
+    if !reusable_capture(&wash_caps, &a.target, tgt_layer, &wash_corpus) {
         step("capture: target model, last token of 100 multilingual sentences");
         runtime_cmds::capture_cmd(capture_args(
             &a.target,
@@ -1225,15 +1286,27 @@ pub fn experiment_cmd(a: ExperimentArgs) -> Result<()> {
         ))?;
     }
     let wash_path = w("washout.safetensors");
-    step("washout");
-    commands::washout(WashoutArgs {
-        activations: wash_caps,
-        output: wash_path.clone(),
-        site: Default::default(),
-        json: false,
-    })?;
+    let wash_reusable = reusable(&wash_path, |b| match b {
+        Body::Washout(m) => file_sha256(&wash_caps).is_ok_and(|h| h == m.input.sha256),
+        _ => false,
+    });
+    if !wash_reusable {
+        step("washout");
+        commands::washout(WashoutArgs {
+            activations: wash_caps,
+            output: wash_path.clone(),
+            site: Default::default(),
+            json: false,
+        })?;
+    }
     let dirs_path = w("directions.safetensors");
-    if !dirs_path.exists() {
+    let dirs_reusable = reusable(&dirs_path, |b| match b {
+        Body::ConceptDirections(m) => {
+            m.space.model == a.source && m.space.layer == Some(src_layer as u32)
+        }
+        _ => false,
+    });
+    if !dirs_reusable {
         step("directions: labelled concept directions of the source model");
         directions_cmd(DirectionsArgs {
             model: a.source.clone(),
@@ -1281,10 +1354,11 @@ pub fn experiment_cmd(a: ExperimentArgs) -> Result<()> {
     let mut pre = String::new();
     let _ = writeln!(
         pre,
-        "Generated by `avb experiment --source {} --target {} --work <dir>` (avb {}, CPU, {:.0} s in all).\n",
+        "Generated by `avb experiment --source {} --target {} --work <dir>` (avb {}, {:?} backend, {:.0} s in all).\n",
         a.source,
         a.target,
         env!("CARGO_PKG_VERSION"),
+        a.device,
         started.elapsed().as_secs_f64()
     );
     let _ = writeln!(pre, "## Setup\n");

@@ -263,6 +263,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         sampling,
         stop_ids: lm.tokenizer.eos.into_iter().collect(),
+        row_seeds: None,
     };
     let mut stream = avb_model::tokenizer::StreamDecoder::new(&lm.tokenizer);
     let mut text = String::new();

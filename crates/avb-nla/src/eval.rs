@@ -41,8 +41,19 @@ pub struct Scored {
     /// `label-cosine`, `label-lift`, `label-control-lift`; with `-last` for the last paragraph.
     pub metric: String,
     pub summary: Summary,
-    /// Per feature, in feature order.
+    /// The features scored (indices into `Evaluation::feature_ids`), and their values in that order.
+    pub features: Vec<usize>,
     pub values: Vec<f64>,
+}
+
+impl Scored {
+    /// The value of feature `i` (an index into the evaluation's features), if it was scored.
+    pub fn value_of(&self, i: usize) -> Option<f64> {
+        self.features
+            .iter()
+            .position(|&f| f == i)
+            .map(|k| self.values[k])
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -158,9 +169,11 @@ pub fn evaluate(
                 .collect(),
         )
     };
-    let part_rows = |arm: &Arm, ids: &[String], part: &'static str| -> Option<Vec<usize>> {
+    // Row of each feature's text in one arm (None where the arm has no record for the feature yet).
+    let part_rows = |arm: &Arm, part: &'static str| -> Vec<Option<usize>> {
         let recs = arm_records(records, arm);
-        ids.iter()
+        feature_ids
+            .iter()
             .map(|id| {
                 recs.get(id.as_str())
                     .and_then(|r| rows.get(&(r.key(), part)).copied())
@@ -183,58 +196,80 @@ pub fn evaluate(
     let summarize = |v: &[f64]| stats::summarize(v, opts.ci_level, opts.resamples, opts.seed);
     let mut scores = Vec::new();
     let mut skipped = Vec::new();
-    let mut push = |arm: &Arm, metric: String, values: Vec<f64>| match summarize(&values) {
+    let mut push = |arm: &Arm, metric: String, features: &[usize], values: Vec<f64>| match summarize(
+        &values,
+    ) {
         Ok(summary) => scores.push(Scored {
             arm: arm.clone(),
             metric,
             summary,
+            features: features.to_vec(),
             values,
         }),
         Err(e) => skipped.push((arm.name(), metric, e.to_string())),
     };
-    let native_full = part_rows(&native_arm, &feature_ids, "full");
-    let labelled: Vec<usize> = (0..feature_ids.len())
-        .filter(|&i| label_rows[i].is_some())
-        .collect();
+    let n_features = feature_ids.len();
+    let mut coverage = Vec::new();
     for (arm, _) in arms.iter().filter(|(a, _)| !a.condition.is_random()) {
         for part in ["full", "last"] {
             let suffix = if part == "last" { "-last" } else { "" };
-            let Some(own) = part_rows(arm, &feature_ids, part) else {
-                continue;
-            };
-            let c = gather(&own);
-            // Lift against the native explanations (full text), for cross arms.
+            let own = part_rows(arm, part);
+            let ctrl = control_rows(arm, part);
+            // Lift against the native explanations (the same part), over the features both arms have.
             if arm.condition != Condition::Native {
-                if let Some(native) = &native_full {
-                    let n = gather(native);
-                    push(arm, format!("lift{suffix}"), stats::lift(&c, &n)?);
-                    let ctrl = control_rows(arm, part);
+                let native = part_rows(&native_arm, part);
+                let both: Vec<usize> = (0..n_features)
+                    .filter(|&i| own[i].is_some() && native[i].is_some())
+                    .collect();
+                if both.len() < n_features {
+                    coverage.push((
+                        arm.name(),
+                        format!("lift{suffix} (coverage)"),
+                        format!(
+                            "{} of {n_features} features have both a native and a {} explanation; the lifts use those",
+                            both.len(),
+                            arm.name()
+                        ),
+                    ));
+                }
+                if both.len() >= 2 {
+                    let c = gather(&both.iter().filter_map(|&i| own[i]).collect::<Vec<_>>());
+                    let n = gather(&both.iter().filter_map(|&i| native[i]).collect::<Vec<_>>());
+                    push(arm, format!("lift{suffix}"), &both, stats::lift(&c, &n)?);
                     if !ctrl.is_empty() {
                         let v = stats::control_lift(&c, &n, &gather(&ctrl))?;
-                        push(arm, format!("control-lift{suffix}"), v);
+                        push(arm, format!("control-lift{suffix}"), &both, v);
                     }
                 }
             }
-            // Label scores over the labelled features.
+            // Label scores over the labelled features the arm has.
+            let labelled: Vec<usize> = (0..n_features)
+                .filter(|&i| own[i].is_some() && label_rows[i].is_some())
+                .collect();
             if labelled.len() >= 2 {
-                let cl = gather(&labelled.iter().map(|&i| own[i]).collect::<Vec<_>>());
+                let cl = gather(&labelled.iter().filter_map(|&i| own[i]).collect::<Vec<_>>());
                 let lm = gather(
                     &labelled
                         .iter()
-                        .map(|&i| label_rows[i].unwrap_or(0))
+                        .filter_map(|&i| label_rows[i])
                         .collect::<Vec<_>>(),
                 );
                 let cos: Vec<f64> = (0..cl.rows).map(|i| dot(cl.row(i), lm.row(i))).collect();
-                push(arm, format!("label-cosine{suffix}"), cos);
-                push(arm, format!("label-lift{suffix}"), stats::lift(&cl, &lm)?);
-                let ctrl = control_rows(arm, part);
+                push(arm, format!("label-cosine{suffix}"), &labelled, cos);
+                push(
+                    arm,
+                    format!("label-lift{suffix}"),
+                    &labelled,
+                    stats::lift(&cl, &lm)?,
+                );
                 if !ctrl.is_empty() {
                     let v = stats::control_lift(&cl, &lm, &gather(&ctrl))?;
-                    push(arm, format!("label-control-lift{suffix}"), v);
+                    push(arm, format!("label-control-lift{suffix}"), &labelled, v);
                 }
             }
         }
     }
+    skipped.extend(coverage);
     Ok(Evaluation {
         feature_ids,
         labels,
@@ -244,10 +279,11 @@ pub fn evaluate(
     })
 }
 
-/// Add the AR's reconstruction scores of one arm (values in feature order): `ar-cosine` and `ar-fve`.
+/// Add the AR's reconstruction scores of one arm's `features`: `ar-cosine` and `ar-fve`.
 pub fn add_ar_scores(
     ev: &mut Evaluation,
     arm: &Arm,
+    features: &[usize],
     scores: &[crate::reconstructor::ArScore],
     opts: &EvalOptions,
 ) {
@@ -263,6 +299,7 @@ pub fn add_ar_scores(
                 arm: arm.clone(),
                 metric: metric.into(),
                 summary,
+                features: features.to_vec(),
                 values,
             }),
             Err(e) => ev.skipped.push((arm.name(), metric.into(), e.to_string())),
@@ -436,4 +473,81 @@ pub fn sweep_svg(title: &str, series: &[(String, Vec<(f64, &Summary)>)]) -> Stri
     );
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::explain::tests::record;
+
+    /// A stand-in embedder: one fixed random unit vector per distinct text.
+    fn embed(texts: &[String]) -> Result<Matrix> {
+        let d = 16;
+        let mut data = Vec::with_capacity(texts.len() * d);
+        for t in texts {
+            let seed = t
+                .bytes()
+                .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+            let mut rng = avb_core::rng::SplitMix64::new(seed);
+            let v: Vec<f32> = (0..d).map(|_| rng.normal() as f32).collect();
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            data.extend(v.iter().map(|x| x / n));
+        }
+        Ok(Matrix::new(texts.len(), d, data))
+    }
+
+    #[test]
+    fn partial_arms_and_unlabelled_features_stay_aligned() {
+        let labels = [None, Some("music"), Some("war"), Some("food")];
+        let mut records = Vec::new();
+        for (i, l) in labels.iter().enumerate() {
+            records.push(record(
+                Condition::Native,
+                &i.to_string(),
+                *l,
+                &format!("native {i}"),
+            ));
+            // Feature 3 has no cross explanation yet (an interrupted run).
+            if i < 3 {
+                records.push(record(
+                    Condition::Cross,
+                    &i.to_string(),
+                    *l,
+                    &format!("native {i}"),
+                ));
+            }
+        }
+        let ev = evaluate(
+            &records,
+            &mut embed,
+            &EvalOptions {
+                ci_level: 0.95,
+                resamples: 100,
+                seed: 0,
+            },
+        )
+        .unwrap();
+        let cross = Arm {
+            condition: Condition::Cross,
+            washout_weight: None,
+        };
+        // Cross copies native word for word: label cosine of feature 1 equals native's, at feature 1.
+        let native = Arm {
+            condition: Condition::Native,
+            washout_weight: None,
+        };
+        let lc = ev.find(&cross, "label-cosine").unwrap();
+        assert_eq!(lc.features, vec![1, 2]);
+        assert_eq!(
+            lc.value_of(1),
+            ev.find(&native, "label-cosine").unwrap().value_of(1)
+        );
+        assert_eq!(lc.value_of(0), None);
+        // Lift over the three features both arms have, and the gap reported.
+        let lift = ev.find(&cross, "lift").unwrap();
+        assert_eq!(lift.features, vec![0, 1, 2]);
+        assert!(ev.skipped.iter().any(|(arm, m, why)| arm == "cross"
+            && m.starts_with("lift")
+            && why.contains("3 of 4")));
+    }
 }

@@ -113,6 +113,14 @@ impl Job {
     pub fn key(&self) -> String {
         record_key(self.condition, &self.feature_id, self.washout_weight)
     }
+
+    /// The job's own sampling seed: the run's seed mixed with an FNV-1a hash of the key.
+    pub fn seed(&self, run_seed: u64) -> u64 {
+        let hash = self.key().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        SplitMix64::new(run_seed ^ hash).next_u64()
+    }
 }
 
 fn record_key(c: Condition, id: &str, w: Option<f64>) -> String {
@@ -339,6 +347,11 @@ impl RecordWriter {
         let mut done = BTreeSet::new();
         if path.exists() {
             let (records, torn) = read_records(path)?;
+            // A record written whole but without its newline (killed in between) would be joined to the next.
+            let unterminated = std::fs::read(path)
+                .map_err(|e| AvbError::io(path, e))?
+                .last()
+                .is_some_and(|b| *b != b'\n');
             if let Some(r) = records.iter().find(|r| &r.settings != settings) {
                 return Err(AvbError::Invalid(format!(
                     "{} holds explanations made with other settings (first: {} {}); write to a new file or delete it",
@@ -347,8 +360,8 @@ impl RecordWriter {
                     r.feature_id
                 )));
             }
-            if torn {
-                // Rewrite without the torn line (temp file, then rename).
+            if torn || unterminated {
+                // Rewrite without the torn line, every record on its own line (temp file, then rename).
                 let mut text = String::new();
                 for r in &records {
                     text.push_str(&to_line(r)?);
@@ -381,4 +394,87 @@ fn to_line(r: &Record) -> Result<String> {
         .map_err(|e| AvbError::Invalid(format!("cannot serialize a record: {e}")))?;
     s.push('\n');
     Ok(s)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn settings() -> Settings {
+        Settings {
+            features: FileRef {
+                file: "f.npy".into(),
+                sha256: "0".repeat(64),
+            },
+            features_kind: "directions".into(),
+            source_av: None,
+            target_av: None,
+            map: None,
+            washout: None,
+            sampling: "greedy".into(),
+            temperature: 0.0,
+            top_p: 0.0,
+            seed: 0,
+            max_new_tokens: 0,
+            n_random: 0,
+            random_seed: 7,
+            precision: "f32".into(),
+            tool_version: "test".into(),
+        }
+    }
+
+    pub(crate) fn record(c: Condition, id: &str, label: Option<&str>, text: &str) -> Record {
+        Record {
+            condition: c,
+            feature_id: id.into(),
+            label: label.map(str::to_string),
+            washout_weight: None,
+            explanation: text.into(),
+            last_paragraph: text.into(),
+            raw: text.into(),
+            parse: ParseStatus::Plain,
+            tokens: 3,
+            finish: "stop_token".into(),
+            settings: settings(),
+        }
+    }
+
+    #[test]
+    fn resuming_repairs_torn_and_unterminated_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.jsonl");
+        let line = |id: &str| to_line(&record(Condition::Native, id, None, "x")).unwrap();
+        // Whole records, the last one without its newline.
+        let text = format!("{}{}", line("0"), line("1").trim_end());
+        std::fs::write(&path, &text).unwrap();
+        let mut w = RecordWriter::open(&path, &settings()).unwrap();
+        assert_eq!(w.done.len(), 2);
+        w.write(&record(Condition::Native, "2", None, "x")).unwrap();
+        let (records, torn) = read_records(&path).unwrap();
+        assert_eq!((records.len(), torn), (3, false));
+        // A torn last line is dropped.
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"condition\": \"nat");
+        std::fs::write(&path, &text).unwrap();
+        let w = RecordWriter::open(&path, &settings()).unwrap();
+        assert_eq!(w.done.len(), 3);
+        // Other settings are refused.
+        let mut other = settings();
+        other.seed = 1;
+        assert!(RecordWriter::open(&path, &other).is_err());
+    }
+
+    #[test]
+    fn job_seeds_depend_on_the_job_not_its_batch() {
+        let job = |id: &str| Job {
+            condition: Condition::Cross,
+            feature_id: id.into(),
+            label: None,
+            washout_weight: Some(1.0),
+            vector: vec![],
+        };
+        assert_eq!(job("3").seed(5), job("3").seed(5));
+        assert_ne!(job("3").seed(5), job("4").seed(5));
+        assert_ne!(job("3").seed(5), job("3").seed(6));
+    }
 }

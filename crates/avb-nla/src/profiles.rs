@@ -88,6 +88,11 @@ pub fn make_profile(lm: &LoadedModel, texts: &[String], opts: &ProfileOptions) -
         .prompt
         .clone()
         .unwrap_or_else(|| if chat { CHAT_PROMPT } else { RAW_PROMPT }.to_string());
+    if !template.contains("{injection_char}") {
+        return Err(AvbError::Invalid(
+            "the prompt has no `{injection_char}`: put it where the vector goes".into(),
+        ));
+    }
     let norms = site_norms(lm, texts, opts.injection_layer)?;
     let stats = summarize_norms(norms, texts.len(), &opts.corpus_name, opts.multiplier)?;
     let mut last_err = None;

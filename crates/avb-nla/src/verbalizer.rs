@@ -29,6 +29,9 @@ pub struct ExplainOptions {
     pub max_new_tokens: usize,
     pub sampling: Sampling,
     pub batch_size: usize,
+    /// One sampling seed per vector (e.g. derived from the job's key), so that a sampled explanation does not
+    /// depend on the batch it lands in or on where a resumed run starts. Unused when greedy.
+    pub seeds: Option<Vec<u64>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -181,6 +184,7 @@ impl Verbalizer {
             max_new_tokens: self.meta.max_new_tokens(),
             sampling: Sampling::Greedy,
             batch_size: 16,
+            seeds: None,
         }
     }
 
@@ -217,13 +221,32 @@ impl Verbalizer {
         on_done: &mut dyn FnMut(usize, &Explanation) -> Result<()>,
     ) -> Result<Vec<Explanation>> {
         let stops = self.meta.stop_strings();
-        let gen = GenerateOptions {
-            max_new_tokens: opts.max_new_tokens,
-            sampling: opts.sampling.clone(),
-            stop_ids: self.lm.tokenizer.end_of_turn_ids(),
-        };
+        if opts.max_new_tokens == 0 {
+            return Err(AvbError::Invalid(
+                "a token budget of 0 would write empty explanations".into(),
+            ));
+        }
+        if let Some(seeds) = &opts.seeds {
+            if seeds.len() != vectors.len() {
+                return Err(AvbError::Invalid(format!(
+                    "{} seeds for {} vectors",
+                    seeds.len(),
+                    vectors.len()
+                )));
+            }
+        }
+        let batch = opts.batch_size.max(1);
         let mut out = Vec::with_capacity(vectors.len());
-        for (chunk_index, chunk) in vectors.chunks(opts.batch_size.max(1)).enumerate() {
+        for (chunk_index, chunk) in vectors.chunks(batch).enumerate() {
+            let gen = GenerateOptions {
+                max_new_tokens: opts.max_new_tokens,
+                sampling: opts.sampling.clone(),
+                stop_ids: self.lm.tokenizer.end_of_turn_ids(),
+                row_seeds: opts
+                    .seeds
+                    .as_ref()
+                    .map(|s| s[chunk_index * batch..chunk_index * batch + chunk.len()].to_vec()),
+            };
             let inputs = chunk
                 .iter()
                 .map(|v| self.input(v))
@@ -280,7 +303,7 @@ impl Verbalizer {
                         Finish::Callback => "stop_string",
                     },
                 };
-                on_done(chunk_index * opts.batch_size.max(1) + row, &e)?;
+                on_done(chunk_index * batch + row, &e)?;
                 out.push(e);
             }
         }

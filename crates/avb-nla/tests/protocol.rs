@@ -72,6 +72,7 @@ fn check_av(name: &str) {
         max_new_tokens: want_greedy.len(),
         sampling: Sampling::Greedy,
         stop_ids: vec![],
+        row_seeds: None,
     };
     let got = generate(
         &av.lm.model,

@@ -26,6 +26,9 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// Token ids that end a sequence (EOS, end of turn); the stop token is kept in the output.
     pub stop_ids: Vec<u32>,
+    /// Per-row sampling seeds (one per input) in place of `seed` and the row index: a row's draws then do not
+    /// depend on the batch it lands in.
+    pub row_seeds: Option<Vec<u64>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,12 +78,21 @@ pub fn generate(
     if opts.max_new_tokens == 0 {
         return Ok(out);
     }
+    if let Some(seeds) = &opts.row_seeds {
+        if seeds.len() != b {
+            return Err(AvbError::Invalid(format!(
+                "{} row seeds for {b} inputs",
+                seeds.len()
+            )));
+        }
+    }
     let mut rngs: Vec<SplitMix64> = (0..b)
-        .map(|r| match opts.sampling {
-            Sampling::TopP { seed, .. } => {
+        .map(|r| match (&opts.row_seeds, &opts.sampling) {
+            (Some(seeds), _) => SplitMix64::new(seeds[r]),
+            (None, Sampling::TopP { seed, .. }) => {
                 SplitMix64::new(seed ^ (r as u64).wrapping_mul(0xD1B5_4A32_D192_ED03))
             }
-            Sampling::Greedy => SplitMix64::new(0),
+            (None, Sampling::Greedy) => SplitMix64::new(0),
         })
         .collect();
     let mut active = vec![true; b];

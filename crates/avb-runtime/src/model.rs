@@ -345,8 +345,9 @@ impl Model {
         })
     }
 
-    /// Check every injection before any work: dimension, position, layer, finite values.
-    fn check_injections(&self, inputs: &[Input]) -> Result<()> {
+    /// Check every injection before any work: dimension, position, a layer the pass reaches (<= `last`), finite
+    /// values.
+    fn check_injections(&self, inputs: &[Input], last: usize) -> Result<()> {
         let d = self.config.hidden_size;
         for (row, input) in inputs.iter().enumerate() {
             for inj in &input.injections {
@@ -367,9 +368,9 @@ impl Model {
                         input.ids.len()
                     )));
                 }
-                if inj.layer >= self.config.num_layers {
+                if inj.layer > last {
                     return Err(AvbError::Invalid(format!(
-                        "injection at the input of block {}: the model has blocks 0..={}",
+                        "injection at the input of block {}, but this pass runs blocks 0..={last} (the model has 0..={})",
                         inj.layer,
                         self.config.num_layers - 1
                     )));
@@ -590,7 +591,7 @@ impl Model {
                 self.config.max_positions
             )));
         }
-        self.check_injections(inputs)?;
+        self.check_injections(inputs, last)?;
         let pads_for_inject: Vec<usize> = if start == 0 {
             pads.clone()
         } else {
@@ -628,14 +629,30 @@ impl Model {
     }
 
     /// The residual stream at the input of block `layer`, [batch, seq, hidden]: the (scaled) input embeddings
-    /// with layer-0 injections in place for layer 0, else the output of block layer - 1.
+    /// for layer 0, else the output of block layer - 1; injections at blocks <= `layer` in place.
     pub fn residual_at_input(&self, inputs: &[Input], layer: usize) -> Result<Tensor<3>> {
         if layer == 0 {
-            self.check_injections(inputs)?;
+            self.check_injections(inputs, 0)?;
             let (rows, pads) = self.pad(inputs)?;
             return Ok(self.inject(self.embed(&rows)?, &pads, inputs, 0));
         }
-        self.forward_to(inputs, layer - 1, None)
+        self.check_injections(inputs, layer)?;
+        // Injections at `layer` itself land on the output of block layer - 1.
+        let earlier: Vec<Input> = inputs
+            .iter()
+            .map(|i| Input {
+                ids: i.ids.clone(),
+                injections: i
+                    .injections
+                    .iter()
+                    .filter(|j| j.layer < layer)
+                    .cloned()
+                    .collect(),
+            })
+            .collect();
+        let x = self.forward_to(&earlier, layer - 1, None)?;
+        let (_, pads) = self.pad(inputs)?;
+        Ok(self.inject(x, &pads, inputs, layer))
     }
 
     /// Final norm, LM head and final soft-capping of hidden states [batch, seq, hidden] -> logits.

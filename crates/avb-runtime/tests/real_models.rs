@@ -78,6 +78,7 @@ fn check(name: &str) {
         max_new_tokens: n_new,
         sampling: Sampling::Greedy,
         stop_ids: Vec::new(),
+        row_seeds: None,
     };
     let outs = generate(&model, &prompts, &opts, &mut |_, _| Control::Continue).unwrap();
     for (i, out) in outs.iter().enumerate() {

@@ -109,6 +109,7 @@ fn check_family(family: &str) {
         max_new_tokens: n_new,
         sampling: Sampling::Greedy,
         stop_ids: Vec::new(),
+        row_seeds: None,
     };
     let mut streamed = vec![Vec::new(); n_prompts];
     let outs = generate(&model, &prompts, &opts, &mut |row, id| {
