@@ -1169,6 +1169,11 @@ fn reusable(path: &Path, same_inputs: impl Fn(&Body) -> bool) -> bool {
         .is_some_and(|art| same_inputs(&art.meta.body))
 }
 
+/// The payload hash an artifact is referred to by (what derived artifacts record as their input).
+fn payload_sha256(path: &Path) -> Option<String> {
+    Artifact::open(path).ok().map(|a| a.input_ref().sha256)
+}
+
 fn reusable_capture(path: &Path, model: &str, layer: usize, corpus: &Path) -> bool {
     reusable(path, |b| match b {
         Body::ActivationSet(m) => {
@@ -1241,7 +1246,7 @@ pub fn experiment_cmd(a: ExperimentArgs) -> Result<()> {
             let same_input = |key: &str, p: &Path| {
                 m.inputs
                     .get(key)
-                    .is_some_and(|r| file_sha256(p).is_ok_and(|h| h == r.sha256))
+                    .is_some_and(|r| payload_sha256(p).is_some_and(|h| h == r.sha256))
             };
             let same_lambda = match (a.lambda, &m.lambda_selection) {
                 (Some(l), Some(sel)) => sel.mode == "given" && m.lambda == Some(l),
@@ -1287,7 +1292,7 @@ pub fn experiment_cmd(a: ExperimentArgs) -> Result<()> {
     }
     let wash_path = w("washout.safetensors");
     let wash_reusable = reusable(&wash_path, |b| match b {
-        Body::Washout(m) => file_sha256(&wash_caps).is_ok_and(|h| h == m.input.sha256),
+        Body::Washout(m) => payload_sha256(&wash_caps).is_some_and(|h| h == m.input.sha256),
         _ => false,
     });
     if !wash_reusable {
