@@ -156,6 +156,32 @@ pub struct FitMapArgs {
     pub json: bool,
 }
 
+impl FitMapArgs {
+    /// A ridge fit with lambda by 5-fold CV, an intercept, 20% held out (seed 0), f32 output, sites from the
+    /// activation artifacts: what `avb demo` and `avb experiment` start from.
+    pub fn cv_ridge(source: PathBuf, target: PathBuf, output: PathBuf) -> FitMapArgs {
+        FitMapArgs {
+            source,
+            target,
+            output,
+            method: Method::Ridge,
+            lambda: None,
+            cv_folds: Some(5),
+            lambda_grid: "1e-1:1e7:17".into(),
+            form: FormArg::Auto,
+            no_intercept: false,
+            holdout: 0.2,
+            seed: 0,
+            dtype: DtypeArg::F32,
+            source_model: None,
+            source_layer: None,
+            target_model: None,
+            target_layer: None,
+            json: false,
+        }
+    }
+}
+
 pub fn parse_grid(s: &str) -> Result<Vec<f64>> {
     let parts: Vec<&str> = s.split(':').collect();
     let bad = || {
@@ -932,17 +958,32 @@ pub struct ImportArgs {
 /// One string field of every line of a corpus JSONL file (`id`, `text`, ...), in order.
 pub fn corpus_field(path: &Path, field: &str) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| AvbError::io(path, e))?;
+    jsonl_field(&text, path, field)
+}
+
+/// One JSON object per non-empty line of `text` (`source` names it in errors).
+pub fn jsonl_values(text: &str, source: &Path) -> Result<Vec<serde_json::Value>> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
         .map(|(i, l)| {
-            let v: serde_json::Value = serde_json::from_str(l)
-                .map_err(|e| AvbError::corrupt(path, format!("line {}: not JSON ({e})", i + 1)))?;
+            serde_json::from_str(l)
+                .map_err(|e| AvbError::corrupt(source, format!("line {}: not JSON ({e})", i + 1)))
+        })
+        .collect()
+}
+
+/// The string `field` of every line of a JSONL text.
+pub fn jsonl_field(text: &str, source: &Path, field: &str) -> Result<Vec<String>> {
+    jsonl_values(text, source)?
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
             v.get(field)
                 .and_then(|x| x.as_str())
                 .map(str::to_string)
                 .ok_or_else(|| {
-                    AvbError::corrupt(path, format!("line {}: no string `{field}`", i + 1))
+                    AvbError::corrupt(source, format!("line {}: no string `{field}`", i + 1))
                 })
         })
         .collect()

@@ -5,7 +5,7 @@
 //! do concept directions survive the map? For each Wikipedia topic, the source model's direction (held-out
 //! sentences only) is mapped and compared with the target model's own direction for that topic.
 
-use crate::commands::{self, DtypeArg, FitMapArgs, FormArg, MapArgs, Method, WashoutArgs};
+use crate::commands::{self, DtypeArg, FitMapArgs, MapArgs, Method, WashoutArgs};
 use avb_core::artifact::{Artifact, Body};
 use avb_core::directions::concept_directions;
 use avb_core::io::write_atomic;
@@ -117,23 +117,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
 
     println!("== fit-map (ridge, lambda by 5-fold CV) ==");
     let fit = |method: Method, output: PathBuf| FitMapArgs {
-        source: src_path.clone(),
-        target: tgt_path.clone(),
-        output,
         method,
-        lambda: None,
         cv_folds: (method == Method::Ridge).then_some(5),
         lambda_grid: "1e-1:1e7:9".into(),
-        form: FormArg::Auto,
-        no_intercept: false,
-        holdout: 0.2,
         seed: a.seed,
-        dtype: DtypeArg::F32,
-        source_model: None,
-        source_layer: None,
-        target_model: None,
-        target_layer: None,
-        json: false,
+        ..FitMapArgs::cv_ridge(src_path.clone(), tgt_path.clone(), output)
     };
     let (map_path, pro_path) = (
         out.join("map.safetensors"),

@@ -4,7 +4,7 @@
 
 use crate::commands::{
     self, bar, corpus_ref, created_by, open_kind, same_site, site, spinner, DtypeArg, FitMapArgs,
-    FormArg, Method, WashoutArgs,
+    WashoutArgs,
 };
 use crate::runtime_cmds::{self, device, CaptureArgs, DeviceArg, PrecisionArg};
 use avb_core::artifact::{
@@ -125,16 +125,7 @@ pub fn profile_cmd(a: ProfileArgs) -> Result<()> {
 }
 
 fn embedded_texts(jsonl: &str) -> Result<Vec<String>> {
-    jsonl
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["text"].as_str().map(str::to_string))
-                .ok_or_else(|| AvbError::Invalid("embedded corpus line without text".into()))
-        })
-        .collect()
+    commands::jsonl_field(jsonl, Path::new("embedded corpus"), "text")
 }
 
 // ---------------- directions ----------------
@@ -178,18 +169,13 @@ pub struct DirectionsArgs {
 fn labelled_corpus(a: &DirectionsArgs) -> Result<Vec<(String, String, Option<String>)>> {
     if a.groups != "wiki" {
         let path = Path::new(&a.groups);
-        let texts = commands::corpus_field(path, "text")?;
-        let ids = commands::corpus_ids(path)?;
         let text = std::fs::read_to_string(path).map_err(|e| AvbError::io(path, e))?;
-        let labels: Vec<Option<String>> = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v["label"].as_str().map(str::to_string))
-            })
-            .collect();
+        let ids = commands::jsonl_field(&text, path, "id")?;
+        let texts = commands::jsonl_field(&text, path, "text")?;
+        let labels = commands::jsonl_values(&text, path)?
+            .iter()
+            .map(|v| v["label"].as_str().map(str::to_string))
+            .collect::<Vec<_>>();
         return Ok(ids
             .into_iter()
             .zip(texts)
@@ -1273,23 +1259,9 @@ pub fn experiment_cmd(a: ExperimentArgs) -> Result<()> {
     if !keep(map_reusable, "map") {
         step("fit-map (ridge, 20% held out)");
         commands::fit_map(FitMapArgs {
-            source: src_caps,
-            target: tgt_caps,
-            output: map_path.clone(),
-            method: Method::Ridge,
             lambda: a.lambda,
             cv_folds: a.lambda.is_none().then_some(5),
-            lambda_grid: "1e-1:1e7:17".into(),
-            form: FormArg::Auto,
-            no_intercept: false,
-            holdout: 0.2,
-            seed: 0,
-            dtype: DtypeArg::F32,
-            source_model: None,
-            source_layer: None,
-            target_model: None,
-            target_layer: None,
-            json: false,
+            ..FitMapArgs::cv_ridge(src_caps, tgt_caps, map_path.clone())
         })?;
     }
     let wash_caps = w("target_washout_last.safetensors");

@@ -33,11 +33,10 @@ const BUILTIN: &[(&str, &str)] = &[
     ),
 ];
 
-pub const NAMES: &[&str] = &[
-    "qwen2.5-coder-0.5b-instruct",
-    "smollm2-135m-instruct",
-    "gemma-3-270m",
-];
+/// Names of the models with a shipped profile.
+pub fn names() -> Vec<&'static str> {
+    BUILTIN.iter().map(|(n, _)| *n).collect()
+}
 
 pub fn builtin(name: &str) -> Option<&'static str> {
     BUILTIN.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)

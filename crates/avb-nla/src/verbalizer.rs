@@ -83,7 +83,7 @@ pub fn resolve_sidecar(spec: &str) -> Result<(NlaMeta, String, String, String)> 
         }
         None => Err(AvbError::Invalid(format!(
             "`{spec}` is not an AV checkpoint directory, a sidecar file, or a model with a shipped profile ({})",
-            profiles::NAMES.join(", ")
+            profiles::names().join(", ")
         ))),
     }
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 
 #[test]
 fn shipped_profiles_open_on_their_models() {
-    for name in profiles::NAMES {
+    for name in profiles::names() {
         let av = Verbalizer::open(name, &test_device(), Precision::F32).unwrap();
         assert_eq!(av.prompt.sites.len(), 1, "{name}");
         assert!(av.meta.is_zero_shot());
