@@ -41,6 +41,8 @@ enum Command {
     Capture(runtime_cmds::CaptureArgs),
     /// Generate text from a prompt, streamed token by token.
     Generate(runtime_cmds::GenerateArgs),
+    /// Repack a model as a web bundle: quantized safetensors shards, tokenizer, chat template, manifest with sha256s.
+    PackWeb(runtime_cmds::PackWebArgs),
     /// Make a zero-shot verbalizer profile for a model without a trained AV (site, scale measured on the model).
     Profile(nla_cmds::ProfileArgs),
     /// Labelled concept directions of a model: per group of texts, mean activation minus the corpus mean.
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         Command::ImportActivations(a) => commands::import_activations(a),
         Command::Capture(a) => runtime_cmds::capture_cmd(a),
         Command::Generate(a) => runtime_cmds::generate_cmd(a),
+        Command::PackWeb(a) => runtime_cmds::pack_web_cmd(a),
         Command::Profile(a) => nla_cmds::profile_cmd(a),
         Command::Directions(a) => nla_cmds::directions_cmd(a),
         Command::Explain(a) => nla_cmds::explain_cmd(a),

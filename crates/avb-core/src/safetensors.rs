@@ -16,6 +16,9 @@ pub enum Dtype {
     F16,
     BF16,
     F64,
+    /// Integer payloads of avbridge's quantized web bundles.
+    I8,
+    U8,
     /// Any other safetensors dtype (integers, bool, fp8): legal in the container, not readable as floats.
     Other(usize),
 }
@@ -26,11 +29,12 @@ impl Dtype {
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
             Dtype::F64 => 8,
+            Dtype::I8 | Dtype::U8 => 1,
             Dtype::Other(size) => size,
         }
     }
     pub fn is_float(self) -> bool {
-        !matches!(self, Dtype::Other(_))
+        matches!(self, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64)
     }
     pub fn name(self) -> &'static str {
         match self {
@@ -38,6 +42,8 @@ impl Dtype {
             Dtype::F16 => "F16",
             Dtype::BF16 => "BF16",
             Dtype::F64 => "F64",
+            Dtype::I8 => "I8",
+            Dtype::U8 => "U8",
             Dtype::Other(_) => "non-float",
         }
     }
@@ -47,7 +53,9 @@ impl Dtype {
             "F16" => Dtype::F16,
             "BF16" => Dtype::BF16,
             "F64" => Dtype::F64,
-            "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => Dtype::Other(1),
+            "I8" => Dtype::I8,
+            "U8" => Dtype::U8,
+            "BOOL" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => Dtype::Other(1),
             "I16" | "U16" => Dtype::Other(2),
             "I32" | "U32" => Dtype::Other(4),
             "I64" | "U64" => Dtype::Other(8),
@@ -80,7 +88,7 @@ pub fn decode_f32(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
                 .chunks_exact(8)
                 .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32),
         ),
-        Dtype::Other(_) => {}
+        Dtype::I8 | Dtype::U8 | Dtype::Other(_) => {}
     }
 }
 
@@ -100,7 +108,11 @@ pub fn encode_f32(dtype: Dtype, values: &[f32]) -> Vec<u8> {
             .iter()
             .flat_map(|v| (*v as f64).to_le_bytes())
             .collect(),
-        Dtype::Other(_) => unreachable!("writers only emit float tensors"),
+        Dtype::I8 | Dtype::U8 | Dtype::Other(_) => {
+            unreachable!(
+                "float writers emit float dtypes; integer payloads go through serialize_bytes"
+            )
+        }
     }
 }
 
@@ -286,6 +298,39 @@ pub struct TensorOut<'a> {
 /// Serialise tensors into (header bytes incl. the length prefix, data bytes). Tensors are laid out in the order
 /// given; the header is padded with spaces to an 8-byte boundary so the data is aligned.
 pub fn serialize(tensors: &[TensorOut], metadata: &BTreeMap<String, String>) -> (Vec<u8>, Vec<u8>) {
+    let encoded: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| {
+            debug_assert_eq!(t.shape.iter().product::<usize>(), t.values.len());
+            encode_f32(t.dtype, t.values)
+        })
+        .collect();
+    let raw: Vec<TensorBytes> = tensors
+        .iter()
+        .zip(&encoded)
+        .map(|(t, data)| TensorBytes {
+            name: t.name,
+            dtype: t.dtype,
+            shape: &t.shape,
+            data,
+        })
+        .collect();
+    serialize_bytes(&raw, metadata)
+}
+
+/// A tensor to be written from its little-endian bytes (any dtype, integers included).
+pub struct TensorBytes<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
+}
+
+/// `serialize` for tensors already in their byte form.
+pub fn serialize_bytes(
+    tensors: &[TensorBytes],
+    metadata: &BTreeMap<String, String>,
+) -> (Vec<u8>, Vec<u8>) {
     let mut data = Vec::new();
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
@@ -295,9 +340,12 @@ pub fn serialize(tensors: &[TensorOut], metadata: &BTreeMap<String, String>) -> 
         );
     }
     for t in tensors {
-        debug_assert_eq!(t.shape.iter().product::<usize>(), t.values.len());
+        debug_assert_eq!(
+            t.shape.iter().product::<usize>() * t.dtype.size(),
+            t.data.len()
+        );
         let begin = data.len();
-        data.extend_from_slice(&encode_f32(t.dtype, t.values));
+        data.extend_from_slice(t.data);
         header.insert(
             t.name.to_string(),
             serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [begin, data.len()]}),

@@ -4,6 +4,7 @@
 //! BOS the template writes, so it is tokenized once, without adding special tokens (nla-protocol.md: the
 //! double-BOS trap).
 
+use crate::bundle::{Bundle, ChatTemplateSettings};
 use crate::gguf::{Gguf, MetaValue};
 use avb_core::{AvbError, Result};
 use minijinja::Value;
@@ -35,6 +36,7 @@ impl Message {
 
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -62,6 +64,7 @@ impl ChatTemplate {
             .map_err(|e| AvbError::Invalid(format!("the chat template does not compile: {e}")))?;
         Ok(ChatTemplate {
             env,
+            source: source.to_string(),
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
         })
@@ -116,6 +119,26 @@ impl ChatTemplate {
         let token =
             |k: &str| crate::tokenizer::special_token_content(&config, k).unwrap_or_default();
         ChatTemplate::new(&source, &token("bos_token"), &token("eos_token")).map(Some)
+    }
+
+    /// The template of a web bundle, when it has one.
+    pub fn from_bundle(b: &Bundle) -> Result<Option<ChatTemplate>> {
+        match &b.manifest.chat_template {
+            Some(t) => ChatTemplate::new(&b.text(&t.file)?, &t.bos_token, &t.eos_token).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// What a web bundle records: the source and the special-token strings it refers to.
+    pub fn bundle_settings(&self, file: &str) -> (&str, ChatTemplateSettings) {
+        (
+            &self.source,
+            ChatTemplateSettings {
+                file: file.to_string(),
+                bos_token: self.bos_token.clone(),
+                eos_token: self.eos_token.clone(),
+            },
+        )
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {

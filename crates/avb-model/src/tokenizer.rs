@@ -3,6 +3,7 @@
 //! named by `tokenizer.ggml.pre`; control tokens (type 3) become special added tokens, user-defined ones (type 4)
 //! plain added tokens; and Gemma's SentencePiece vocabulary (`tokenizer.ggml.model = llama`) as BPE with byte fallback.
 
+use crate::bundle::{self, Bundle, TokenizerSettings};
 use crate::gguf::{Gguf, MetaValue};
 use avb_core::{AvbError, Result};
 use serde_json::json;
@@ -303,6 +304,41 @@ impl Tokenizer {
             post_processor: true,
             inner,
         })
+    }
+
+    /// The tokenizer of a web bundle: tokenizer.json plus the settings its manifest records.
+    pub fn from_bundle(b: &Bundle) -> Result<Tokenizer> {
+        let inner: tokenizers::Tokenizer = b.text(bundle::TOKENIZER)?.parse().map_err(|e| {
+            AvbError::corrupt(
+                b.name(),
+                format!("{} is not a tokenizers JSON file ({e})", bundle::TOKENIZER),
+            )
+        })?;
+        let t = &b.manifest.tokenizer;
+        Ok(Tokenizer {
+            inner,
+            bos: t.bos,
+            eos: t.eos,
+            add_bos: t.add_bos,
+            post_processor: t.post_processor,
+        })
+    }
+
+    /// tokenizer.json and the settings a web bundle records next to it.
+    pub fn bundle_parts(&self) -> Result<(String, TokenizerSettings)> {
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| AvbError::Invalid(format!("cannot serialize the tokenizer: {e}")))?;
+        Ok((
+            json,
+            TokenizerSettings {
+                bos: self.bos,
+                eos: self.eos,
+                add_bos: self.add_bos,
+                post_processor: self.post_processor,
+            },
+        ))
     }
 
     /// Token ids of `text`; special-token strings in the text map to their ids. With `add_special`, BOS is

@@ -6,11 +6,13 @@ use crate::protocol::{self, AvPrompt, ParseStatus};
 use crate::sidecar::{NlaMeta, Role};
 use avb_core::artifact::file_sha256;
 use avb_core::{AvbError, Result};
+use avb_model::bundle;
 use avb_model::registry;
 use avb_model::tokenizer::StreamDecoder;
 use avb_runtime::loader::{self, LoadedModel};
 use avb_runtime::{
-    generate, Control, Device, Finish, GenerateOptions, Injection, Input, Precision, Sampling,
+    generate, generate_async, Control, Device, Finish, GenerateOptions, Generation, Injection,
+    Input, Precision, Sampling,
 };
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -106,7 +108,8 @@ fn model_of(meta: &NlaMeta, sidecar: &Path) -> Result<String> {
 }
 
 /// A profile's scale was measured on one model file: refuse another one (a re-quantized or different checkpoint
-/// under the same name). Registry models are compared by their recorded sha256 (verified when fetched).
+/// under the same name). Registry models are compared by their recorded sha256 (verified when fetched), web
+/// bundles by the sha256 of the model they were packed from.
 fn check_profile_model(meta: &NlaMeta, model: &str, sidecar: &str) -> Result<()> {
     let Some(z) = &meta.avbridge else {
         return Ok(());
@@ -114,6 +117,8 @@ fn check_profile_model(meta: &NlaMeta, model: &str, sidecar: &str) -> Result<()>
     let path = Path::new(model);
     let actual = if path.is_file() {
         file_sha256(path)?
+    } else if bundle::is_bundle_dir(path) {
+        bundle::read_manifest(path)?.source.sha256
     } else if let Ok(a) = registry::find(model) {
         match a.files.first().and_then(|f| f.sha256.clone()) {
             Some(h) => h,
@@ -213,14 +218,7 @@ impl Verbalizer {
         })
     }
 
-    /// Explain every vector; `on_done(index, explanation)` runs as each batch finishes (for resumable output).
-    pub fn explain(
-        &self,
-        vectors: &[Vec<f32>],
-        opts: &ExplainOptions,
-        on_done: &mut dyn FnMut(usize, &Explanation) -> Result<()>,
-    ) -> Result<Vec<Explanation>> {
-        let stops = self.meta.stop_strings();
+    fn check_request(&self, vectors: &[Vec<f32>], opts: &ExplainOptions) -> Result<()> {
         if opts.max_new_tokens == 0 {
             return Err(AvbError::Invalid(
                 "a token budget of 0 would write empty explanations".into(),
@@ -235,77 +233,172 @@ impl Verbalizer {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// The batch of vectors `first..first + chunk.len()`: its inputs, generation options and streaming state.
+    fn batch(
+        &self,
+        chunk: &[Vec<f32>],
+        first: usize,
+        opts: &ExplainOptions,
+    ) -> Result<(Vec<Input>, GenerateOptions, BatchStream<'_>)> {
+        let gen = GenerateOptions {
+            max_new_tokens: opts.max_new_tokens,
+            sampling: opts.sampling.clone(),
+            stop_ids: self.lm.tokenizer.end_of_turn_ids(),
+            row_seeds: opts
+                .seeds
+                .as_ref()
+                .map(|s| s[first..first + chunk.len()].to_vec()),
+        };
+        let inputs = chunk
+            .iter()
+            .map(|v| self.input(v))
+            .collect::<Result<Vec<_>>>()?;
+        let stream = BatchStream {
+            verbalizer: self,
+            stops: self.meta.stop_strings(),
+            stop_ids: gen.stop_ids.clone(),
+            decoders: chunk
+                .iter()
+                .map(|_| StreamDecoder::new(&self.lm.tokenizer))
+                .collect(),
+            texts: vec![String::new(); chunk.len()],
+            failure: None,
+        };
+        Ok((inputs, gen, stream))
+    }
+
+    /// Explain every vector; `on_done(index, explanation)` runs as each batch finishes (for resumable output).
+    pub fn explain(
+        &self,
+        vectors: &[Vec<f32>],
+        opts: &ExplainOptions,
+        on_done: &mut dyn FnMut(usize, &Explanation) -> Result<()>,
+    ) -> Result<Vec<Explanation>> {
+        self.check_request(vectors, opts)?;
         let batch = opts.batch_size.max(1);
         let mut out = Vec::with_capacity(vectors.len());
         for (chunk_index, chunk) in vectors.chunks(batch).enumerate() {
-            let gen = GenerateOptions {
-                max_new_tokens: opts.max_new_tokens,
-                sampling: opts.sampling.clone(),
-                stop_ids: self.lm.tokenizer.end_of_turn_ids(),
-                row_seeds: opts
-                    .seeds
-                    .as_ref()
-                    .map(|s| s[chunk_index * batch..chunk_index * batch + chunk.len()].to_vec()),
-            };
-            let inputs = chunk
-                .iter()
-                .map(|v| self.input(v))
-                .collect::<Result<Vec<_>>>()?;
-            let mut decoders: Vec<StreamDecoder> = chunk
-                .iter()
-                .map(|_| StreamDecoder::new(&self.lm.tokenizer))
-                .collect();
-            let mut texts = vec![String::new(); chunk.len()];
-            let mut failure = None;
+            let first = chunk_index * batch;
+            let (inputs, gen, mut stream) = self.batch(chunk, first, opts)?;
             let gens = generate(&self.lm.model, &inputs, &gen, &mut |row, id| {
-                if gen.stop_ids.contains(&id) {
-                    return Control::Continue;
-                }
-                match decoders[row].push(id) {
-                    Ok(piece) => texts[row].push_str(&piece),
-                    Err(e) => {
-                        failure = Some(e);
-                        return Control::Stop;
-                    }
-                }
-                match stops
-                    .iter()
-                    .filter_map(|s| texts[row].find(s.as_str()).map(|i| i + s.len()))
-                    .min()
-                {
-                    Some(end) => {
-                        texts[row].truncate(end);
-                        Control::Stop
-                    }
-                    None => Control::Continue,
-                }
+                stream.on_token(row, id)
             })?;
-            if let Some(e) = failure {
-                return Err(e);
-            }
-            for (row, g) in gens.iter().enumerate() {
-                if g.finish != Finish::Callback {
-                    let tail = decoders[row].finish()?;
-                    texts[row].push_str(&tail);
-                }
-                let raw = std::mem::take(&mut texts[row]);
-                let (explanation, parse) =
-                    protocol::parse_explanation(&raw, self.meta.explanation_tags());
-                let e = Explanation {
-                    last_paragraph: protocol::last_paragraph(&explanation),
-                    explanation,
-                    raw,
-                    parse,
-                    tokens: g.ids.len(),
-                    finish: match g.finish {
-                        Finish::StopToken => "stop_token",
-                        Finish::Length => "length",
-                        Finish::Callback => "stop_string",
-                    },
-                };
-                on_done(chunk_index * batch + row, &e)?;
+            for (row, e) in stream.finish(&gens)?.into_iter().enumerate() {
+                on_done(first + row, &e)?;
                 out.push(e);
             }
+        }
+        Ok(out)
+    }
+
+    /// `explain` with asynchronous device reads (the browser's path). `on_text(index, text)` sees each vector's
+    /// text so far after every token; returning `Control::Stop` cancels that explanation.
+    pub async fn explain_async(
+        &self,
+        vectors: &[Vec<f32>],
+        opts: &ExplainOptions,
+        on_text: &mut dyn FnMut(usize, &str) -> Control,
+    ) -> Result<Vec<Explanation>> {
+        self.check_request(vectors, opts)?;
+        let batch = opts.batch_size.max(1);
+        let mut out = Vec::with_capacity(vectors.len());
+        for (chunk_index, chunk) in vectors.chunks(batch).enumerate() {
+            let first = chunk_index * batch;
+            let (inputs, gen, mut stream) = self.batch(chunk, first, opts)?;
+            let mut cancelled = vec![false; chunk.len()];
+            let gens = generate_async(&self.lm.model, &inputs, &gen, &mut |row, id| match stream
+                .on_token(row, id)
+            {
+                Control::Continue => {
+                    let control = on_text(first + row, stream.text(row));
+                    cancelled[row] = control == Control::Stop;
+                    control
+                }
+                Control::Stop => Control::Stop,
+            })
+            .await?;
+            for (mut e, cancelled) in stream.finish(&gens)?.into_iter().zip(cancelled) {
+                if cancelled {
+                    e.finish = "cancelled";
+                }
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The streaming state of one batch: incremental detokenization and stop strings per row.
+struct BatchStream<'v> {
+    verbalizer: &'v Verbalizer,
+    stops: Vec<String>,
+    stop_ids: Vec<u32>,
+    decoders: Vec<StreamDecoder<'v>>,
+    texts: Vec<String>,
+    failure: Option<AvbError>,
+}
+
+impl BatchStream<'_> {
+    /// Append a row's new token to its text; stop the row at a stop string (the text keeps it).
+    fn on_token(&mut self, row: usize, id: u32) -> Control {
+        if self.stop_ids.contains(&id) {
+            return Control::Continue;
+        }
+        match self.decoders[row].push(id) {
+            Ok(piece) => self.texts[row].push_str(&piece),
+            Err(e) => {
+                self.failure = Some(e);
+                return Control::Stop;
+            }
+        }
+        let text = &mut self.texts[row];
+        match self
+            .stops
+            .iter()
+            .filter_map(|s| text.find(s.as_str()).map(|i| i + s.len()))
+            .min()
+        {
+            Some(end) => {
+                text.truncate(end);
+                Control::Stop
+            }
+            None => Control::Continue,
+        }
+    }
+
+    fn text(&self, row: usize) -> &str {
+        &self.texts[row]
+    }
+
+    /// The explanations of the finished batch.
+    fn finish(mut self, gens: &[Generation]) -> Result<Vec<Explanation>> {
+        if let Some(e) = self.failure.take() {
+            return Err(e);
+        }
+        let tags = self.verbalizer.meta.explanation_tags();
+        let mut out = Vec::with_capacity(gens.len());
+        for (row, g) in gens.iter().enumerate() {
+            if g.finish != Finish::Callback {
+                let tail = self.decoders[row].finish()?;
+                self.texts[row].push_str(&tail);
+            }
+            let raw = std::mem::take(&mut self.texts[row]);
+            let (explanation, parse) = protocol::parse_explanation(&raw, tags);
+            out.push(Explanation {
+                last_paragraph: protocol::last_paragraph(&explanation),
+                explanation,
+                raw,
+                parse,
+                tokens: g.ids.len(),
+                finish: match g.finish {
+                    Finish::StopToken => "stop_token",
+                    Finish::Length => "length",
+                    Finish::Callback => "stop_string",
+                },
+            });
         }
         Ok(out)
     }

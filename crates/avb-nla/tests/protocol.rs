@@ -102,6 +102,89 @@ fn check_av(name: &str) {
     );
 }
 
+/// The browser's path (asynchronous device reads, streamed text) writes exactly what the blocking path writes.
+#[test]
+fn async_explanations_equal_the_blocking_ones() {
+    let g = Golden::open(&fixtures().join("golden.safetensors"));
+    let dir = fixtures().join("qwen2-av");
+    let av = Verbalizer::open(dir.to_str().unwrap(), &test_device(), Precision::F32).unwrap();
+    let (vector, _) = g.f32s("qwen2-av.vector");
+    let flipped: Vec<f32> = vector.iter().map(|x| -x).collect();
+    let shifted: Vec<f32> = vector
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x + (i % 7) as f32 * 0.1)
+        .collect();
+    let vectors = vec![vector, flipped, shifted];
+    let mut opts = av.default_options();
+    opts.max_new_tokens = 12;
+    opts.batch_size = 2;
+    let blocking = av.explain(&vectors, &opts, &mut |_, _| Ok(())).unwrap();
+    let mut streamed = vec![String::new(); vectors.len()];
+    let streaming =
+        futures_lite::future::block_on(av.explain_async(&vectors, &opts, &mut |i, text| {
+            assert!(
+                text.starts_with(streamed[i].as_str()),
+                "streamed text must only grow"
+            );
+            streamed[i] = text.to_string();
+            Control::Continue
+        }))
+        .unwrap();
+    for (i, (a, b)) in blocking.iter().zip(&streaming).enumerate() {
+        assert_eq!(
+            (&a.raw, a.tokens, a.finish),
+            (&b.raw, b.tokens, b.finish),
+            "vector {i}"
+        );
+        assert!(
+            a.raw.starts_with(streamed[i].as_str()),
+            "vector {i}: stream is a prefix of the text"
+        );
+    }
+    // Cancelling one explanation from the callback stops only that one.
+    let cancelled =
+        futures_lite::future::block_on(av.explain_async(&vectors, &opts, &mut |i, _| {
+            if i == 0 {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        }))
+        .unwrap();
+    assert!(blocking[0].tokens > 1);
+    assert_eq!((cancelled[0].finish, cancelled[0].tokens), ("cancelled", 1));
+    assert_eq!(cancelled[2].raw, blocking[2].raw);
+}
+
+/// A web bundle packed with its sidecar is a verbalizer on its own (`--source-av bundle/`), and explains exactly
+/// as the checkpoint does at the bundle's precision.
+#[test]
+fn a_bundle_with_its_sidecar_explains_like_the_checkpoint() {
+    let g = Golden::open(&fixtures().join("golden.safetensors"));
+    let dir = fixtures().join("qwen2-av");
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("bundle");
+    let opts = avb_runtime::pack::PackOptions {
+        sidecar: Some(std::fs::read_to_string(dir.join("nla_meta.yaml")).unwrap()),
+        ..Default::default()
+    };
+    avb_runtime::pack::pack_web(&dir, "qwen2-av", &bundle, &opts, &mut |_, _| {}).unwrap();
+    let original = Verbalizer::open(dir.to_str().unwrap(), &test_device(), Precision::Q8).unwrap();
+    let packed = Verbalizer::open(bundle.to_str().unwrap(), &test_device(), Precision::Q8).unwrap();
+    assert_eq!(original.prompt.ids, packed.prompt.ids);
+    let (vector, _) = g.f32s("qwen2-av.vector");
+    let mut opts = original.default_options();
+    opts.max_new_tokens = 12;
+    let a = original
+        .explain(std::slice::from_ref(&vector), &opts, &mut |_, _| Ok(()))
+        .unwrap();
+    let b = packed
+        .explain(&[vector], &opts, &mut |_, _| Ok(()))
+        .unwrap();
+    assert_eq!((&a[0].raw, a[0].tokens), (&b[0].raw, b[0].tokens));
+}
+
 #[test]
 fn qwen2_av_protocol_matches_the_reference() {
     check_av("qwen2-av");

@@ -5,10 +5,12 @@ use crate::{gemma3, llama, qwen2};
 use avb_core::io::RangeSource;
 use avb_core::{AvbError, Result};
 use avb_model::gguf::{Gguf, MetaValue};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Family {
     Qwen2,
     Llama,
@@ -16,7 +18,8 @@ pub enum Family {
 }
 
 /// How RoPE frequencies are derived from the base frequencies `1 / theta^(2i/d)`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RopeScaling {
     None,
     /// Divide every frequency by `factor` (Gemma-3's global layers in the 4B+ models).
@@ -34,7 +37,7 @@ pub enum RopeScaling {
     Divisors(Vec<f32>),
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Rope {
     pub theta: f32,
     pub scaling: RopeScaling,
@@ -77,7 +80,8 @@ impl Rope {
     }
 }
 
-#[derive(Clone, Debug)]
+/// Serialized as is into web bundles (their `config`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModelConfig {
     pub family: Family,
     pub vocab_size: usize,

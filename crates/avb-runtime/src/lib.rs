@@ -2,7 +2,8 @@
 //! `Device` it is loaded onto (CPU via burn-flex, wgpu/WebGPU, CUDA), chosen by cargo features and at run time.
 //!
 //! Families, one file each: [`qwen2`], [`llama`], [`gemma3`]. Weights come from GGUF or Hugging Face
-//! checkpoints ([`weights`]); [`model`] holds the shared decoder with capture and injection.
+//! checkpoints or web bundles ([`weights`], packed by [`pack`]); [`model`] holds the shared decoder with capture
+//! and injection.
 
 pub mod bert;
 pub mod capture;
@@ -12,11 +13,14 @@ pub mod generate;
 pub mod llama;
 pub mod loader;
 pub mod model;
+pub mod pack;
 pub mod qwen2;
 pub mod weights;
 
 pub use bert::SentenceEmbedder;
 pub use burn::tensor::Device;
 pub use config::{Family, ModelConfig};
-pub use generate::{generate, Control, Finish, GenerateOptions, Generation, Sampling};
+pub use generate::{
+    generate, generate_async, Control, Decoder, Finish, GenerateOptions, Generation, Sampling,
+};
 pub use model::{Injection, Input, KvCache, Model, Precision};

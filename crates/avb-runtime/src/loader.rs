@@ -4,7 +4,7 @@
 use crate::model::{Model, Precision};
 use crate::weights::WeightSource;
 use avb_core::{AvbError, Result};
-use avb_model::chat::ChatTemplate;
+use avb_model::chat::{ChatTemplate, Message};
 use avb_model::registry;
 use avb_model::tokenizer::Tokenizer;
 use burn::tensor::Device;
@@ -17,6 +17,21 @@ pub struct LoadedModel {
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub chat: Option<ChatTemplate>,
+}
+
+impl LoadedModel {
+    /// The ids of `prompt`: as a user turn in the model's chat template (rendered and tokenized in one step, so
+    /// the template's own BOS is not doubled), or as plain text with the model's special tokens.
+    pub fn prompt_ids(&self, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+        if !chat {
+            return self.tokenizer.encode(prompt, true);
+        }
+        let template = self.chat.as_ref().ok_or_else(|| {
+            AvbError::Invalid(format!("{} has no chat template; drop --chat", self.name))
+        })?;
+        let text = template.render(&[Message::new("user", prompt)], true)?;
+        self.tokenizer.encode(&text, false)
+    }
 }
 
 /// Resolve `spec` to a path: an existing file or directory, else a registry name (fetched if not cached).
@@ -37,16 +52,27 @@ pub fn resolve(spec: &str) -> Result<(String, PathBuf)> {
     Ok((spec.to_string(), registry::ensure(spec)?))
 }
 
+/// The tokenizer and chat template that belong to `src` (read from `path`, the file or directory it came from).
+pub fn tokenizer_and_template(
+    src: &WeightSource,
+    path: &Path,
+) -> Result<(Tokenizer, Option<ChatTemplate>)> {
+    if let Some(g) = src.gguf() {
+        return Ok((Tokenizer::from_gguf(g, path)?, ChatTemplate::from_gguf(g)?));
+    }
+    if let Some(b) = src.bundle() {
+        return Ok((Tokenizer::from_bundle(b)?, ChatTemplate::from_bundle(b)?));
+    }
+    Ok((
+        Tokenizer::from_hf_dir(path)?,
+        ChatTemplate::from_hf_dir(path)?,
+    ))
+}
+
 pub fn open(spec: &str, device: &Device, precision: Precision) -> Result<LoadedModel> {
     let (name, path) = resolve(spec)?;
     let (src, config) = WeightSource::open(&path)?;
-    let (tokenizer, chat) = match src.gguf() {
-        Some(g) => (Tokenizer::from_gguf(g, &path)?, ChatTemplate::from_gguf(g)?),
-        None => (
-            Tokenizer::from_hf_dir(&path)?,
-            ChatTemplate::from_hf_dir(&path)?,
-        ),
-    };
+    let (tokenizer, chat) = tokenizer_and_template(&src, &path)?;
     if tokenizer.vocab_size() > config.vocab_size {
         return Err(AvbError::dimension(
             format!("{} tokenizer", path.display()),

@@ -7,7 +7,9 @@
 
 use crate::config::{Family, ModelConfig};
 use crate::weights::{LayerTensor, TensorId, WeightSource};
+use avb_core::matrix::transpose;
 use avb_core::{AvbError, Result};
+use avb_model::bundle::{self, Bits};
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
 use burn::tensor::{activation, module, Bool, Device, Int, Tensor, TensorData};
 use std::path::Path;
@@ -38,9 +40,12 @@ impl Input {
     }
 }
 
-/// How the projection matrices and the LM head are held on the device. The embedding table stays f32. Blocks run
-/// along the last dimension of the [in, out] matrices (the output dimension): CubeCL's quantized kernels need
-/// blocks along the innermost dimension, and GGUF's layout (blocks along `in`) would need [out, in] storage.
+/// How the projection matrices and the LM head are held on the device. Blocks run along the last dimension of the
+/// [in, out] matrices (the output dimension): CubeCL's quantized kernels need blocks along the innermost dimension,
+/// and GGUF's layout (blocks along `in`) would need [out, in] storage. The embedding table is 8-bit at both compact
+/// precisions (blocks along d) and held in f32 for lookups. On the CPU backend the quantized values are held in f32
+/// storage: burn-flex's quantized matmul dequantizes the whole weight on every call (SmolLM2's first token took
+/// 8 s instead of 0.13 s), and the f32 matmul over the same values gives the same numbers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
     /// The exact path: f32 weights, parity with transformers' float32 run.
@@ -53,7 +58,13 @@ pub enum Precision {
 }
 
 impl Precision {
-    pub const BLOCK: u8 = 32;
+    fn bits(self) -> Option<Bits> {
+        match self {
+            Precision::F32 => None,
+            Precision::Q8 => Some(Bits::Q8),
+            Precision::Q4 => Some(Bits::Q4),
+        }
+    }
 
     fn scheme(self) -> Option<QuantScheme> {
         let value = match self {
@@ -65,7 +76,7 @@ impl Precision {
             QuantScheme::default()
                 .with_value(value)
                 .with_store(QuantStore::PackedU32(0))
-                .per_block([Self::BLOCK], ScaleDtype::F32),
+                .per_block([bundle::BLOCK as u8], ScaleDtype::F32),
         )
     }
 }
@@ -81,22 +92,6 @@ impl Linear {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         module::linear(x, self.weight.clone(), self.bias.clone())
     }
-}
-
-/// Row-major [rows, cols] -> [cols, rows], in cache-sized tiles.
-fn transpose_host(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const TILE: usize = 64;
-    let mut out = vec![0f32; data.len()];
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    out[c * rows + r] = data[r * cols + c];
-                }
-            }
-        }
-    }
-    out
 }
 
 struct Block {
@@ -155,6 +150,16 @@ fn tensor1(data: Vec<f32>, device: &Device) -> Tensor<1> {
     Tensor::from_data(TensorData::new(data, [n]), device)
 }
 
+#[cfg(feature = "cpu")]
+fn on_cpu_backend(device: &Device) -> bool {
+    *device == Device::flex()
+}
+
+#[cfg(not(feature = "cpu"))]
+fn on_cpu_backend(_device: &Device) -> bool {
+    false
+}
+
 /// x * rsqrt(mean(x^2) + eps) * w over the last dimension.
 fn rms_norm<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps: f32) -> Tensor<D> {
     let mean_square = x.clone().square().mean_dim(D - 1);
@@ -194,7 +199,7 @@ impl Model {
         device: &Device,
         precision: Precision,
     ) -> Result<Model> {
-        if precision == Precision::Q4 && *device != Device::flex() {
+        if precision == Precision::Q4 && !on_cpu_backend(device) {
             // burn-cubecl 0.22.1 picks a 4-bit matmul kernel that asks for 72 KiB of shared memory where wgpu allows
             // 48 KiB, and panics (seen on an H100 through Vulkan). avb's own quantized kernels will lift this.
             return Err(AvbError::Invalid(
@@ -208,18 +213,26 @@ impl Model {
         let gemma = c.family == Family::Gemma3;
         let norm_offset = if gemma { 1.0 } else { 0.0 };
         let scheme = precision.scheme();
-        let compact = |t: Tensor<2>| match &scheme {
-            Some(s) if t.dims()[1] % usize::from(Precision::BLOCK) == 0 => t.quantize_dynamic(s),
-            _ => t,
+        let host_quantized = on_cpu_backend(device);
+        // Row-major [in, out] weights, quantized in blocks along `out` on the compact path.
+        let compact = |w: Vec<f32>, shape: [usize; 2]| match (precision.bits(), &scheme) {
+            (Some(bits), Some(s)) if shape[1] % bundle::BLOCK == 0 => {
+                if host_quantized {
+                    let (packed, scales) = bundle::quantize(&w, bits);
+                    tensor2(
+                        bundle::dequantize(&packed, &scales, bits, w.len()),
+                        shape,
+                        device,
+                    )
+                } else {
+                    tensor2(w, shape, device).quantize_dynamic(s)
+                }
+            }
+            _ => tensor2(w, shape, device),
         };
-        // [out, in] from the file, [in, out] on the device (quantized in blocks along `out` on the compact path).
+        // [out, in] from the file, [in, out] on the device.
         let read_t = |id: TensorId, [out, inp]: [usize; 2]| -> Result<Tensor<2>> {
-            let w = src.read(c, id, &[out, inp])?;
-            Ok(compact(tensor2(
-                transpose_host(&w, out, inp),
-                [inp, out],
-                device,
-            )))
+            Ok(compact(src.read_transposed(c, id, [out, inp])?, [inp, out]))
         };
         let read_norm = |id: TensorId, n: usize| -> Result<Tensor<1>> {
             let mut w = src.read(c, id, &[n])?;
@@ -269,13 +282,13 @@ impl Model {
                 window: c.windows[l],
             });
         }
-        let embed_rows = src.read(c, TensorId::Embed, &[c.vocab_size, d])?;
+        let mut embed_rows = src.read(c, TensorId::Embed, &[c.vocab_size, d])?;
+        if scheme.is_some() && d % bundle::BLOCK == 0 {
+            let (packed, scales) = bundle::quantize(&embed_rows, Bits::Q8);
+            embed_rows = bundle::dequantize(&packed, &scales, Bits::Q8, embed_rows.len());
+        }
         let head = if c.tie_embeddings && !src.has(c, TensorId::Head) {
-            compact(tensor2(
-                transpose_host(&embed_rows, c.vocab_size, d),
-                [d, c.vocab_size],
-                device,
-            ))
+            compact(transpose(&embed_rows, c.vocab_size, d), [d, c.vocab_size])
         } else {
             read_t(TensorId::Head, [c.vocab_size, d])?
         };

@@ -1,11 +1,14 @@
-//! Where the decoder's tensors come from: a GGUF file (llama.cpp names, dequantized to f32) or a Hugging Face
-//! checkpoint directory (safetensors, f32/f16/bf16). Both are read through logical tensor ids, returned in the
+//! Where the decoder's tensors come from: a GGUF file (llama.cpp names, dequantized to f32), a Hugging Face
+//! checkpoint directory (safetensors, f32/f16/bf16) or an avbridge web bundle (a directory with manifest.json;
+//! Hugging Face tensor names, quantized blocks). All are read through logical tensor ids, returned in the
 //! Hugging Face convention (row-major [out, in], Llama Q/K in rotate-half order, Gemma norm weights as w).
 
 use crate::config::{Family, ModelConfig};
 use crate::llama;
 use avb_core::io::{FileSource, RangeSource};
+use avb_core::matrix::transpose;
 use avb_core::{AvbError, Result};
+use avb_model::bundle::{self, Bundle};
 use avb_model::checkpoint::Checkpoint;
 use avb_model::gguf::Gguf;
 use std::path::Path;
@@ -70,7 +73,7 @@ fn gguf_name(id: TensorId) -> String {
 }
 
 /// `prefix` is what precedes `embed_tokens.weight` (`model.`, or `model.language_model.` in multimodal Gemma-3).
-fn hf_name(family: Family, prefix: &str, id: TensorId) -> String {
+pub(crate) fn hf_name(family: Family, prefix: &str, id: TensorId) -> String {
     use LayerTensor::*;
     let (layer, t) = match id {
         TensorId::Embed => return format!("{prefix}embed_tokens.weight"),
@@ -100,15 +103,65 @@ fn hf_name(family: Family, prefix: &str, id: TensorId) -> String {
     format!("{prefix}layers.{layer}.{name}")
 }
 
+/// What precedes `embed_tokens.weight` in a web bundle.
+pub(crate) const BUNDLE_PREFIX: &str = "model.";
+
 pub enum WeightSource {
     Gguf { gguf: Gguf, src: FileSource },
     Hf { ckpt: Checkpoint, prefix: String },
+    Bundle(Box<Bundle>),
+}
+
+/// Every tensor the decoder reads, with its logical shape ([out, in] for linear weights). The LM head is listed
+/// only for models that do not tie it to the embedding.
+pub fn model_tensors(c: &ModelConfig, separate_head: bool) -> Vec<(TensorId, Vec<usize>)> {
+    use LayerTensor::*;
+    let (d, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
+    let (q_out, kv_out) = (c.num_heads * hd, c.num_kv_heads * hd);
+    let gemma = c.family == Family::Gemma3;
+    let mut out = vec![(TensorId::Embed, vec![c.vocab_size, d])];
+    for l in 0..c.num_layers {
+        let mut layer = vec![
+            (AttnNorm, vec![d]),
+            (Q, vec![q_out, d]),
+            (K, vec![kv_out, d]),
+            (V, vec![kv_out, d]),
+            (O, vec![d, q_out]),
+            (PreFfnNorm, vec![d]),
+            (Gate, vec![inter, d]),
+            (Up, vec![inter, d]),
+            (Down, vec![d, inter]),
+        ];
+        if c.qkv_bias {
+            layer.extend([
+                (QBias, vec![q_out]),
+                (KBias, vec![kv_out]),
+                (VBias, vec![kv_out]),
+            ]);
+        }
+        if gemma {
+            layer.extend([
+                (QNorm, vec![hd]),
+                (KNorm, vec![hd]),
+                (PostAttnNorm, vec![d]),
+                (PostFfnNorm, vec![d]),
+            ]);
+        }
+        out.extend(layer.into_iter().map(|(t, s)| (TensorId::Layer(l, t), s)));
+    }
+    out.push((TensorId::FinalNorm, vec![d]));
+    if separate_head {
+        out.push((TensorId::Head, vec![c.vocab_size, d]));
+    }
+    out
 }
 
 impl WeightSource {
     /// A `.gguf` file or a Hugging Face checkpoint directory, with the configuration it implies.
     pub fn open(path: &Path) -> Result<(WeightSource, ModelConfig)> {
-        if path.is_dir() {
+        if bundle::is_bundle_dir(path) {
+            WeightSource::from_bundle(Bundle::open_dir(path)?)
+        } else if path.is_dir() {
             let ckpt = Checkpoint::open(path)?;
             let cfg = ModelConfig::from_hf(&ckpt.config, &path.join("config.json"))?;
             let prefix = ckpt
@@ -130,10 +183,37 @@ impl WeightSource {
         }
     }
 
+    /// A web bundle opened from a directory or from fetched files, with the configuration its manifest records.
+    pub fn from_bundle(bundle: Bundle) -> Result<(WeightSource, ModelConfig)> {
+        let config: ModelConfig =
+            serde_json::from_value(bundle.manifest.config.clone()).map_err(|e| {
+                AvbError::corrupt(
+                    bundle.name(),
+                    format!(
+                        "the manifest's `config` is not a model configuration this avb reads ({e})"
+                    ),
+                )
+            })?;
+        if config.windows.len() != config.num_layers || config.num_heads == 0 {
+            return Err(AvbError::corrupt(
+                bundle.name(),
+                "the manifest's `config` is inconsistent (one window entry per layer, at least one head)",
+            ));
+        }
+        Ok((WeightSource::Bundle(Box::new(bundle)), config))
+    }
+
     pub fn gguf(&self) -> Option<&Gguf> {
         match self {
             WeightSource::Gguf { gguf, .. } => Some(gguf),
-            WeightSource::Hf { .. } => None,
+            _ => None,
+        }
+    }
+
+    pub fn bundle(&self) -> Option<&Bundle> {
+        match self {
+            WeightSource::Bundle(b) => Some(b),
+            _ => None,
         }
     }
 
@@ -143,6 +223,22 @@ impl WeightSource {
             WeightSource::Hf { ckpt, prefix } => {
                 ckpt.info(&hf_name(cfg.family, prefix, id)).is_ok()
             }
+            WeightSource::Bundle(b) => b.has(&hf_name(cfg.family, BUNDLE_PREFIX, id)),
+        }
+    }
+
+    /// A logical [out, in] weight as [in, out]: the layout the runtime multiplies by, and the one bundles store.
+    pub fn read_transposed(
+        &self,
+        cfg: &ModelConfig,
+        id: TensorId,
+        shape: [usize; 2],
+    ) -> Result<Vec<f32>> {
+        match self {
+            WeightSource::Bundle(b) => {
+                b.read_transposed(&hf_name(cfg.family, BUNDLE_PREFIX, id), shape)
+            }
+            _ => Ok(transpose(&self.read(cfg, id, &shape)?, shape[0], shape[1])),
         }
     }
 
@@ -152,6 +248,7 @@ impl WeightSource {
             WeightSource::Hf { ckpt, prefix } => {
                 ckpt.read_f32(&hf_name(cfg.family, prefix, id), shape)
             }
+            WeightSource::Bundle(b) => b.read(&hf_name(cfg.family, BUNDLE_PREFIX, id), shape),
             WeightSource::Gguf { gguf, src } => {
                 let name = gguf_name(id);
                 let t = gguf.tensor(&name).ok_or_else(|| {

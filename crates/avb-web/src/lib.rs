@@ -1,0 +1,299 @@
+//! avbridge in the browser: a wasm-bindgen API over the runtime and verbalizer code the native `avb` runs, on
+//! WebGPU. The page's loader (web/avb.js) downloads a web bundle's files (progress, Cache Storage) and hands their
+//! bytes here; the sha256 checks, the model, the prompt protocol, the cross-model step (ridge map and washout,
+//! through avb-nla's `plan`) and decoding are the same Rust code as the CLI's. Built only for wasm32.
+#![cfg(target_arch = "wasm32")]
+
+use avb_core::artifact::{sha256_hex, Artifact, Body};
+use avb_core::io::{BytesSource, RangeSource};
+use avb_core::ridge::AffineMap;
+use avb_core::AvbError;
+use avb_model::bundle::{Bits, Bundle, Manifest};
+use avb_nla::explain::{plan, Condition, Feature, PlanInputs};
+use avb_nla::{NlaMeta, Verbalizer};
+use avb_runtime::loader::{tokenizer_and_template, LoadedModel};
+use avb_runtime::weights::WeightSource;
+use avb_runtime::{
+    generate_async, Control, Device, GenerateOptions, Input, Model, Precision, Sampling,
+};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use wasm_bindgen::prelude::*;
+
+fn js_err(e: AvbError) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+thread_local! {
+    static DEVICE: RefCell<Option<Device>> = const { RefCell::new(None) };
+}
+
+/// Acquire the WebGPU device once; later calls reuse it.
+#[wasm_bindgen(js_name = initGpu)]
+pub async fn init_gpu() -> Result<(), JsError> {
+    if DEVICE.with(|d| d.borrow().is_some()) {
+        return Ok(());
+    }
+    let device = Device::wgpu_options().init_async().await.map_err(|e| {
+        JsError::new(&format!(
+            "WebGPU is not available here ({e}). Use a browser with WebGPU enabled (Chrome or Edge 113+; Chromium with --enable-unsafe-webgpu)."
+        ))
+    })?;
+    DEVICE.with(|d| *d.borrow_mut() = Some(device));
+    Ok(())
+}
+
+fn device() -> Result<Device, JsError> {
+    DEVICE
+        .with(|d| d.borrow().clone())
+        .ok_or_else(|| JsError::new("the GPU is not initialised: await initGpu() first"))
+}
+
+/// The bytes of every file `manifest` lists, taken from a JS Map (file name -> Uint8Array).
+fn sources(
+    manifest: &Manifest,
+    files: &js_sys::Map,
+) -> Result<BTreeMap<String, Box<dyn RangeSource>>, JsError> {
+    let mut out: BTreeMap<String, Box<dyn RangeSource>> = BTreeMap::new();
+    for name in manifest.files.keys() {
+        let value = files.get(&JsValue::from_str(name));
+        if value.is_undefined() {
+            return Err(JsError::new(&format!("{name} was not downloaded")));
+        }
+        let bytes = js_sys::Uint8Array::new(&value).to_vec();
+        out.insert(
+            name.clone(),
+            Box::new(BytesSource::new(name.as_str(), bytes)),
+        );
+    }
+    Ok(out)
+}
+
+/// A verbalizer from a web bundle that carries its sidecar.
+#[wasm_bindgen]
+pub struct WebVerbalizer {
+    av: Verbalizer,
+    precision: Precision,
+}
+
+#[wasm_bindgen]
+impl WebVerbalizer {
+    /// `manifest`: manifest.json's bytes; `files`: a Map from every file name it lists to that file's bytes;
+    /// `precision`: "bundle" (the bundle's 8- or 4-bit weights) or "f32" (the same values in f32 storage, for
+    /// adapters whose quantized kernels fail).
+    pub fn open(
+        manifest: &[u8],
+        files: js_sys::Map,
+        precision: &str,
+    ) -> Result<WebVerbalizer, JsError> {
+        let name = PathBuf::from("bundle");
+        let manifest = Manifest::parse(manifest, &name.join("manifest.json")).map_err(js_err)?;
+        let files = sources(&manifest, &files)?;
+        let bundle = Bundle::from_sources(manifest, name.clone(), files).map_err(js_err)?;
+        let sidecar = bundle.manifest.sidecar.clone().ok_or_else(|| {
+            JsError::new("this bundle carries no verbalizer sidecar; pack it with `avb pack-web --profile ...`")
+        })?;
+        let text = bundle.text(&sidecar).map_err(js_err)?;
+        let meta = NlaMeta::from_yaml(&text, &name.join(&sidecar)).map_err(js_err)?;
+        if let Some(z) = &meta.avbridge {
+            if z.model_sha256 != bundle.manifest.source.sha256 {
+                return Err(JsError::new(&format!(
+                    "the bundle's sidecar was measured on a model with sha256 {} but the bundle holds {}; repack it with a profile for this model",
+                    z.model_sha256, bundle.manifest.source.sha256
+                )));
+            }
+        }
+        let precision = match (precision, bundle.manifest.precision) {
+            ("f32", _) => Precision::F32,
+            ("bundle", Bits::Q8) => Precision::Q8,
+            ("bundle", Bits::Q4) => Precision::Q4,
+            (other, _) => {
+                return Err(JsError::new(&format!(
+                    "precision `{other}`: use \"bundle\" or \"f32\""
+                )))
+            }
+        };
+        let model_name = bundle.manifest.source.name.clone();
+        let (src, config) = WeightSource::from_bundle(bundle).map_err(js_err)?;
+        let model = Model::from_source(&src, config, &device()?, precision).map_err(js_err)?;
+        let (tokenizer, chat) = tokenizer_and_template(&src, &name).map_err(js_err)?;
+        let lm = LoadedModel {
+            name: model_name,
+            path: name,
+            model,
+            tokenizer,
+            chat,
+        };
+        let av = Verbalizer::new(meta, lm, sidecar, sha256_hex(text.as_bytes())).map_err(js_err)?;
+        Ok(WebVerbalizer { av, precision })
+    }
+
+    /// Model, site and precision as JSON.
+    pub fn info(&self) -> String {
+        let c = &self.av.lm.model.config;
+        serde_json::json!({
+            "model": self.av.lm.name,
+            "d_model": c.hidden_size,
+            "layers": c.num_layers,
+            "injection_layer": self.av.meta.injection_layer(),
+            "injection_norm": self.av.meta.injection_norm(),
+            "precision": format!("{:?}", self.precision).to_lowercase(),
+        })
+        .to_string()
+    }
+
+    /// Verbalize one vector of this model's residual space. `on_text(text)` sees the text so far after every
+    /// token; returning `false` from it cancels. Resolves to the explanation as JSON (the fields of a native
+    /// `avb explain` record's explanation).
+    pub async fn explain(
+        &self,
+        vector: Vec<f32>,
+        max_new_tokens: u32,
+        on_text: js_sys::Function,
+    ) -> Result<String, JsError> {
+        let mut opts = self.av.default_options();
+        if max_new_tokens > 0 {
+            opts.max_new_tokens = max_new_tokens as usize;
+        }
+        opts.batch_size = 1;
+        let out = self
+            .av
+            .explain_async(&[vector], &opts, &mut |_, text| {
+                control(on_text.call1(&JsValue::NULL, &JsValue::from_str(text)))
+            })
+            .await
+            .map_err(js_err)?;
+        serde_json::to_string(&out[0]).map_err(|e| JsError::new(&e.to_string()))
+    }
+
+    /// Greedy continuation of `prompt` (a user turn in the chat template when `chat`), what `avb generate`
+    /// prints natively for the same bundle. `on_token(id)` sees every token; returning `false` cancels.
+    /// Resolves to the generated ids.
+    pub async fn generate(
+        &self,
+        prompt: &str,
+        chat: bool,
+        max_new_tokens: u32,
+        on_token: js_sys::Function,
+    ) -> Result<Vec<u32>, JsError> {
+        let lm = &self.av.lm;
+        let ids = lm.prompt_ids(prompt, chat).map_err(js_err)?;
+        let opts = GenerateOptions {
+            max_new_tokens: max_new_tokens as usize,
+            sampling: Sampling::Greedy,
+            stop_ids: lm.tokenizer.eos.into_iter().collect(),
+            row_seeds: None,
+        };
+        let out = generate_async(&lm.model, &[Input::ids(ids)], &opts, &mut |_, id| {
+            control(on_token.call1(&JsValue::NULL, &JsValue::from(id)))
+        })
+        .await
+        .map_err(js_err)?;
+        Ok(out.into_iter().next().map(|g| g.ids).unwrap_or_default())
+    }
+
+    /// Text of token ids.
+    pub fn decode(&self, ids: Vec<u32>) -> Result<String, JsError> {
+        self.av.lm.tokenizer.decode(&ids).map_err(js_err)
+    }
+}
+
+/// A callback's answer: `false` stops, anything else (or a throw) goes on.
+fn control(answer: Result<JsValue, JsValue>) -> Control {
+    match answer {
+        Ok(v) if v == JsValue::FALSE => Control::Stop,
+        _ => Control::Continue,
+    }
+}
+
+/// The cross-model step: a ridge map from the feature model's residual space into the AV's, and the AV model's
+/// washout vector.
+#[wasm_bindgen]
+pub struct CrossMap {
+    map: AffineMap,
+    washout: Option<Vec<f32>>,
+}
+
+fn artifact(bytes: Vec<u8>, name: &str) -> Result<Artifact, JsError> {
+    let a = Artifact::from_source(Box::new(BytesSource::new(name, bytes))).map_err(js_err)?;
+    a.verify().map_err(js_err)?;
+    Ok(a)
+}
+
+#[wasm_bindgen]
+impl CrossMap {
+    /// A ridge-map artifact (`avb fit-map`) and optionally a washout artifact (`avb washout`), as bytes.
+    pub fn open(map: Vec<u8>, washout: Option<Vec<u8>>) -> Result<CrossMap, JsError> {
+        let art = artifact(map, "map.safetensors")?;
+        let Body::RidgeMap(meta) = art.meta.body.clone() else {
+            return Err(JsError::new(
+                "the map file is not a ridge_map artifact (make one with `avb fit-map`)",
+            ));
+        };
+        let weight = art.read_matrix("weight").map_err(js_err)?;
+        let (_, bias) = art.read_tensor("bias").map_err(js_err)?;
+        let washout = match washout {
+            Some(bytes) => {
+                let w = artifact(bytes, "washout.safetensors")?;
+                let Body::Washout(wm) = w.meta.body.clone() else {
+                    return Err(JsError::new(
+                        "the washout file is not a washout artifact (make one with `avb washout`)",
+                    ));
+                };
+                if wm.space.d != meta.target.d {
+                    return Err(JsError::new(&format!(
+                        "the washout has d = {} but the map targets d = {}: make both for the AV's model and layer",
+                        wm.space.d, meta.target.d
+                    )));
+                }
+                Some(w.read_tensor("washout").map_err(js_err)?.1)
+            }
+            None => None,
+        };
+        Ok(CrossMap {
+            map: AffineMap { weight, bias },
+            washout,
+        })
+    }
+
+    /// The vector the AV reads for `direction` (a feature's decoder row in the source space) under `condition`
+    /// ("cross" or "cross-washout", with `washout_weight`), computed by the CLI's own planner.
+    pub fn vector(
+        &self,
+        direction: Vec<f32>,
+        condition: &str,
+        washout_weight: f64,
+    ) -> Result<Vec<f32>, JsError> {
+        let condition = Condition::parse(condition).map_err(js_err)?;
+        let features = [Feature {
+            id: "feature".into(),
+            label: None,
+            vector: direction,
+        }];
+        let jobs = plan(&PlanInputs {
+            features: &features,
+            conditions: &[condition],
+            map: Some(&self.map),
+            washout: self.washout.as_deref(),
+            washout_weights: &[washout_weight],
+            n_random: 0,
+            random_seed: 0,
+        })
+        .map_err(js_err)?;
+        jobs.into_iter()
+            .next()
+            .map(|j| j.vector)
+            .ok_or_else(|| JsError::new(&format!("condition {} gives no vector", condition.name())))
+    }
+
+    #[wasm_bindgen(getter, js_name = dSource)]
+    pub fn d_source(&self) -> usize {
+        self.map.d_src()
+    }
+
+    #[wasm_bindgen(getter, js_name = dTarget)]
+    pub fn d_target(&self) -> usize {
+        self.map.d_tgt()
+    }
+}
