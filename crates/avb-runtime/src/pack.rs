@@ -13,6 +13,7 @@ use avb_model::bundle::{
     self, part_name, scales_name, Bits, Encoding, FileEntry, Manifest, Part, SourceModel,
     TensorEntry, BLOCK,
 };
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -101,12 +102,17 @@ fn write_file(
     files: &mut BTreeMap<String, FileEntry>,
 ) -> Result<()> {
     write_atomic(&dir.join(file), parts)?;
-    let joined = parts.concat();
+    let mut hasher = Sha256::new();
+    parts.iter().for_each(|p| hasher.update(p));
     files.insert(
         file.to_string(),
         FileEntry {
-            bytes: joined.len() as u64,
-            sha256: sha256_hex(&joined),
+            bytes: parts.iter().map(|p| p.len() as u64).sum(),
+            sha256: hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
         },
     );
     Ok(())
