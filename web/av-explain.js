@@ -111,7 +111,7 @@ class AvExplain extends HTMLElement {
       const rate = tokens > 1 ? (tokens - 1) / ((performance.now() - first) / 1000) : 0;
       this.$('.text').textContent = result.explanation;
       this.$('.stats').textContent =
-        `${result.tokens} tokens in ${seconds.toFixed(1)} s (first token ${((first - started) / 1000).toFixed(1)} s, ${rate.toFixed(1)} tokens/s), ${result.finish}`;
+        `${result.tokens} tokens in ${seconds.toFixed(1)} s (first token ${((first - started) / 1000).toFixed(1)} s, ${rate.toPrecision(2)} tokens/s), ${result.finish}`;
       this.status('');
       this.dispatchEvent(new CustomEvent('av-done', { detail: result }));
     } catch (e) {

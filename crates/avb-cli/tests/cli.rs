@@ -597,18 +597,16 @@ fn fit_tiny_map(out: &Path, lambda: &str, target_layer: &str) {
     ]);
 }
 
-/// explain -> resume -> eval on the tiny NLA checkpoints (gemma3-av explains its own features, qwen2-av the
-/// mapped ones), and the explain-time checks of maps, washouts and feature dimensions.
-#[test]
-fn explain_and_eval_on_tiny_verbalizers() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = |n: &str| dir.path().join(n);
+/// In `dir`: labelled random features of gemma3-av's block 2 (`features.npy`, one row per label), a ridge map
+/// from there to qwen2-av's block 2 (`map.safetensors`) and a washout of qwen2-av's block 2.
+fn cross_inputs(dir: &Path, labels: &[&str]) {
+    let p = |n: &str| dir.join(n);
     write_npy(&p("src.npy"), 80, 64, 1);
     write_npy(&p("tgt.npy"), 80, 64, 2);
-    write_npy(&p("features.npy"), 4, 64, 3);
+    write_npy(&p("features.npy"), labels.len(), 64, 3);
     std::fs::write(
         p("features.labels.json"),
-        r#"["war and battles", "cooking", "music", "religion"]"#,
+        serde_json::to_string(labels).unwrap(),
     )
     .unwrap();
     fit_tiny_map(&p("map.safetensors"), "10", "2");
@@ -623,6 +621,18 @@ fn explain_and_eval_on_tiny_verbalizers() {
         "--layer",
         "2",
     ]);
+}
+
+/// explain -> resume -> eval on the tiny NLA checkpoints (gemma3-av explains its own features, qwen2-av the
+/// mapped ones), and the explain-time checks of maps, washouts and feature dimensions.
+#[test]
+fn explain_and_eval_on_tiny_verbalizers() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    cross_inputs(
+        dir.path(),
+        &["war and battles", "cooking", "music", "religion"],
+    );
     let (gemma, qwen) = (nla_fixture("gemma3-av"), nla_fixture("qwen2-av"));
     let out = p("explanations.jsonl");
     let explain = |out: &Path| {
@@ -781,4 +791,254 @@ fn explain_and_eval_on_tiny_verbalizers() {
         &a2.iter().map(String::as_str).collect::<Vec<_>>(),
         "not the one the explanations were made from",
     );
+}
+
+/// GET `path` (with an optional Range header) from a local server; returns the status line, headers and body.
+fn http_get(port: u16, path: &str, range: Option<&str>) -> (String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let range = range.map_or(String::new(), |r| format!("range: {r}\r\n"));
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nhost: x\r\n{range}connection: close\r\n\r\n"
+    )
+    .unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    (
+        String::from_utf8_lossy(&raw[..split]).into_owned(),
+        raw[split + 4..].to_vec(),
+    )
+}
+
+/// `avb site build` on the tiny qwen2-av verbalizer packed as a bundle, with mapped features of another model: the
+/// pages, widgets and copies it writes, what it refuses (each with its message, nothing left behind), and
+/// `avb site serve` (files, byte ranges, 404s, no escape from the site directory).
+#[test]
+fn site_build_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    cross_inputs(
+        dir.path(),
+        &["war <script>alert(1)</script>", "cooking & baking", "music"],
+    );
+    fit_tiny_map(&p("map_l1.safetensors"), "10", "1");
+    let qwen = nla_fixture("qwen2-av");
+    let bundle = p("qwen2-av");
+    ok(&[
+        "pack-web",
+        "--model",
+        &qwen,
+        "--profile",
+        &format!("{qwen}/nla_meta.yaml"),
+        "--shard-mib",
+        "1",
+        "-o",
+        s(&bundle),
+    ]);
+    let pkg = p("pkg");
+    std::fs::create_dir(&pkg).unwrap();
+    std::fs::write(pkg.join("avb_web.js"), "// wasm-bindgen glue").unwrap();
+    std::fs::write(pkg.join("avb_web_bg.wasm"), b"\0asm").unwrap();
+    let site = p("site");
+    let features = p("features.npy");
+    let build = |out: &Path, map: &Path, extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "site",
+            "build",
+            "--bundle",
+            s(&bundle),
+            "--features",
+            s(&features),
+            "--pkg",
+            s(&pkg),
+            "--map",
+            s(map),
+            "-o",
+            s(out),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    let run = |args: Vec<String>| ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stdout = run(build(
+        &site,
+        &p("map.safetensors"),
+        &[
+            "--washout",
+            s(&p("washout.safetensors")),
+            "--washout-weight",
+            "0.5",
+            "--max-tokens",
+            "12",
+        ],
+    ));
+    assert!(
+        stdout.contains("3 feature pages (cross, cross-washout)"),
+        "{stdout}"
+    );
+    let read = |rel: &str| std::fs::read_to_string(site.join(rel)).unwrap();
+    let page = read("features/feature-0.html");
+    assert!(
+        page.contains("Feature 0 — war &lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{page}"
+    );
+    assert!(!page.contains("<script>alert"), "labels are escaped");
+    assert!(
+        page.contains(r#"condition="cross-washout" washout-weight="0.5" max-tokens="12""#),
+        "{page}"
+    );
+    assert!(page.contains(
+        r#"bundle="../bundle/" feature="feature-0.json" map="../artifacts/map.safetensors""#
+    ));
+    assert!(!page.contains("{{"), "every slot is filled");
+    let index = read("index.html");
+    assert!(
+        index.contains(r#"<a href="features/feature-2.html">2</a></td><td>music</td>"#),
+        "{index}"
+    );
+    assert!(index.contains("cooking &amp; baking"));
+    let feature: serde_json::Value =
+        serde_json::from_str(&read("features/feature-1.json")).unwrap();
+    assert_eq!(feature["direction"].as_array().unwrap().len(), 64);
+    assert_eq!(
+        feature["model"], "gemma3-av",
+        "plain direction files take the map's source site"
+    );
+    let meta: serde_json::Value = serde_json::from_str(&read("site.json")).unwrap();
+    assert_eq!(
+        meta["conditions"],
+        serde_json::json!(["cross", "cross-washout"])
+    );
+    assert_eq!(meta["washout_weight"], 0.5);
+    for f in [
+        "assets/avb.js",
+        "assets/av-explain.js",
+        "pkg/avb_web_bg.wasm",
+        "artifacts/washout.safetensors",
+    ] {
+        assert!(site.join(f).is_file(), "{f}");
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json")).unwrap())
+            .unwrap();
+    for file in manifest["files"].as_object().unwrap().keys() {
+        assert_eq!(
+            std::fs::read(bundle.join(file)).unwrap(),
+            std::fs::read(site.join("bundle").join(file)).unwrap()
+        );
+    }
+    // --bundle-url links instead of copying.
+    run(build(
+        &p("linked"),
+        &p("map.safetensors"),
+        &["--bundle-url", "https://cdn.example/qwen2-av"],
+    ));
+    assert!(!p("linked/bundle").exists());
+    assert!(std::fs::read_to_string(p("linked/features/feature-0.html"))
+        .unwrap()
+        .contains(r#"bundle="https://cdn.example/qwen2-av/""#));
+
+    // Refusals: each names the problem and the fix, and leaves no site or staging directory.
+    let refuse = |args: Vec<String>, needle: &str| {
+        fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), needle);
+    };
+    let bad = p("bad");
+    refuse(build(&site, &p("map.safetensors"), &[]), "already exists");
+    refuse(
+        build(&bad, &p("map_l1.safetensors"), &[]),
+        "the map targets qwen2-av L1",
+    );
+    let mut no_map = build(
+        &bad,
+        &p("map.safetensors"),
+        &["--washout", s(&p("washout.safetensors"))],
+    );
+    no_map.drain(8..10);
+    refuse(no_map, "--washout needs --map");
+    let mut no_pkg = build(&bad, &p("map.safetensors"), &[]);
+    no_pkg[7] = s(&p("nowhere")).into();
+    refuse(no_pkg, "build it with `bash web/build-pkg.sh`");
+    let shard = bundle.join("weights-00000.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&shard, &bytes).unwrap();
+    refuse(
+        build(&bad, &p("map.safetensors"), &[]),
+        "pack the bundle again",
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("bad"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    // The preview server.
+    // Stopped and reaped however the test ends.
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = Server(
+        Command::new(env!("CARGO_BIN_EXE_avb"))
+            .args(["site", "serve", s(&site), "--port", "0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port: u16 = line
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (head, body) = http_get(port, "/", None);
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.contains("text/html"),
+        "{head}"
+    );
+    assert_eq!(body, std::fs::read(site.join("index.html")).unwrap());
+    let wasm = http_get(port, "/pkg/avb_web_bg.wasm", None).0;
+    assert!(wasm.contains("application/wasm"), "{wasm}");
+    let shard = std::fs::read(site.join("bundle/weights-00000.safetensors")).unwrap();
+    let (head, body) = http_get(
+        port,
+        "/bundle/weights-00000.safetensors",
+        Some("bytes=8-15"),
+    );
+    assert!(
+        head.starts_with("HTTP/1.1 206") && head.contains(&format!("bytes 8-15/{}", shard.len())),
+        "{head}"
+    );
+    assert_eq!(body, &shard[8..16]);
+    assert!(http_get(port, "/features/feature-9.html", None)
+        .0
+        .starts_with("HTTP/1.1 404"));
+    assert!(http_get(port, "/../site.json", None)
+        .0
+        .starts_with("HTTP/1.1 404"));
+    assert!(http_get(port, "/features/%2e%2e/%2e%2e/features.npy", None)
+        .0
+        .starts_with("HTTP/1.1 404"));
+    let (head, _) = http_get(port, "/index.html", Some("bytes=999999-"));
+    assert!(head.starts_with("HTTP/1.1 416"), "{head}");
 }

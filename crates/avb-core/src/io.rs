@@ -120,6 +120,26 @@ impl RangeSource for BytesSource {
     }
 }
 
+/// Build the directory `out` (which must not exist) by running `fill` on a staging directory next to it, then
+/// renaming the staging directory into place: an error leaves neither `out` nor the staging directory behind.
+pub fn build_dir_atomic<T>(out: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let out_name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    let staging = out.with_file_name(format!(".{out_name}.partial-{}", std::process::id()));
+    std::fs::create_dir_all(&staging).map_err(|e| AvbError::io(&staging, e))?;
+    let result = fill(&staging).and_then(|v| {
+        std::fs::rename(&staging, out)
+            .map_err(|e| AvbError::io(out, e))
+            .map(|_| v)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    result
+}
+
 /// Write `parts` to `path` through a temporary file in the same directory and an atomic rename, so a
 /// crash or error never leaves a half-written output under the final name.
 pub fn write_atomic(path: &Path, parts: &[&[u8]]) -> Result<()> {

@@ -85,6 +85,11 @@ pub fn open(spec: &str, device: &Device, precision: Precision) -> Result<LoadedM
         ));
     }
     let model = Model::from_source(&src, config, device, precision)?;
+    // A bundle is the model it was packed from: maps and sidecars name that model, not the bundle's directory.
+    let name = match src.bundle() {
+        Some(b) => b.manifest.source.name.clone(),
+        None => name,
+    };
     Ok(LoadedModel {
         name,
         path,

@@ -292,31 +292,19 @@ pub fn pack_web(
         )));
     }
     let (tokenizer, chat) = tokenizer_and_template(&src, path)?;
-    let out_name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "bundle".into());
-    let staging = out.with_file_name(format!(".{out_name}.partial-{}", std::process::id()));
-    std::fs::create_dir_all(&staging).map_err(|e| AvbError::io(&staging, e))?;
-    let result = (|| {
-        let manifest = write_bundle(
+    avb_core::io::build_dir_atomic(out, |staging| {
+        write_bundle(
             &src,
             &config,
             path,
             name,
             &tokenizer,
             chat.as_ref(),
-            &staging,
+            staging,
             opts,
             progress,
-        )?;
-        std::fs::rename(&staging, out).map_err(|e| AvbError::io(out, e))?;
-        Ok(manifest)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    result
+        )
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
