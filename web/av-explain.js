@@ -5,14 +5,17 @@
 //               washout="washout.safetensors" condition="cross-washout" washout-weight="0.5"></av-explain>
 //
 // `feature` is a JSON file with the feature's decoder row in the source model's residual space ("direction") and
-// optionally "id" and "label". `condition` is native (the row is already in the AV's space), cross (through `map`)
+// optionally "id" and "label". Instead, `sae` (an SAE's sae_weights.safetensors, with `sae-cfg` its cfg.json, a
+// GemmaScope params.safetensors or a direction .safetensors / .npy) and `feature-index` read that one row by HTTP
+// range requests, without downloading the file. `condition` is native (the row is already in the AV's space), cross (through `map`)
 // or cross-washout (through `map`, mixed with `washout` at `washout-weight`). Model text is inserted as text.
 
-import { openBundle, openCrossMap } from './avb.js';
+import { describeError, openBundle, openCrossMap, openRemoteFeatures } from './avb.js';
 
 // One download and one model per bundle URL, shared by every widget of the page.
 const bundles = new Map();
 const maps = new Map();
+const saes = new Map();
 
 function shared(cache, key, open) {
   if (!cache.has(key)) cache.set(key, open().catch((e) => { cache.delete(key); throw e; }));
@@ -59,6 +62,15 @@ class AvExplain extends HTMLElement {
     this.dispatchEvent(new CustomEvent('av-error', { detail: { message } }));
   }
 
+  async saeRow(saeUrl) {
+    const index = Number(this.getAttribute('feature-index') ?? NaN);
+    if (!Number.isInteger(index) || index < 0) throw new Error('`sae` needs a `feature-index` attribute (the row to explain)');
+    const cfgUrl = this.getAttribute('sae-cfg') ?? undefined;
+    const sae = await shared(saes, `${new URL(saeUrl, location.href).href}|${cfgUrl ?? ''}`, () => openRemoteFeatures(saeUrl, cfgUrl));
+    if (index >= sae.count) throw new Error(`feature-index ${index}: the SAE has ${sae.count} features`);
+    return sae.row(index);
+  }
+
   async explain() {
     const bundleUrl = this.getAttribute('bundle');
     const featureUrl = this.getAttribute('feature');
@@ -72,8 +84,9 @@ class AvExplain extends HTMLElement {
     this.cancelled = false;
     const progress = this.$('.progress');
     try {
-      if (!bundleUrl || !featureUrl) throw new Error('<av-explain> needs `bundle` and `feature` attributes');
-      const feature = await (await fetch(featureUrl)).json();
+      const saeUrl = this.getAttribute('sae');
+      if (!bundleUrl || !(featureUrl || saeUrl)) throw new Error('<av-explain> needs a `bundle` attribute and `feature` (or `sae` with `feature-index`)');
+      const direction = saeUrl ? await this.saeRow(saeUrl) : (await (await fetch(featureUrl)).json()).direction;
       progress.hidden = false;
       this.status('downloading the verbalizer…');
       const { av } = await shared(bundles, new URL(bundleUrl, location.href).href, () =>
@@ -85,13 +98,14 @@ class AvExplain extends HTMLElement {
         }),
       );
       progress.hidden = true;
-      let vector = Float32Array.from(feature.direction);
+      let vector = Float32Array.from(direction);
       if (condition !== 'native') {
         const mapUrl = this.getAttribute('map');
         if (!mapUrl) throw new Error(`condition ${condition} needs a \`map\` attribute (a ridge map into the verbalizer's space)`);
         const washoutUrl = condition === 'cross-washout' ? this.getAttribute('washout') : undefined;
         if (condition === 'cross-washout' && !washoutUrl) throw new Error('condition cross-washout needs a `washout` attribute');
         const cross = await shared(maps, `${mapUrl}|${washoutUrl ?? ''}`, () => openCrossMap(mapUrl, washoutUrl));
+        cross.checkVerbalizer(av);
         vector = cross.vector(vector, condition, weight);
       }
       this.status('explaining…');
@@ -116,7 +130,7 @@ class AvExplain extends HTMLElement {
       this.dispatchEvent(new CustomEvent('av-done', { detail: result }));
     } catch (e) {
       progress.hidden = true;
-      this.fail(String(e?.message ?? e));
+      this.fail(describeError(e));
     } finally {
       this.$('.go').disabled = false;
       this.$('.stop').disabled = true;

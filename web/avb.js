@@ -2,7 +2,7 @@
 // bad download), check it fits the GPU, and open it with the wasm runtime (pkg/, built from crates/avb-web).
 // Everything after the download (hash checks again, the model, the verbalizer protocol, decoding) is Rust.
 
-import init, { initGpu, WebVerbalizer, CrossMap } from '../pkg/avb_web.js';
+import init, { initGpu, WebVerbalizer, CrossMap, RemoteFeatures, lastPanic } from '../pkg/avb_web.js';
 
 const CACHE = 'avbridge-bundles-v1';
 let wasm = null;
@@ -130,4 +130,60 @@ export async function openCrossMap(mapUrl, washoutUrl) {
   const map = await download(new URL(mapUrl, location.href).href, () => {});
   const washout = washoutUrl ? await download(new URL(washoutUrl, location.href).href, () => {}) : undefined;
   return CrossMap.open(map, washout);
+}
+
+async function fetchRange(url, start, end) {
+  const response = await fetch(url, { headers: { range: `bytes=${start}-${end - 1}` } });
+  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+  const bytes = new Uint8Array(await response.arrayBuffer());
+  if (response.status === 206) {
+    const total = Number(response.headers.get('content-range')?.split('/')[1]);
+    return { bytes, total };
+  }
+  // A server without range support sends the whole file.
+  return { bytes: bytes.subarray(start, end), total: bytes.length, whole: bytes };
+}
+
+/**
+ * A feature file read by HTTP range: `saeUrl` is an SAE's sae_weights.safetensors (with `cfgUrl`, its cfg.json),
+ * a GemmaScope params.safetensors or a direction .safetensors / .npy. Only the header and the rows asked for are
+ * downloaded. Resolves to { count, d, row(i) -> Promise<Float32Array> }.
+ */
+export async function openRemoteFeatures(saeUrl, cfgUrl) {
+  await ready();
+  const url = new URL(saeUrl, location.href).href;
+  const name = new URL(url).pathname.split('/').pop();
+  const cfg = cfgUrl ? new TextDecoder().decode(await download(new URL(cfgUrl, location.href).href, () => {})) : undefined;
+  // SAE headers are a few hundred bytes; 64 KiB covers nearly all, and a longer one is fetched in a second request.
+  let first = await fetchRange(url, 0, 65536);
+  const need = RemoteFeatures.headerBytes(first.bytes);
+  if (need === 0) throw new Error(`${url} is neither a safetensors nor an .npy file`);
+  if (need > first.bytes.length && !first.whole) first = await fetchRange(url, 0, need);
+  const features = RemoteFeatures.open(name, first.total, first.whole ?? first.bytes, cfg);
+  return {
+    count: features.count,
+    d: features.d,
+    async row(i) {
+      const [start, end] = features.rowRange(i);
+      const { bytes } = first.whole ? { bytes: first.whole.subarray(start, end) } : await fetchRange(url, start, end);
+      return features.decodeRow(i, bytes);
+    },
+  };
+}
+
+/**
+ * A message a reader can act on for an error from the runtime. A Rust panic reaches JS as a bare RuntimeError; its
+ * message (GPU out of memory, device lost, ...) was kept by the module, which cannot be used again: reload.
+ */
+export function describeError(error) {
+  const text = String(error?.message ?? error);
+  if (!(error instanceof WebAssembly.RuntimeError)) return text;
+  const panic = wasm ? lastPanic() ?? text : text;
+  if (/out of ?memory|OutOfMemory|allocat/i.test(panic)) {
+    return `The GPU ran out of memory for this verbalizer. Close other GPU-heavy tabs, or use a smaller (q4) bundle; then reload the page. (${panic})`;
+  }
+  if (/device.*lost|lost.*device|DeviceLost/i.test(panic)) {
+    return `The GPU device was lost (a driver reset, or the tab was suspended). Reload the page to start again. (${panic})`;
+  }
+  return `The verbalizer stopped on an internal error; reload the page to start again. (${panic})`;
 }

@@ -2,9 +2,9 @@
 
 use crate::inputs::{load_activations, Activations};
 use avb_core::artifact::{
-    self, file_name, file_sha256, ActivationSetMeta, Artifact, Body, CorpusRef, FitMetrics,
-    LambdaSelection, MappedFeaturesMeta, NamedTensor, RidgeMapMeta, Space, Split, WashoutMeta,
-    WashoutUse,
+    self, check_washout_for_map, file_name, file_sha256, ActivationSetMeta, Artifact, Body,
+    CorpusRef, FitMetrics, LambdaSelection, MappedFeaturesMeta, NamedTensor, RidgeMapMeta, Space,
+    Split, WashoutMeta, WashoutUse,
 };
 use avb_core::features::FeatureSource;
 use avb_core::io::{write_atomic, FileSource};
@@ -80,14 +80,6 @@ pub fn bar(len: u64, msg: &str) -> ProgressBar {
     );
     pb.set_message(msg.to_string());
     pb
-}
-
-/// "model L16 (d=896)"
-pub fn site(s: &Space) -> String {
-    match s.layer {
-        Some(l) => format!("{} L{l} (d={})", s.model, s.d),
-        None => format!("{} (d={})", s.model, s.d),
-    }
 }
 
 /// After writing an artifact: its metadata as JSON with `--json` (returns false), else the `wrote PATH` line
@@ -428,7 +420,11 @@ fn fmt_metrics(m: &FitMetrics) -> String {
 }
 
 fn print_map_summary(m: &RidgeMapMeta) {
-    println!("  map      {} -> {}", site(&m.source), site(&m.target));
+    println!(
+        "  map      {} -> {}",
+        Space::to_string(&m.source),
+        Space::to_string(&m.target)
+    );
     let lam = m.lambda.map_or("-".to_string(), |l| format!("{l:.4e}"));
     println!(
         "  method   {} ({}), lambda {lam}, intercept {}",
@@ -497,7 +493,7 @@ pub fn washout(a: WashoutArgs) -> Result<()> {
     if announce(&written, a.json, &a.output) {
         println!(
             "  washout  {}, {} rows ({} pooling), ||b|| = {norm:.4}",
-            site(&act.space),
+            Space::to_string(&act.space),
             act.matrix.rows,
             act.pooling
         );
@@ -559,13 +555,6 @@ pub fn open_kind(path: &Path, kind: &str) -> Result<Artifact> {
     Ok(art)
 }
 
-pub fn same_site(a: &Space, b: &Space) -> bool {
-    let model = |s: &Space| s.model.rsplit('/').next().unwrap_or("").to_lowercase();
-    let known = |s: &Space| s.model != "unknown";
-    (!known(a) || !known(b) || model(a) == model(b))
-        && (a.layer.is_none() || b.layer.is_none() || a.layer == b.layer)
-}
-
 fn parse_range(s: &str, n: usize) -> Result<Vec<u64>> {
     let bad = || {
         AvbError::Invalid(format!(
@@ -599,16 +588,16 @@ pub fn map(a: MapArgs) -> Result<()> {
             ),
             format!(
                 "use a map fitted from {} or features from that space",
-                site(&mm.source)
+                Space::to_string(&mm.source)
             ),
         ));
     }
     if let Some(space) = &feats.space {
-        if !a.allow_site_mismatch && !same_site(space, &mm.source) {
+        if !a.allow_site_mismatch && !Space::same_site(space, &mm.source) {
             return Err(AvbError::Invalid(format!(
                 "features live at {} but the map starts from {}. Fix: use a map fitted from the features' model and layer, or pass --allow-site-mismatch.",
-                site(space),
-                site(&mm.source)
+                Space::to_string(space),
+                Space::to_string(&mm.source)
             )));
         }
     }
@@ -618,17 +607,7 @@ pub fn map(a: MapArgs) -> Result<()> {
             let Body::Washout(wm) = art.meta.body.clone() else {
                 unreachable!()
             };
-            if wm.space.d != mm.target.d || !same_site(&wm.space, &mm.target) {
-                return Err(AvbError::dimension(
-                    format!("washout {}", p.display()),
-                    format!(
-                        "washout is for {} but the map targets {}",
-                        site(&wm.space),
-                        site(&mm.target)
-                    ),
-                    "compute the washout vector from the map's target model and layer",
-                ));
-            }
+            check_washout_for_map(&wm.space, &mm.target)?;
             let (_, b) = art.read_tensor("washout")?;
             Some((b, art.input_ref()))
         }
@@ -704,8 +683,8 @@ pub fn map(a: MapArgs) -> Result<()> {
             "  {} features ({}) {} -> {}, washout {}",
             ids.len(),
             feats.kind,
-            site(&mm.source),
-            site(&mm.target),
+            Space::to_string(&mm.source),
+            Space::to_string(&mm.target),
             wash.as_ref()
                 .map_or("none".to_string(), |_| format!("w = {}", a.weight))
         );

@@ -256,12 +256,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         Body::RidgeMap(p) => p.heldout.expect("held out"),
         _ => unreachable!(),
     };
-    let _ = writeln!(
-        report,
-        "# avb demo: {} -> {}\n",
-        commands::site(&mm.source),
-        commands::site(&mm.target)
-    );
+    let _ = writeln!(report, "# avb demo: {} -> {}\n", mm.source, mm.target);
     let _ = writeln!(report, "Command: `{}`\n", commands::created_by());
     let _ = writeln!(
         report,

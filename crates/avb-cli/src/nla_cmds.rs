@@ -3,13 +3,12 @@
 //! (lift, label scores, plots, report) and `experiment` (the whole cross-model pipeline for one pair).
 
 use crate::commands::{
-    self, bar, corpus_ref, created_by, open_kind, same_site, site, spinner, DtypeArg, FitMapArgs,
-    WashoutArgs,
+    self, bar, corpus_ref, created_by, open_kind, spinner, DtypeArg, FitMapArgs, WashoutArgs,
 };
 use crate::runtime_cmds::{self, device, CaptureArgs, DeviceArg, PrecisionArg};
 use avb_core::artifact::{
-    self, file_name, file_sha256, Artifact, Body, ConceptDirectionsMeta, NamedTensor, RidgeMapMeta,
-    Space, WashoutMeta,
+    self, check_map_for_verbalizer, check_washout_for_map, file_name, file_sha256, Artifact, Body,
+    ConceptDirectionsMeta, NamedTensor, RidgeMapMeta, Space, WashoutMeta,
 };
 use avb_core::directions::concept_directions;
 use avb_core::features::FeatureSource;
@@ -417,14 +416,6 @@ fn file_ref(path: &Path) -> Result<FileRef> {
     })
 }
 
-fn space_of_av(av: &Verbalizer) -> Space {
-    Space {
-        model: av.lm.name.clone(),
-        layer: Some(av.meta.extraction_layer_index as u32),
-        d: av.meta.d_model,
-    }
-}
-
 /// Features (selected rows), map and washout of an explanation run, checked against each other.
 pub(crate) struct ExplainInputs {
     pub feats: FeatureSource,
@@ -471,16 +462,16 @@ pub(crate) fn load_inputs(
                     ),
                     format!(
                         "use a map fitted from {} or features from that space",
-                        site(&mm.source)
+                        Space::to_string(&mm.source)
                     ),
                 ));
             }
             if let Some(space) = &feats.space {
-                if !same_site(space, &mm.source) {
+                if !Space::same_site(space, &mm.source) {
                     return Err(AvbError::Invalid(format!(
                         "features live at {} but the map starts from {}; use a map fitted from the features' model and layer",
-                        site(space),
-                        site(&mm.source)
+                        Space::to_string(space),
+                        Space::to_string(&mm.source)
                     )));
                 }
             }
@@ -497,13 +488,7 @@ pub(crate) fn load_inputs(
                 unreachable!("open_kind checked the kind")
             };
             if let Some((_, mm, _)) = &map {
-                if !same_site(&wm.space, &mm.target) || wm.space.d != mm.target.d {
-                    return Err(AvbError::Invalid(format!(
-                        "the washout is for {} but the map targets {}; make both for the target AV's model and layer",
-                        site(&wm.space),
-                        site(&mm.target)
-                    )));
-                }
+                check_washout_for_map(&wm.space, &mm.target)?;
             }
             let (_, b) = art.read_tensor("washout")?;
             Some((b, wm, file_ref(p)?))
@@ -568,7 +553,7 @@ pub fn explain_cmd(a: ExplainArgs) -> Result<()> {
         ));
     }
     if let Some(av) = &source_av {
-        let s = space_of_av(av);
+        let s = av.space();
         if av.meta.d_model != feats.d() {
             return Err(AvbError::dimension(
                 format!("features {}", a.features.display()),
@@ -582,24 +567,17 @@ pub fn explain_cmd(a: ExplainArgs) -> Result<()> {
             ));
         }
         if let Some(space) = &feats.space {
-            if !same_site(space, &s) {
+            if !Space::same_site(space, &s) {
                 return Err(AvbError::Invalid(format!(
                     "features live at {} but the source verbalizer reads {}",
-                    site(space),
-                    site(&s)
+                    Space::to_string(space),
+                    Space::to_string(&s)
                 )));
             }
         }
     }
     if let (Some(av), Some((_, mm, _))) = (&target_av, &map) {
-        let s = space_of_av(av);
-        if !same_site(&mm.target, &s) || mm.target.d != s.d {
-            return Err(AvbError::Invalid(format!(
-                "the map targets {} but the target verbalizer reads {}: fit the map to the AV's model and layer (extraction_layer_index)",
-                site(&mm.target),
-                site(&s)
-            )));
-        }
+        check_map_for_verbalizer(&mm.target, &av.space())?;
     }
     let sampling = if a.temperature > 0.0 {
         Sampling::TopP {

@@ -1,9 +1,8 @@
 //! `avb site build` / `avb site serve`: a static feature site (index, one page per feature, the browser runtime and
 //! the verbalizer bundle) that any static host can serve, and a local preview server on 127.0.0.1.
 
-use crate::commands::{same_site, site};
 use crate::nla_cmds::load_inputs;
-use avb_core::artifact::{file_sha256, Space};
+use avb_core::artifact::{check_map_for_verbalizer, file_sha256, Space};
 use avb_core::error::{AvbError, Result};
 use avb_core::io::{build_dir_atomic, write_atomic};
 use avb_model::bundle::{read_manifest, Manifest, MANIFEST};
@@ -51,6 +50,10 @@ pub struct SiteBuildArgs {
     pub washout: Option<PathBuf>,
     #[arg(long, default_value_t = 1.0)]
     pub washout_weight: f64,
+    /// How pages get their feature's row: `range` copies the feature file into the site and the widget fetches
+    /// one row by HTTP range; `inline` writes each row into its page's JSON. Default: range for SAEs, else inline.
+    #[arg(long, value_enum)]
+    pub rows: Option<RowsArg>,
     /// Token budget of each explanation (default: the sidecar's).
     #[arg(long)]
     pub max_tokens: Option<usize>,
@@ -62,6 +65,12 @@ pub struct SiteBuildArgs {
     /// The site directory to create (it must not exist yet).
     #[arg(short, long)]
     pub output: PathBuf,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum RowsArg {
+    Range,
+    Inline,
 }
 
 #[derive(clap::Args, Debug)]
@@ -143,6 +152,16 @@ fn copy_bundle(dir: &Path, manifest: &Manifest, out: &Path) -> Result<u64> {
     Ok(total)
 }
 
+/// A hard link where the file system allows one (SAE weights can be gigabytes), else a copy.
+fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|e| AvbError::io(from, e))
+}
+
 fn norm(v: &[f32]) -> f64 {
     v.iter()
         .map(|&x| f64::from(x) * f64::from(x))
@@ -219,13 +238,7 @@ fn build(a: SiteBuildArgs) -> Result<()> {
     let mut conditions: Vec<&str> = Vec::new();
     match &inputs.map {
         Some((_, mm, _)) => {
-            if !same_site(&mm.target, &av_space) || mm.target.d != av_space.d {
-                return Err(AvbError::Invalid(format!(
-                    "the map targets {} but the bundle's verbalizer reads {}: fit the map to the verbalizer's model and layer",
-                    site(&mm.target),
-                    site(&av_space)
-                )));
-            }
+            check_map_for_verbalizer(&mm.target, &av_space)?;
             conditions.push("cross");
             if inputs.washout.is_some() {
                 conditions.push("cross-washout");
@@ -240,24 +253,32 @@ fn build(a: SiteBuildArgs) -> Result<()> {
             if inputs.feats.d() != av_space.d
                 || feature_space
                     .as_ref()
-                    .is_some_and(|s| !same_site(s, &av_space))
+                    .is_some_and(|s| !Space::same_site(s, &av_space))
             {
                 return Err(AvbError::Invalid(format!(
                     "features of {} cannot be read by the bundle's verbalizer ({}). Fix: pass --map (and --washout) from the features' space to the verbalizer's",
-                    feature_space.as_ref().map_or(format!("d = {}", inputs.feats.d()), site),
-                    site(&av_space)
+                    feature_space.as_ref().map_or(format!("d = {}", inputs.feats.d()), Space::to_string),
+                    Space::to_string(&av_space)
                 )));
             }
             conditions.push("native");
         }
     }
+    let by_range = match a.rows {
+        Some(RowsArg::Range) => {
+            inputs.feats.row_range(0)?;
+            true
+        }
+        Some(RowsArg::Inline) => false,
+        None => matches!(inputs.feats.kind.as_str(), "saelens" | "gemmascope"),
+    };
     let bundle_href = match &a.bundle_url {
         Some(url) => format!("{}/", url.trim_end_matches('/')),
         None => "../bundle/".to_string(),
     };
     let where_ = feature_space
         .as_ref()
-        .map_or_else(|| format!("d = {}", inputs.feats.d()), site);
+        .map_or_else(|| format!("d = {}", inputs.feats.d()), Space::to_string);
     let features = &inputs.features;
     let started = std::time::Instant::now();
     let bundle_bytes = build_dir_atomic(&a.output, |dir| {
@@ -291,20 +312,41 @@ fn build(a: SiteBuildArgs) -> Result<()> {
         let max_tokens = a
             .max_tokens
             .map_or(String::new(), |n| format!(" max-tokens=\"{n}\""));
+        // Range mode: the feature file (and an SAE's cfg.json) next to the pages, read one row at a time.
+        let mut source_attrs = String::new();
+        if by_range {
+            let from = &inputs.feats.file;
+            let name = from
+                .file_name()
+                .map_or("features".into(), |n| n.to_string_lossy().into_owned());
+            link_or_copy(from, &dir.join("features").join(&name))?;
+            source_attrs = format!(" sae=\"{}\"", escape(&name));
+            let cfg = from.with_file_name("cfg.json");
+            if inputs.feats.kind == "saelens" && cfg.is_file() {
+                link_or_copy(&cfg, &dir.join("features/cfg.json"))?;
+                source_attrs += " sae-cfg=\"cfg.json\"";
+            }
+        }
         let mut rows = String::new();
         for f in features {
             let file = feature_file(f);
-            let json = serde_json::json!({
-                "id": f.id,
-                "label": f.label,
-                "model": feature_space.as_ref().map(|s| s.model.clone()),
-                "layer": feature_space.as_ref().and_then(|s| s.layer),
-                "direction": f.vector,
-            });
-            write_atomic(
-                &dir.join("features").join(format!("{file}.json")),
-                &[json.to_string().as_bytes()],
-            )?;
+            let feature_attr = if by_range {
+                let row = inputs.feats.index_of(f.id.parse().unwrap_or(u64::MAX))?;
+                format!("{source_attrs} feature-index=\"{row}\"")
+            } else {
+                let json = serde_json::json!({
+                    "id": f.id,
+                    "label": f.label,
+                    "model": feature_space.as_ref().map(|s| s.model.clone()),
+                    "layer": feature_space.as_ref().and_then(|s| s.layer),
+                    "direction": f.vector,
+                });
+                write_atomic(
+                    &dir.join("features").join(format!("{file}.json")),
+                    &[json.to_string().as_bytes()],
+                )?;
+                format!(" feature=\"{file}.json\"")
+            };
             let widgets: String = conditions
                 .iter()
                 .map(|c| {
@@ -314,7 +356,7 @@ fn build(a: SiteBuildArgs) -> Result<()> {
                         String::new()
                     };
                     format!(
-                        "<h3>{c}</h3>\n<av-explain bundle=\"{}\" feature=\"{file}.json\"{artifact_attrs} condition=\"{c}\"{weight}{max_tokens}></av-explain>\n",
+                        "<h3>{c}</h3>\n<av-explain bundle=\"{}\"{feature_attr}{artifact_attrs} condition=\"{c}\"{weight}{max_tokens}></av-explain>\n",
                         escape(&bundle_href)
                     )
                 })
@@ -368,9 +410,10 @@ fn build(a: SiteBuildArgs) -> Result<()> {
             "title": a.title,
             "bundle": bundle_href,
             "bundle_source": manifest.source,
-            "verbalizer_site": site(&av_space),
+            "verbalizer_site": Space::to_string(&av_space),
             "features": features.iter().map(|f| format!("features/{}.html", feature_file(f))).collect::<Vec<_>>(),
             "conditions": conditions,
+            "rows": if by_range { "range" } else { "inline" },
             "washout_weight": inputs.washout.as_ref().map(|_| a.washout_weight),
         });
         write_atomic(

@@ -783,6 +783,24 @@ fn explain_and_eval_on_tiny_verbalizers() {
     bad[18] = s(&p("bad.jsonl")).into();
     let argv4: Vec<&str> = bad.iter().map(String::as_str).collect();
     fails(&argv4, "the map targets qwen2-av L3");
+    ok(&[
+        "washout",
+        "--activations",
+        s(&p("tgt.npy")),
+        "-o",
+        s(&p("washout_l1.safetensors")),
+        "--model",
+        "qwen2-av",
+        "--layer",
+        "1",
+    ]);
+    let mut bad = args.clone();
+    bad[10] = s(&p("washout_l1.safetensors")).into();
+    bad[18] = s(&p("bad.jsonl")).into();
+    fails(
+        &bad.iter().map(String::as_str).collect::<Vec<_>>(),
+        "the washout is for qwen2-av L1 (d=64) but the map targets qwen2-av L2 (d=64); compute the washout",
+    );
     assert!(!p("bad.jsonl").exists());
     // AR scores from a map other than the one the explanations were made with (same sites, another lambda).
     fit_tiny_map(&p("map_b.safetensors"), "20", "2");
@@ -943,6 +961,56 @@ fn site_build_and_serve() {
     assert!(std::fs::read_to_string(p("linked/features/feature-0.html"))
         .unwrap()
         .contains(r#"bundle="https://cdn.example/qwen2-av/""#));
+
+    // Rows by HTTP range: an SAELens SAE (the default for SAEs) and a direction file on request.
+    let sae = p("sae");
+    std::fs::create_dir(&sae).unwrap();
+    std::fs::write(
+        sae.join("cfg.json"),
+        serde_json::json!({"d_in": 64, "d_sae": 3,
+            "metadata": {"model_name": "gemma3-av", "hook_name": "blocks.2.hook_resid_post"}})
+        .to_string(),
+    )
+    .unwrap();
+    let w_dec: Vec<f32> = (0..3 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+    let (head, data) = avb_core::safetensors::serialize(
+        &[avb_core::safetensors::TensorOut {
+            name: "W_dec",
+            dtype: avb_core::safetensors::Dtype::F32,
+            shape: vec![3, 64],
+            values: &w_dec,
+        }],
+        &Default::default(),
+    );
+    std::fs::write(sae.join("sae_weights.safetensors"), [head, data].concat()).unwrap();
+    let mut from_sae = build(&p("sae-site"), &p("map.safetensors"), &["--ids", "2"]);
+    from_sae[5] = s(&sae).into();
+    run(from_sae);
+    let page = std::fs::read_to_string(p("sae-site/features/feature-2.html")).unwrap();
+    assert!(
+        page.contains(r#"sae="sae_weights.safetensors" sae-cfg="cfg.json" feature-index="2""#),
+        "{page}"
+    );
+    assert!(
+        p("sae-site/features/cfg.json").is_file()
+            && !p("sae-site/features/feature-2.json").exists()
+    );
+    assert!(
+        page.contains("gemma3-av L2"),
+        "the SAE's cfg.json names its site"
+    );
+    run(build(
+        &p("range"),
+        &p("map.safetensors"),
+        &["--rows", "range"],
+    ));
+    assert!(std::fs::read_to_string(p("range/features/feature-1.html"))
+        .unwrap()
+        .contains(r#"sae="features.npy" feature-index="1""#));
+    assert_eq!(
+        std::fs::read(p("range/features/features.npy")).unwrap(),
+        std::fs::read(p("features.npy")).unwrap()
+    );
 
     // Refusals: each names the problem and the fix, and leaves no site or staging directory.
     let refuse = |args: Vec<String>, needle: &str| {

@@ -27,6 +27,47 @@ pub struct Space {
     pub d: usize,
 }
 
+impl Space {
+    /// Whether two sites can be the same residual stream: same model (by the last path component, case-blind)
+    /// and layer, where both are known.
+    pub fn same_site(&self, other: &Space) -> bool {
+        let model = |s: &Space| s.model.rsplit('/').next().unwrap_or("").to_lowercase();
+        let known = |s: &Space| s.model != "unknown";
+        (!known(self) || !known(other) || model(self) == model(other))
+            && (self.layer.is_none() || other.layer.is_none() || self.layer == other.layer)
+    }
+}
+
+/// A washout must live where the map lands: the map's target model and layer, at its width.
+pub fn check_washout_for_map(washout: &Space, map_target: &Space) -> Result<()> {
+    if washout.d == map_target.d && washout.same_site(map_target) {
+        return Ok(());
+    }
+    Err(AvbError::Invalid(format!(
+        "the washout is for {washout} but the map targets {map_target}; compute the washout from the map's target model and layer"
+    )))
+}
+
+/// A map must land where the verbalizer reads: its model, its extraction layer, its width.
+pub fn check_map_for_verbalizer(map_target: &Space, verbalizer: &Space) -> Result<()> {
+    if map_target.d == verbalizer.d && map_target.same_site(verbalizer) {
+        return Ok(());
+    }
+    Err(AvbError::Invalid(format!(
+        "the map targets {map_target} but the verbalizer reads {verbalizer}; fit the map to the verbalizer's model and extraction layer"
+    )))
+}
+
+/// "model L16 (d=896)"
+impl std::fmt::Display for Space {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.layer {
+            Some(l) => write!(f, "{} L{l} (d={})", self.model, self.d),
+            None => write!(f, "{} (d={})", self.model, self.d),
+        }
+    }
+}
+
 /// A reference to an input file: its name (never a machine path) and sha256 (of the avbridge payload for
 /// artifacts, of the whole file otherwise).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

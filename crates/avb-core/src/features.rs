@@ -4,7 +4,7 @@
 
 use crate::artifact::{file_name, Artifact, Body, InputRef, Space};
 use crate::error::{AvbError, Result};
-use crate::io::{FileSource, RangeSource};
+use crate::io::{BytesSource, FileSource, RangeSource};
 use crate::npy;
 use crate::safetensors::{self, Header, TensorInfo};
 use std::path::{Path, PathBuf};
@@ -120,18 +120,111 @@ impl FeatureSource {
 
     /// One feature row as f32 (reads only its bytes; hash-verified for avbridge tables).
     pub fn row(&self, i: usize) -> Result<Vec<f32>> {
-        let row = match &self.artifact {
-            Some(a) => a.read_rows("features", i, 1)?,
-            None => safetensors::read_rows(self.src.as_ref(), &self.info, i, 1)?,
-        };
-        if let Some(c) = row.iter().position(|v| !v.is_finite()) {
-            return Err(AvbError::NonFinite {
+        match &self.artifact {
+            Some(a) => {
+                let row = a.read_rows("features", i, 1)?;
+                self.check_finite(i, row)
+            }
+            None => {
+                let (start, end) = self.row_range(i)?;
+                self.decode_row(i, &self.src.read_vec(start, (end - start) as usize)?)
+            }
+        }
+    }
+
+    /// Absolute byte range of row `i` in the file: what a browser fetches by HTTP range. Hash-checked avbridge
+    /// tables are read through their chunks instead, so they have none.
+    pub fn row_range(&self, i: usize) -> Result<(u64, u64)> {
+        if self.artifact.is_some() {
+            return Err(AvbError::unsupported(
+                &self.file,
+                "rows of an avbridge table are read with their chunk hashes, not by byte range; fetch the table whole",
+            ));
+        }
+        if i >= self.len() {
+            return Err(AvbError::Invalid(format!(
+                "{}: feature row {i} does not exist (the source has {})",
+                self.file.display(),
+                self.len()
+            )));
+        }
+        let row_bytes = (self.d() * self.info.dtype.size()) as u64;
+        let start = self.info.start + i as u64 * row_bytes;
+        Ok((start, start + row_bytes))
+    }
+
+    /// Row `i` from the bytes of its [`row_range`](Self::row_range), fetched elsewhere.
+    pub fn decode_row(&self, i: usize, bytes: &[u8]) -> Result<Vec<f32>> {
+        let (start, end) = self.row_range(i)?;
+        if bytes.len() as u64 != end - start {
+            return Err(AvbError::truncated(
+                &self.file,
+                format!(
+                    "feature row {i} is bytes {start}..{end} ({} bytes) but {} arrived",
+                    end - start,
+                    bytes.len()
+                ),
+            ));
+        }
+        let mut row = Vec::with_capacity(self.d());
+        safetensors::decode_f32(self.info.dtype, bytes, &mut row);
+        self.check_finite(i, row)
+    }
+
+    fn check_finite(&self, i: usize, row: Vec<f32>) -> Result<Vec<f32>> {
+        match row.iter().position(|v| !v.is_finite()) {
+            Some(c) => Err(AvbError::NonFinite {
                 what: format!("{} feature row", self.file.display()),
                 row: i,
                 col: c,
-            });
+            }),
+            None => Ok(row),
         }
-        Ok(row)
+    }
+
+    /// A feature file known by its name, its length and its first bytes (at least
+    /// [`header_extent`](crate::features::header_extent) of them):
+    /// how the browser opens an SAE's `sae_weights.safetensors` (with its `cfg.json` text), a GemmaScope
+    /// `params.safetensors` or a direction file (.safetensors or .npy) before fetching single rows by range.
+    pub fn from_prefix(
+        name: &str,
+        len: u64,
+        prefix: Vec<u8>,
+        saelens_cfg: Option<&str>,
+    ) -> Result<FeatureSource> {
+        let path = PathBuf::from(name);
+        let src = BytesSource::prefix(name, prefix, len);
+        if name.ends_with(".npy") {
+            let info = npy::read_header(&src)?;
+            return Ok(FeatureSource::plain(
+                "directions",
+                &path,
+                Box::new(src),
+                info,
+            ));
+        }
+        let header = Header::read(&src)?;
+        if header.metadata.contains_key(crate::artifact::METADATA_KEY) {
+            return Err(AvbError::unsupported(
+                &path,
+                "an avbridge table is read with its chunk hashes; fetch it whole instead of by range",
+            ));
+        }
+        let mut fs = match saelens_cfg {
+            Some(text) => {
+                let cfg = parse_saelens_cfg(text, Path::new("cfg.json"))?;
+                let info = saelens_decoder(&src, &header, &cfg)?;
+                let mut fs = FeatureSource::plain("saelens", &path, Box::new(src), info);
+                fs.space = Some(cfg.space());
+                fs
+            }
+            None => {
+                let (kind, info) = decoder_tensor(&src, &header)?;
+                FeatureSource::plain(kind, &path, Box::new(src), info)
+            }
+        };
+        fs.file = path;
+        Ok(fs)
     }
 
     /// Reference recorded by tables derived from this source.
@@ -179,7 +272,13 @@ fn open_safetensors(path: &Path) -> Result<FeatureSource> {
             artifact: Some(art),
         });
     }
-    // GemmaScope-2 stores `w_dec`; SAELens `W_dec`; a direction file one 2-D tensor (or `directions`).
+    let (kind, info) = decoder_tensor(&src, &header)?;
+    Ok(FeatureSource::plain(kind, path, Box::new(src), info))
+}
+
+/// The tensor holding the directions and the source kind it implies: GemmaScope-2 stores `w_dec`, SAELens
+/// `W_dec`, a direction file one 2-D float tensor (or one named `directions`).
+fn decoder_tensor(src: &dyn RangeSource, header: &Header) -> Result<(&'static str, TensorInfo)> {
     let (kind, name) = if header.tensors.contains_key("w_dec") {
         ("gemmascope", "w_dec".to_string())
     } else if header.tensors.contains_key("W_dec") {
@@ -197,23 +296,23 @@ fn open_safetensors(path: &Path) -> Result<FeatureSource> {
             [one] => ("directions", (*one).clone()),
             _ => {
                 return Err(AvbError::unsupported(
-                    path,
+                    src.name(),
                     format!("cannot tell which tensor holds the directions (2-D float tensors: {two_d:?}); name it `directions`, `W_dec` or `w_dec`"),
                 ))
             }
         }
     };
-    let info = header.tensor(&src, &name)?.clone();
+    let info = header.tensor(src, &name)?.clone();
     if info.shape.len() != 2 || !info.dtype.is_float() {
         return Err(AvbError::unsupported(
-            path,
+            src.name(),
             format!(
                 "tensor `{name}` must be a 2-D float [n, d] matrix, got {:?}",
                 info.shape
             ),
         ));
     }
-    Ok(FeatureSource::plain(kind, path, Box::new(src), info))
+    Ok((kind, info))
 }
 
 /// The fields of an SAELens cfg.json that matter here (v6 nests model and hook under `metadata`; v5 is flat).
@@ -224,9 +323,34 @@ struct SaeLensCfg {
     hook_name: String,
 }
 
-fn parse_saelens_cfg(path: &Path) -> Result<SaeLensCfg> {
-    let text = std::fs::read_to_string(path).map_err(|e| AvbError::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
+impl SaeLensCfg {
+    fn space(&self) -> Space {
+        Space {
+            model: self.model.clone(),
+            layer: resid_post_layer(&self.hook_name),
+            d: self.d_in,
+        }
+    }
+}
+
+/// `W_dec` of an SAELens SAE, checked against its cfg.json.
+fn saelens_decoder(src: &dyn RangeSource, header: &Header, cfg: &SaeLensCfg) -> Result<TensorInfo> {
+    let info = header.tensor(src, "W_dec")?.clone();
+    if info.shape != [cfg.d_sae, cfg.d_in] {
+        return Err(AvbError::dimension(
+            src.name().display().to_string(),
+            format!(
+                "W_dec has shape {:?} but cfg.json says [d_sae, d_in] = [{}, {}]",
+                info.shape, cfg.d_sae, cfg.d_in
+            ),
+            "the weights and cfg.json belong to different SAEs; download them together",
+        ));
+    }
+    Ok(info)
+}
+
+fn parse_saelens_cfg(text: &str, path: &Path) -> Result<SaeLensCfg> {
+    let v: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| AvbError::corrupt(path, format!("not valid JSON ({e})")))?;
     let field = |k: &str| {
         v.get("metadata")
@@ -268,26 +392,13 @@ fn open_saelens_dir(dir: &Path) -> Result<FeatureSource> {
     if !cfg_path.exists() {
         return Err(AvbError::unsupported(dir, "directory without cfg.json (expected an SAELens SAE: cfg.json + sae_weights.safetensors)"));
     }
-    let cfg = parse_saelens_cfg(&cfg_path)?;
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| AvbError::io(&cfg_path, e))?;
+    let cfg = parse_saelens_cfg(&text, &cfg_path)?;
     let src = FileSource::open(&weights)?;
     let header = Header::read(&src)?;
-    let info = header.tensor(&src, "W_dec")?.clone();
-    if info.shape != [cfg.d_sae, cfg.d_in] {
-        return Err(AvbError::dimension(
-            weights.display().to_string(),
-            format!(
-                "W_dec has shape {:?} but cfg.json says [d_sae, d_in] = [{}, {}]",
-                info.shape, cfg.d_sae, cfg.d_in
-            ),
-            "the weights and cfg.json belong to different SAEs; download them together",
-        ));
-    }
+    let info = saelens_decoder(&src, &header, &cfg)?;
     let mut fs = FeatureSource::plain("saelens", &weights, Box::new(src), info);
-    fs.space = Some(Space {
-        model: cfg.model,
-        layer: resid_post_layer(&cfg.hook_name),
-        d: cfg.d_in,
-    });
+    fs.space = Some(cfg.space());
     let labels = dir.join("labels.json");
     if labels.exists() {
         fs.labels = Some(read_labels(&labels, fs.len())?);
@@ -337,4 +448,16 @@ pub fn read_labels(path: &Path, n: usize) -> Result<Vec<Option<String>>> {
         }
     }
     Ok(out)
+}
+
+/// How many bytes from the start of a safetensors or .npy file hold its header, from at least its first 12 bytes;
+/// None when `prefix` is too short to tell or is neither format.
+pub fn header_extent(prefix: &[u8]) -> Option<u64> {
+    if prefix.starts_with(b"\x93NUMPY") {
+        return match *prefix.get(6)? {
+            1 => Some(10 + u64::from(u16::from_le_bytes([*prefix.get(8)?, *prefix.get(9)?]))),
+            _ => Some(12 + u64::from(u32::from_le_bytes(prefix.get(8..12)?.try_into().ok()?))),
+        };
+    }
+    Some(8 + u64::from_le_bytes(prefix.get(..8)?.try_into().ok()?))
 }

@@ -78,42 +78,59 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()
     f.read_exact(buf)
 }
 
-/// A whole file or download held in memory.
+/// A whole file or download held in memory, or only the first bytes of a longer one (a browser that fetched a
+/// header by HTTP range): reads past what is held fail and name the missing bytes.
 pub struct BytesSource {
     name: PathBuf,
     bytes: Vec<u8>,
+    len: u64,
 }
 
 impl BytesSource {
     pub fn new(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Self {
+        let len = bytes.len() as u64;
         Self {
             name: name.into(),
             bytes,
+            len,
+        }
+    }
+
+    /// The first `prefix.len()` bytes of a file of `len` bytes.
+    pub fn prefix(name: impl Into<PathBuf>, prefix: Vec<u8>, len: u64) -> Self {
+        Self {
+            name: name.into(),
+            len: len.max(prefix.len() as u64),
+            bytes: prefix,
         }
     }
 }
 
 impl RangeSource for BytesSource {
     fn len(&self) -> u64 {
-        self.bytes.len() as u64
+        self.len
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let start = usize::try_from(offset).ok();
-        match start.and_then(|s| self.bytes.get(s..s.checked_add(buf.len())?)) {
-            Some(src) => {
-                buf.copy_from_slice(src);
-                Ok(())
-            }
-            None => Err(AvbError::truncated(
-                &self.name,
-                format!(
-                    "needed bytes {}..{} but only {} are present",
-                    offset,
-                    offset + buf.len() as u64,
-                    self.bytes.len()
-                ),
-            )),
+        if let Some(src) = start.and_then(|s| self.bytes.get(s..s.checked_add(buf.len())?)) {
+            buf.copy_from_slice(src);
+            return Ok(());
         }
+        let (held, end) = (self.bytes.len() as u64, offset + buf.len() as u64);
+        if end <= self.len {
+            return Err(AvbError::Invalid(format!(
+                "{}: bytes {offset}..{end} are needed but only the first {held} of {} were fetched",
+                self.name.display(),
+                self.len
+            )));
+        }
+        Err(AvbError::truncated(
+            &self.name,
+            format!(
+                "needed bytes {offset}..{end} but only {} are present",
+                self.len
+            ),
+        ))
     }
     fn name(&self) -> &Path {
         &self.name

@@ -477,6 +477,102 @@ fn saelens_v6_v5_gemmascope_and_direction_files() {
     assert!(err_text(FeatureSource::open(&st, None).unwrap().row(1)).contains("row 1, column 1"));
 }
 
+/// The browser's path to a feature row: the file's header from its first bytes (`header_extent` of them), then
+/// one row's byte range, decoded, for SAELens (bf16, with cfg.json), GemmaScope and .npy / .safetensors direction
+/// files. Rows equal the ones read from the file itself; missing header bytes and short rows are named.
+#[test]
+fn feature_rows_by_byte_range_from_a_header_prefix() {
+    use avb_core::features::header_extent;
+    let dir = tempfile::tempdir().unwrap();
+    let (d_sae, d_in) = (12, 8);
+    let sae = dir.path().join("sae");
+    std::fs::create_dir(&sae).unwrap();
+    let cfg = serde_json::json!({"d_in": d_in, "d_sae": d_sae,
+        "metadata": {"model_name": "qwen2.5-7b-instruct", "hook_name": "blocks.20.hook_resid_post"}})
+    .to_string();
+    std::fs::write(sae.join("cfg.json"), &cfg).unwrap();
+    write_plain(
+        &sae.join("sae_weights.safetensors"),
+        &[
+            ("W_enc", Dtype::BF16, vec![d_in, d_sae], values(96)),
+            ("W_dec", Dtype::BF16, vec![d_sae, d_in], values(96)),
+        ],
+    );
+    let gs = dir.path().join("params.safetensors");
+    write_plain(&gs, &[("w_dec", Dtype::F16, vec![d_sae, d_in], values(96))]);
+    let npy_path = dir.path().join("dirs.npy");
+    std::fs::write(&npy_path, npy::to_bytes(3, 4, &values(12))).unwrap();
+    for (file, local, cfg) in [
+        (
+            sae.join("sae_weights.safetensors"),
+            sae.clone(),
+            Some(cfg.as_str()),
+        ),
+        (gs.clone(), gs.clone(), None),
+        (npy_path.clone(), npy_path.clone(), None),
+    ] {
+        let bytes = std::fs::read(&file).unwrap();
+        let extent = header_extent(&bytes[..12]).unwrap() as usize;
+        assert!(extent < bytes.len(), "{}", file.display());
+        let name = file.file_name().unwrap().to_str().unwrap();
+        let remote =
+            FeatureSource::from_prefix(name, bytes.len() as u64, bytes[..extent].to_vec(), cfg)
+                .unwrap();
+        let native = FeatureSource::open(&local, None).unwrap();
+        assert_eq!(
+            (remote.kind.as_str(), remote.len(), remote.d()),
+            (native.kind.as_str(), native.len(), native.d())
+        );
+        assert_eq!(remote.space, native.space);
+        for i in 0..remote.len() {
+            let (start, end) = remote.row_range(i).unwrap();
+            let row = remote
+                .decode_row(i, &bytes[start as usize..end as usize])
+                .unwrap();
+            assert_eq!(row, native.row(i).unwrap(), "{name} row {i}");
+        }
+        let (start, end) = remote.row_range(1).unwrap();
+        assert!(
+            err_text(remote.decode_row(1, &bytes[start as usize..end as usize - 1]))
+                .contains(&format!("feature row 1 is bytes {start}..{end}"))
+        );
+        assert!(err_text(remote.row_range(remote.len())).contains("does not exist"));
+        // A prefix that stops inside the header names the bytes still to fetch.
+        let short =
+            FeatureSource::from_prefix(name, bytes.len() as u64, bytes[..extent - 1].to_vec(), cfg);
+        assert!(err_text(short).contains(&format!(
+            "only the first {} of {} were fetched",
+            extent - 1,
+            bytes.len()
+        )));
+    }
+    // A cfg.json of another SAE, and NaN rows, are refused as they are for local files.
+    let bytes = std::fs::read(sae.join("sae_weights.safetensors")).unwrap();
+    let wrong = serde_json::json!({"d_in": 9, "d_sae": d_sae}).to_string();
+    let e = err_text(FeatureSource::from_prefix(
+        "sae_weights.safetensors",
+        bytes.len() as u64,
+        bytes.clone(),
+        Some(&wrong),
+    ));
+    assert!(
+        e.contains("W_dec has shape [12, 8] but cfg.json says"),
+        "{e}"
+    );
+    let remote =
+        FeatureSource::from_prefix("dirs.npy", 100, std::fs::read(&npy_path).unwrap(), None)
+            .unwrap();
+    let nan = [
+        f32::NAN.to_le_bytes(),
+        0f32.to_le_bytes(),
+        0f32.to_le_bytes(),
+        0f32.to_le_bytes(),
+    ]
+    .concat();
+    assert!(err_text(remote.decode_row(0, &nan)).contains("feature row"));
+    assert_eq!(header_extent(b"\x93NUMPY"), None, "too short to tell");
+}
+
 #[test]
 fn other_artifact_kinds_round_trip() {
     let dir = tempfile::tempdir().unwrap();

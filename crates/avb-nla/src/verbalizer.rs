@@ -4,7 +4,7 @@
 use crate::profiles;
 use crate::protocol::{self, AvPrompt, ParseStatus};
 use crate::sidecar::{NlaMeta, Role};
-use avb_core::artifact::file_sha256;
+use avb_core::artifact::{file_sha256, Space};
 use avb_core::{AvbError, Result};
 use avb_model::bundle;
 use avb_model::registry;
@@ -182,6 +182,15 @@ impl Verbalizer {
             sidecar,
             sidecar_sha256,
         })
+    }
+
+    /// The residual-stream site this verbalizer reads: its model at the extraction layer.
+    pub fn space(&self) -> Space {
+        Space {
+            model: self.lm.name.clone(),
+            layer: Some(self.meta.extraction_layer_index as u32),
+            d: self.meta.d_model,
+        }
     }
 
     pub fn default_options(&self) -> ExplainOptions {

@@ -4,7 +4,9 @@
 //! through avb-nla's `plan`) and decoding are the same Rust code as the CLI's. Built only for wasm32.
 #![cfg(target_arch = "wasm32")]
 
-use avb_core::artifact::{sha256_hex, Artifact, Body};
+use avb_core::artifact::{
+    check_map_for_verbalizer, check_washout_for_map, sha256_hex, Artifact, Body, Space,
+};
 use avb_core::io::{BytesSource, RangeSource};
 use avb_core::ridge::AffineMap;
 use avb_core::AvbError;
@@ -27,6 +29,30 @@ fn js_err(e: AvbError) -> JsError {
 
 thread_local! {
     static DEVICE: RefCell<Option<Device>> = const { RefCell::new(None) };
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+#[wasm_bindgen]
+extern "C" {
+    #[wasm_bindgen(js_namespace = console, js_name = error)]
+    fn console_error(message: &str);
+}
+
+/// A panic in wasm surfaces in JS as a bare `RuntimeError: unreachable`; keep its message (wgpu reports GPU
+/// out-of-memory and device loss this way) so the page can say what happened.
+#[wasm_bindgen(start)]
+pub fn start() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info.to_string();
+        console_error(&message);
+        LAST_PANIC.with(|p| *p.borrow_mut() = Some(message));
+    }));
+}
+
+/// The message of the panic that stopped the module, if one did (the module cannot be used after it).
+#[wasm_bindgen(js_name = lastPanic)]
+pub fn last_panic() -> Option<String> {
+    LAST_PANIC.with(|p| p.borrow().clone())
 }
 
 /// Acquire the WebGPU device once; later calls reuse it.
@@ -213,6 +239,7 @@ fn control(answer: Result<JsValue, JsValue>) -> Control {
 pub struct CrossMap {
     map: AffineMap,
     washout: Option<Vec<f32>>,
+    target: Space,
 }
 
 fn artifact(bytes: Vec<u8>, name: &str) -> Result<Artifact, JsError> {
@@ -241,12 +268,7 @@ impl CrossMap {
                         "the washout file is not a washout artifact (make one with `avb washout`)",
                     ));
                 };
-                if wm.space.d != meta.target.d {
-                    return Err(JsError::new(&format!(
-                        "the washout has d = {} but the map targets d = {}: make both for the AV's model and layer",
-                        wm.space.d, meta.target.d
-                    )));
-                }
+                check_washout_for_map(&wm.space, &meta.target).map_err(js_err)?;
                 Some(w.read_tensor("washout").map_err(js_err)?.1)
             }
             None => None,
@@ -254,6 +276,7 @@ impl CrossMap {
         Ok(CrossMap {
             map: AffineMap { weight, bias },
             washout,
+            target: meta.target,
         })
     }
 
@@ -287,6 +310,12 @@ impl CrossMap {
             .ok_or_else(|| JsError::new(&format!("condition {} gives no vector", condition.name())))
     }
 
+    /// Refuse a verbalizer that does not read the residual stream this map lands in (model, layer, width).
+    #[wasm_bindgen(js_name = checkVerbalizer)]
+    pub fn check_verbalizer(&self, av: &WebVerbalizer) -> Result<(), JsError> {
+        check_map_for_verbalizer(&self.target, &av.av.space()).map_err(js_err)
+    }
+
     #[wasm_bindgen(getter, js_name = dSource)]
     pub fn d_source(&self) -> usize {
         self.map.d_src()
@@ -295,5 +324,64 @@ impl CrossMap {
     #[wasm_bindgen(getter, js_name = dTarget)]
     pub fn d_target(&self) -> usize {
         self.map.d_tgt()
+    }
+}
+
+/// A feature file read row by row over HTTP ranges (an SAE's `sae_weights.safetensors` with its `cfg.json`, a
+/// GemmaScope `params.safetensors`, a direction .safetensors or .npy): the page fetches the header and single rows;
+/// the format detection, checks and decoding are avb-core's, as for local files.
+#[wasm_bindgen]
+pub struct RemoteFeatures {
+    source: avb_core::features::FeatureSource,
+}
+
+#[wasm_bindgen]
+impl RemoteFeatures {
+    /// How many bytes from the start of the file hold its header, given at least its first 12; 0 when the bytes
+    /// are neither safetensors nor .npy.
+    #[wasm_bindgen(js_name = headerBytes)]
+    pub fn header_bytes(prefix: &[u8]) -> f64 {
+        avb_core::features::header_extent(prefix).map_or(0.0, |n| n as f64)
+    }
+
+    /// `name`: the file name (its extension picks the format); `length`: the file's size; `prefix`: at least its
+    /// first `headerBytes` bytes; `saelens_cfg`: the SAE's cfg.json text, if it is one.
+    pub fn open(
+        name: &str,
+        length: f64,
+        prefix: Vec<u8>,
+        saelens_cfg: Option<String>,
+    ) -> Result<RemoteFeatures, JsError> {
+        let source = avb_core::features::FeatureSource::from_prefix(
+            name,
+            length as u64,
+            prefix,
+            saelens_cfg.as_deref(),
+        )
+        .map_err(js_err)?;
+        Ok(RemoteFeatures { source })
+    }
+
+    #[wasm_bindgen(getter)]
+    pub fn count(&self) -> usize {
+        self.source.len()
+    }
+
+    #[wasm_bindgen(getter)]
+    pub fn d(&self) -> usize {
+        self.source.d()
+    }
+
+    /// Byte range `[start, end)` of feature row `row` in the file (an HTTP Range of `bytes=start-(end-1)`).
+    #[wasm_bindgen(js_name = rowRange)]
+    pub fn row_range(&self, row: usize) -> Result<Vec<f64>, JsError> {
+        let (start, end) = self.source.row_range(row).map_err(js_err)?;
+        Ok(vec![start as f64, end as f64])
+    }
+
+    /// Feature row `row` from the bytes of its range.
+    #[wasm_bindgen(js_name = decodeRow)]
+    pub fn decode_row(&self, row: usize, bytes: &[u8]) -> Result<Vec<f32>, JsError> {
+        self.source.decode_row(row, bytes).map_err(js_err)
     }
 }
