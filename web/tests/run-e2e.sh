@@ -7,7 +7,8 @@
 # as `avb explain` on the same bundle; without WebGPU the page must say so; a map into another model's space must be
 # refused.
 # Needs: the README test build (its avb binary), chromium, node; web/build-pkg.sh installs the rest.
-#   bash web/tests/run-e2e.sh        (screenshots and logs land in $AVB_E2E_OUT, default ./e2e-out)
+#   bash web/tests/run-e2e.sh        (screenshots and logs land in $AVB_E2E_OUT, default ./e2e-out;
+#                                    AVB_WASM_OPT=1 tests the wasm-opt -Oz build of pkg/)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="${AVB_E2E_OUT:-$PWD/e2e-out}"
@@ -18,7 +19,7 @@ feature=4
 weight=0.5
 budget=40
 
-bash web/build-pkg.sh
+bash web/build-pkg.sh ${AVB_WASM_OPT:+--wasm-opt}
 avb="$CARGO_TARGET_DIR/debug/avb"
 if [ ! -x "$avb" ]; then
   # The binary of the README test build (a plain `cargo build -p avb-cli` resolves burn's features differently).
