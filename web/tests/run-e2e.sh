@@ -25,7 +25,10 @@ if [ ! -x "$avb" ]; then
   # The binary of the README test build (a plain `cargo build -p avb-cli` resolves burn's features differently).
   cargo test --workspace --no-run
 fi
-(cd web && npm ci --no-audit --no-fund --silent)
+# binaryen (optional, ~100 MB) only when the test covers the wasm-opt build.
+npm_omit="--omit=optional"
+if [ -n "${AVB_WASM_OPT:-}" ]; then npm_omit=""; fi
+(cd web && npm ci --no-audit --no-fund --silent $npm_omit)
 
 root="$(mktemp -d)"
 server=""
