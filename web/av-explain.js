@@ -106,7 +106,7 @@ class AvExplain extends HTMLElement {
         if (condition === 'cross-washout' && !washoutUrl) throw new Error('condition cross-washout needs a `washout` attribute');
         const cross = await shared(maps, `${mapUrl}|${washoutUrl ?? ''}`, () => openCrossMap(mapUrl, washoutUrl));
         cross.checkVerbalizer(av);
-        vector = cross.vector(vector, condition, weight);
+        vector = await cross.vector(vector, condition, weight);
       }
       this.status('explaining…');
       this.$('.stop').disabled = false;

@@ -13,6 +13,8 @@ use std::time::Instant;
 pub enum BenchCommand {
     /// Ridge fit (d_src 3584 -> d_tgt 5376 by default) against scikit-learn `Ridge`.
     Ridge(RidgeBenchArgs),
+    /// Greedy decoding with random weights of a real shape against transformers (batch 1 / 16 / 64).
+    Decode(crate::bench_decode::DecodeBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -42,6 +44,7 @@ pub struct RidgeBenchArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Ridge(a) => ridge_bench(a),
+        BenchCommand::Decode(a) => crate::bench_decode::decode_bench(a),
     }
 }
 

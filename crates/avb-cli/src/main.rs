@@ -1,6 +1,7 @@
 //! `avb`: the avbridge command-line tool.
 
 mod bench;
+mod bench_decode;
 mod commands;
 mod demo;
 mod inputs;

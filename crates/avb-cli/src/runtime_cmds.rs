@@ -54,11 +54,20 @@ pub enum PrecisionArg {
 }
 
 impl PrecisionArg {
-    fn precision(self) -> Precision {
+    pub fn precision(self) -> Precision {
         match self {
             PrecisionArg::F32 => Precision::F32,
             PrecisionArg::Q8 => Precision::Q8,
             PrecisionArg::Q4 => Precision::Q4,
+        }
+    }
+
+    /// Bits per compact weight; None for f32.
+    pub fn bits(self) -> Option<u32> {
+        match self {
+            PrecisionArg::F32 => None,
+            PrecisionArg::Q8 => Some(8),
+            PrecisionArg::Q4 => Some(4),
         }
     }
 }
@@ -408,7 +417,7 @@ pub fn models_cmd(c: ModelsCommand) -> Result<()> {
 pub enum BundleBitsArg {
     /// 8-bit integers, one f32 scale per block of 32 (about 1.1 bytes per weight).
     Q8,
-    /// 4-bit integers, one f32 scale per block of 32 (about 0.6 bytes per weight; CPU backend only for now).
+    /// 4-bit integers, one f32 scale per block of 32 (about 0.6 bytes per weight).
     Q4,
 }
 

@@ -152,7 +152,8 @@ impl<'m> Decoder<'m> {
                 (None, Sampling::Greedy) => SplitMix64::new(0),
             })
             .collect();
-        let mut cache = model.new_cache(Vec::new());
+        let prompt = inputs.iter().map(|i| i.ids.len()).max().unwrap_or(0);
+        let mut cache = model.new_cache(prompt + opts.max_new_tokens);
         let hidden = if opts.max_new_tokens == 0 {
             None
         } else {

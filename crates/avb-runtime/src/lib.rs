@@ -8,8 +8,10 @@
 pub mod bert;
 pub mod capture;
 pub mod config;
+pub mod cross;
 pub mod gemma3;
 pub mod generate;
+mod kernels;
 pub mod llama;
 pub mod loader;
 pub mod model;

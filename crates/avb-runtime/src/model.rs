@@ -6,12 +6,13 @@
 //! any block (the forward pass stops there) and input embeddings can be replaced at given positions.
 
 use crate::config::{Family, ModelConfig};
+use crate::kernels::KernelWeight;
 use crate::weights::{LayerTensor, TensorId, WeightSource};
 use avb_core::matrix::transpose;
 use avb_core::{AvbError, Result};
 use avb_model::bundle::{self, Bits};
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
-use burn::tensor::{activation, module, Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{activation, module, Bool, Device, Distribution, Int, Tensor, TensorData};
 use std::path::Path;
 
 /// One sequence: token ids, and vectors that replace the residual stream at given positions.
@@ -81,16 +82,47 @@ impl Precision {
     }
 }
 
+/// Where a model's weights come from.
+#[derive(Clone, Copy)]
+enum Init<'a> {
+    Checkpoint(&'a WeightSource),
+    Random,
+}
+
 struct Linear {
     /// [in, out], transposed from the checkpoints' [out, in] at load time: a GEMV over a transposed view runs
     /// ~30x slower on the CPU backend than over contiguous rows.
     weight: Tensor<2>,
     bias: Option<Tensor<1>>,
+    /// The same weight as the decode kernels bind it (block-quantized weights on a GPU).
+    kernel: KernelWeight,
+    /// Multiply by the dequantized weight outside the decode kernel: burn-cubecl 0.22.1's 4-bit matmul asks for
+    /// 72 KiB of shared memory where wgpu allows 48 KiB (seen on an H100 through Vulkan).
+    dequantize: bool,
 }
 
 impl Linear {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        module::linear(x, self.weight.clone(), self.bias.clone())
+    fn new(weight: Tensor<2>, bias: Option<Tensor<1>>, dequantize: bool) -> Linear {
+        Linear {
+            kernel: KernelWeight::of(&weight),
+            weight,
+            bias,
+            dequantize,
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>, kernels: bool) -> Tensor<3> {
+        if kernels {
+            if let Some(y) = self.kernel.matvec(&x, self.bias.as_ref()) {
+                return y;
+            }
+        }
+        let weight = if self.dequantize {
+            self.weight.clone().dequantize()
+        } else {
+            self.weight.clone()
+        };
+        module::linear(x, weight, self.bias.clone())
     }
 }
 
@@ -111,13 +143,20 @@ struct Block {
     window: Option<usize>,
 }
 
-/// Keys and values of every layer for the positions seen so far, [batch, kv_heads, len, head_dim].
+/// Keys and values of every layer, [batch, kv_heads, capacity, head_dim], of which the first `len` positions are
+/// written. New positions are written in place and attention spans the whole buffer with the unwritten positions
+/// masked, so every decoding step runs the same tensor shapes (no growing concatenation, no new kernel shapes).
 pub struct KvCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
-    /// Left padding of each row.
+    /// Left padding of each row, on the host and (for the decode-attention kernel) on the device.
     pads: Vec<usize>,
+    device_pads: Option<Tensor<1, Int>>,
     len: usize,
+    capacity: usize,
 }
+
+/// Cache capacities are rounded up to this many positions, so that runs of similar length share kernel shapes.
+const CACHE_BLOCK: usize = 64;
 
 impl KvCache {
     pub fn len(&self) -> usize {
@@ -126,6 +165,9 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
 }
 
 pub struct Model {
@@ -133,12 +175,14 @@ pub struct Model {
     device: Device,
     embed: Tensor<2>,
     /// [hidden, vocab]: the LM head (the embedding, transposed, when tied).
-    head: Tensor<2>,
+    head: Linear,
     final_norm: Tensor<1>,
     blocks: Vec<Block>,
     embed_scale: Option<f32>,
     inv_freq: Vec<f32>,
     inv_freq_local: Option<Vec<f32>>,
+    /// avbridge's own GPU kernels where they apply (on by default; off runs burn's generic ops everywhere).
+    kernels: bool,
 }
 
 fn tensor2(data: Vec<f32>, shape: [usize; 2], device: &Device) -> Tensor<2> {
@@ -160,8 +204,18 @@ fn on_cpu_backend(_device: &Device) -> bool {
     false
 }
 
-/// x * rsqrt(mean(x^2) + eps) * w over the last dimension.
-fn rms_norm<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps: f32) -> Tensor<D> {
+/// x * rsqrt(mean(x^2) + eps) * w over the last dimension (one kernel on a GPU when `kernels`).
+fn rms_norm<const D: usize>(
+    x: Tensor<D>,
+    weight: &Tensor<1>,
+    eps: f32,
+    kernels: bool,
+) -> Tensor<D> {
+    if kernels {
+        if let Some(y) = crate::kernels::rms_norm(&x, weight, eps) {
+            return y;
+        }
+    }
     let mean_square = x.clone().square().mean_dim(D - 1);
     x * (mean_square + eps).sqrt().recip() * weight.clone().unsqueeze::<D>()
 }
@@ -199,13 +253,27 @@ impl Model {
         device: &Device,
         precision: Precision,
     ) -> Result<Model> {
-        if precision == Precision::Q4 && !on_cpu_backend(device) {
-            // burn-cubecl 0.22.1 picks a 4-bit matmul kernel that asks for 72 KiB of shared memory where wgpu allows
-            // 48 KiB, and panics (seen on an H100 through Vulkan). avb's own quantized kernels will lift this.
-            return Err(AvbError::Invalid(
-                "4-bit weights run on the CPU backend only for now (burn-cubecl's 4-bit matmul exceeds the GPU's shared-memory limit); use --precision q8 or f32 on GPUs".into(),
-            ));
-        }
+        Model::build(Init::Checkpoint(src), config, device, precision)
+    }
+
+    /// A model of `config`'s shape with random weights drawn on `device` (seeded): benchmarks of the real AV
+    /// shapes (decoding speed does not depend on the values), without multi-GB checkpoints.
+    pub fn random(
+        config: ModelConfig,
+        device: &Device,
+        precision: Precision,
+        seed: u64,
+    ) -> Result<Model> {
+        device.seed(seed);
+        Model::build(Init::Random, config, device, precision)
+    }
+
+    fn build(
+        init: Init,
+        config: ModelConfig,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Model> {
         let c = &config;
         let (d, hd) = (c.hidden_size, c.head_dim);
         let q_out = c.num_heads * hd;
@@ -214,6 +282,7 @@ impl Model {
         let norm_offset = if gemma { 1.0 } else { 0.0 };
         let scheme = precision.scheme();
         let host_quantized = on_cpu_backend(device);
+        let dequantize = precision == Precision::Q4 && !host_quantized;
         // Row-major [in, out] weights, quantized in blocks along `out` on the compact path.
         let compact = |w: Vec<f32>, shape: [usize; 2]| match (precision.bits(), &scheme) {
             (Some(bits), Some(s)) if shape[1] % bundle::BLOCK == 0 => {
@@ -230,12 +299,45 @@ impl Model {
             }
             _ => tensor2(w, shape, device),
         };
+        // Random weights are drawn on the device: uniform in +-1/sqrt(fan-in), which keeps activations finite.
+        let random = |shape: [usize; 2], fan_in: usize| -> Tensor<2> {
+            let a = 1.0 / (fan_in as f64).sqrt();
+            Tensor::random(shape, Distribution::Uniform(-a, a), device)
+        };
+        let compact_random = |shape: [usize; 2]| -> Result<Tensor<2>> {
+            let w = random(shape, shape[0]);
+            Ok(match (&scheme, host_quantized) {
+                (Some(_), true) => compact(to_vec(w.unsqueeze())?, shape),
+                (Some(s), false) if shape[1] % bundle::BLOCK == 0 => w.quantize_dynamic(s),
+                _ => w,
+            })
+        };
         // [out, in] from the file, [in, out] on the device.
         let read_t = |id: TensorId, [out, inp]: [usize; 2]| -> Result<Tensor<2>> {
-            Ok(compact(src.read_transposed(c, id, [out, inp])?, [inp, out]))
+            match init {
+                Init::Checkpoint(src) => {
+                    Ok(compact(src.read_transposed(c, id, [out, inp])?, [inp, out]))
+                }
+                Init::Random => compact_random([inp, out]),
+            }
+        };
+        let read_vector = |id: TensorId, n: usize| -> Result<Vec<f32>> {
+            match init {
+                Init::Checkpoint(src) => src.read(c, id, &[n]),
+                // Norm weights of one (zero for Gemma's 1 + w form); small biases.
+                Init::Random => Ok(match id {
+                    TensorId::Layer(
+                        _,
+                        LayerTensor::QBias | LayerTensor::KBias | LayerTensor::VBias,
+                    ) => {
+                        vec![0.01; n]
+                    }
+                    _ => vec![1.0 - norm_offset; n],
+                }),
+            }
         };
         let read_norm = |id: TensorId, n: usize| -> Result<Tensor<1>> {
-            let mut w = src.read(c, id, &[n])?;
+            let mut w = read_vector(id, n)?;
             if norm_offset != 0.0 {
                 w.iter_mut().for_each(|x| *x += norm_offset);
             }
@@ -246,16 +348,17 @@ impl Model {
                       bias: Option<LayerTensor>,
                       shape: [usize; 2]|
          -> Result<Linear> {
-            Ok(Linear {
-                weight: read_t(TensorId::Layer(l, t), shape)?,
-                bias: match bias {
+            Ok(Linear::new(
+                read_t(TensorId::Layer(l, t), shape)?,
+                match bias {
                     Some(b) => Some(tensor1(
-                        src.read(c, TensorId::Layer(l, b), &[shape[0]])?,
+                        read_vector(TensorId::Layer(l, b), shape[0])?,
                         device,
                     )),
                     None => None,
                 },
-            })
+                dequantize,
+            ))
         };
         let mut blocks = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
@@ -282,37 +385,54 @@ impl Model {
                 window: c.windows[l],
             });
         }
-        let mut embed_rows = src.read(c, TensorId::Embed, &[c.vocab_size, d])?;
-        if scheme.is_some() && d % bundle::BLOCK == 0 {
-            let (packed, scales) = bundle::quantize(&embed_rows, Bits::Q8);
-            embed_rows = bundle::dequantize(&packed, &scales, Bits::Q8, embed_rows.len());
-        }
-        let head = if c.tie_embeddings && !src.has(c, TensorId::Head) {
-            compact(transpose(&embed_rows, c.vocab_size, d), [d, c.vocab_size])
-        } else {
-            read_t(TensorId::Head, [c.vocab_size, d])?
+        let (embed, head) = match init {
+            Init::Checkpoint(src) => {
+                let mut embed_rows = src.read(c, TensorId::Embed, &[c.vocab_size, d])?;
+                if scheme.is_some() && d % bundle::BLOCK == 0 {
+                    let (packed, scales) = bundle::quantize(&embed_rows, Bits::Q8);
+                    embed_rows = bundle::dequantize(&packed, &scales, Bits::Q8, embed_rows.len());
+                }
+                let head = if c.tie_embeddings && !src.has(c, TensorId::Head) {
+                    compact(transpose(&embed_rows, c.vocab_size, d), [d, c.vocab_size])
+                } else {
+                    read_t(TensorId::Head, [c.vocab_size, d])?
+                };
+                (tensor2(embed_rows, [c.vocab_size, d], device), head)
+            }
+            Init::Random => (
+                random([c.vocab_size, d], 1),
+                compact_random([d, c.vocab_size])?,
+            ),
         };
-        let embed = tensor2(embed_rows, [c.vocab_size, d], device);
         let final_norm = read_norm(TensorId::FinalNorm, d)?;
         Ok(Model {
             device: device.clone(),
             embed,
-            head,
+            head: Linear::new(head, None, dequantize),
             final_norm,
             blocks,
             // transformers multiplies by sqrt(hidden) rounded to the weight dtype (f32 here).
             embed_scale: gemma.then(|| (d as f32).sqrt()),
             inv_freq: c.rope.inv_freq(hd),
             inv_freq_local: c.rope_local.as_ref().map(|r| r.inv_freq(hd)),
+            kernels: true,
             config,
         })
     }
 
-    pub fn new_cache(&self, pads: Vec<usize>) -> KvCache {
+    /// Switch avbridge's own GPU kernels on or off (benchmarks compare both; results agree within float rounding).
+    pub fn set_kernels(&mut self, on: bool) {
+        self.kernels = on;
+    }
+
+    /// An empty cache for at least `positions` positions (prompt and new tokens).
+    pub fn new_cache(&self, positions: usize) -> KvCache {
         KvCache {
             layers: (0..self.config.num_layers).map(|_| None).collect(),
-            pads,
+            pads: Vec::new(),
+            device_pads: None,
             len: 0,
+            capacity: positions.div_ceil(CACHE_BLOCK).max(1) * CACHE_BLOCK,
         }
     }
 
@@ -452,28 +572,27 @@ impl Model {
         )
     }
 
-    /// true = masked, [batch, 1, seq, start + seq]: causal, no padding keys, and the sliding window if any.
+    /// true = masked, [batch, 1, seq, keys]: causal, no padding keys, and the sliding window if any. Keys past
+    /// start + seq (an unwritten cache tail) are masked by causality.
     fn mask(
         &self,
         pads: &[usize],
         start: usize,
         seq: usize,
+        keys: usize,
         window: Option<usize>,
     ) -> Tensor<4, Bool> {
         let total = start + seq;
-        let mut m = Vec::with_capacity(pads.len() * seq * total);
+        let mut m = Vec::with_capacity(pads.len() * seq * keys);
         for &pad in pads {
             for i in start..total {
-                for j in 0..total {
+                for j in 0..keys {
                     let visible = j == i || (j < i && j >= pad && window.is_none_or(|w| i - j < w));
                     m.push(!visible);
                 }
             }
         }
-        Tensor::from_data(
-            TensorData::new(m, [pads.len(), 1, seq, total]),
-            &self.device,
-        )
+        Tensor::from_data(TensorData::new(m, [pads.len(), 1, seq, keys]), &self.device)
     }
 
     fn attention(
@@ -482,7 +601,7 @@ impl Model {
         layer: usize,
         x: Tensor<3>,
         rope_tables: &(Tensor<4>, Tensor<4>),
-        mask: Tensor<4, Bool>,
+        mask: Option<Tensor<4, Bool>>,
         cache: &mut Option<&mut KvCache>,
     ) -> Tensor<3> {
         let c = &self.config;
@@ -492,22 +611,57 @@ impl Model {
         let heads = |y: Tensor<3>, n: usize, norm: &Option<Tensor<1>>| {
             let y = y.reshape([b, t, n, hd]);
             let y = match norm {
-                Some(w) => rms_norm(y, w, eps),
+                Some(w) => rms_norm(y, w, eps, self.kernels),
                 None => y,
             };
             rope(y.swap_dims(1, 2), &rope_tables.0, &rope_tables.1)
         };
-        let q = heads(block.q.forward(x.clone()), h, &block.q_norm);
-        let mut k = heads(block.k.forward(x.clone()), kvh, &block.k_norm);
-        let mut v = block.v.forward(x).reshape([b, t, kvh, hd]).swap_dims(1, 2);
+        let on = self.kernels;
+        let q = heads(block.q.forward(x.clone(), on), h, &block.q_norm);
+        let mut k = heads(block.k.forward(x.clone(), on), kvh, &block.k_norm);
+        let mut v = block
+            .v
+            .forward(x, on)
+            .reshape([b, t, kvh, hd])
+            .swap_dims(1, 2);
         if let Some(cache) = cache.as_deref_mut() {
-            if let Some((pk, pv)) = cache.layers[layer].take() {
-                k = Tensor::cat(vec![pk, k], 2);
-                v = Tensor::cat(vec![pv, v], 2);
-            }
+            let (ck, cv) = cache.layers[layer].take().unwrap_or_else(|| {
+                let shape = [b, kvh, cache.capacity, hd];
+                (
+                    Tensor::zeros(shape, &self.device),
+                    Tensor::zeros(shape, &self.device),
+                )
+            });
+            let at = [0..b, 0..kvh, cache.len..cache.len + t, 0..hd];
+            k = ck.slice_assign(at.clone(), k);
+            v = cv.slice_assign(at, v);
             cache.layers[layer] = Some((k.clone(), v.clone()));
         }
         let total = k.dims()[2];
+        let mask = match (mask, cache.as_deref()) {
+            (Some(m), _) => m,
+            (None, Some(cache)) => {
+                if let Some(pads) = &cache.device_pads {
+                    let written = cache.len + t;
+                    let fused = crate::kernels::decode_attention(
+                        &q,
+                        &k,
+                        &v,
+                        pads,
+                        written,
+                        block.window,
+                        c.attn_scale,
+                        c.attn_softcap,
+                    );
+                    if let Some(out) = fused {
+                        let out = out.swap_dims(1, 2).reshape([b, t, h * hd]);
+                        return block.o.forward(out, on);
+                    }
+                }
+                self.mask(&cache.pads, cache.len, t, total, block.window)
+            }
+            (None, None) => self.mask(&vec![0; b], 0, t, total, block.window),
+        };
         // Grouped-query attention without repeating K/V: the g query heads of one KV head share a matmul.
         let g = h / kvh;
         let q = q.reshape([b, kvh, g * t, hd]);
@@ -519,7 +673,7 @@ impl Model {
             .reshape([b, kvh, g * t, total]);
         let probs = activation::softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3);
         let out = probs.matmul(v).reshape([b, h, t, hd]).swap_dims(1, 2);
-        block.o.forward(out.reshape([b, t, h * hd]))
+        block.o.forward(out.reshape([b, t, h * hd]), on)
     }
 
     fn block(
@@ -527,26 +681,27 @@ impl Model {
         layer: usize,
         x: Tensor<3>,
         tables: &(Tensor<4>, Tensor<4>),
-        mask: Tensor<4, Bool>,
+        mask: Option<Tensor<4, Bool>>,
         cache: &mut Option<&mut KvCache>,
     ) -> Tensor<3> {
         let block = &self.blocks[layer];
         let eps = self.config.rms_eps as f32;
-        let attn_in = rms_norm(x.clone(), &block.attn_norm, eps);
+        let on = self.kernels;
+        let attn_in = rms_norm(x.clone(), &block.attn_norm, eps, on);
         let mut attn = self.attention(block, layer, attn_in, tables, mask, cache);
         if let Some(w) = &block.post_attn_norm {
-            attn = rms_norm(attn, w, eps);
+            attn = rms_norm(attn, w, eps, on);
         }
         let x = x + attn;
-        let ffn_in = rms_norm(x.clone(), &block.ffn_norm, eps);
-        let gate = block.gate.forward(ffn_in.clone());
+        let ffn_in = rms_norm(x.clone(), &block.ffn_norm, eps, on);
+        let gate = block.gate.forward(ffn_in.clone(), on);
         let gate = match self.config.family {
             Family::Gemma3 => activation::gelu_approximate(gate),
             Family::Qwen2 | Family::Llama => activation::silu(gate),
         };
-        let mut ffn = block.down.forward(gate * block.up.forward(ffn_in));
+        let mut ffn = block.down.forward(gate * block.up.forward(ffn_in, on), on);
         if let Some(w) = &block.post_ffn_norm {
-            ffn = rms_norm(ffn, w, eps);
+            ffn = rms_norm(ffn, w, eps, on);
         }
         x + ffn
     }
@@ -591,6 +746,11 @@ impl Model {
                 let (rows, pads) = self.pad(inputs)?;
                 if let Some(c) = cache.as_deref_mut() {
                     c.pads = pads.clone();
+                    let ids: Vec<i32> = pads.iter().map(|p| *p as i32).collect();
+                    c.device_pads = Some(Tensor::from_data(
+                        TensorData::new(ids, [pads.len()]),
+                        &self.device,
+                    ));
                 }
                 (rows, pads)
             }
@@ -604,6 +764,17 @@ impl Model {
                 self.config.max_positions
             )));
         }
+        let keys = match cache.as_deref() {
+            Some(c) if start + seq > c.capacity => {
+                return Err(AvbError::Invalid(format!(
+                    "{} positions exceed the KV cache's {}; make the cache for the prompt and every new token",
+                    start + seq,
+                    c.capacity
+                )))
+            }
+            Some(c) => c.capacity,
+            None => seq,
+        };
         self.check_injections(inputs, last)?;
         let pads_for_inject: Vec<usize> = if start == 0 {
             pads.clone()
@@ -616,16 +787,20 @@ impl Model {
             .inv_freq_local
             .as_ref()
             .map(|f| self.rope_tables(f, &pads, start, seq));
-        // One mask per distinct window (Gemma-3's sliding layers all share one), built once per pass.
+        // The decode-attention kernel masks from the cache's padding itself; other passes get one mask per
+        // distinct window (Gemma-3's sliding layers all share one), built once per pass.
+        let kernel_attention =
+            self.kernels && cache.is_some() && crate::kernels::attends(&self.device, seq, keys);
         let mut masks: Vec<(Option<usize>, Tensor<4, Bool>)> = Vec::new();
         for layer in 0..=last {
             let window = self.blocks[layer].window;
             let mask = match masks.iter().find(|(w, _)| *w == window) {
-                Some((_, m)) => m.clone(),
+                _ if kernel_attention => None,
+                Some((_, m)) => Some(m.clone()),
                 None => {
-                    let m = self.mask(&pads, start, seq, window);
+                    let m = self.mask(&pads, start, seq, keys, window);
                     masks.push((window, m.clone()));
-                    m
+                    Some(m)
                 }
             };
             let tables = match window {
@@ -670,9 +845,14 @@ impl Model {
 
     /// Final norm, LM head and final soft-capping of hidden states [batch, seq, hidden] -> logits.
     pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = rms_norm(x, &self.final_norm, self.config.rms_eps as f32);
+        let x = rms_norm(
+            x,
+            &self.final_norm,
+            self.config.rms_eps as f32,
+            self.kernels,
+        );
         softcap(
-            x.matmul(self.head.clone().unsqueeze::<3>()),
+            self.head.forward(x, self.kernels),
             self.config.final_softcap,
         )
     }
@@ -689,4 +869,27 @@ pub fn to_vec(t: Tensor<3>) -> Result<Vec<f32>> {
     t.into_data()
         .try_into_vec::<f32>()
         .map_err(|e| AvbError::Invalid(format!("reading a tensor back failed: {e:?}")))
+}
+
+/// Device copy bandwidth (bytes read + written per second) of an elementwise pass over 1 GiB of f32: the
+/// bandwidth ceiling decoding benchmarks are measured against.
+pub fn copy_bandwidth(device: &Device) -> Result<f64> {
+    let n = 1usize << 28;
+    let x: Tensor<1> = Tensor::random([n], Distribution::Default, device);
+    let sync = || {
+        device
+            .sync()
+            .map_err(|e| AvbError::Invalid(format!("device sync failed: {e:?}")))
+    };
+    let warm = x.clone() + 1.0;
+    sync()?;
+    drop(warm);
+    let reps = 10;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        let y = x.clone() + 1.0;
+        std::hint::black_box(y);
+    }
+    sync()?;
+    Ok(2.0 * 4.0 * n as f64 * reps as f64 / t.elapsed().as_secs_f64())
 }

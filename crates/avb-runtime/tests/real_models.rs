@@ -110,11 +110,6 @@ fn compact(name: &str) {
     for (precision, min_cos_floor, top1_floor) in
         [(Precision::Q8, 0.99, 0.85), (Precision::Q4, 0.8, 0.35)]
     {
-        if precision == Precision::Q4 && device != avb_runtime::Device::flex() {
-            let err = Model::load_with(&path, &device, precision).err().unwrap();
-            println!("{name} Q4: refused on this backend: {err}");
-            continue;
-        }
         let model = Model::load_with(&path, &device, precision).unwrap();
         let hidden = to_vec(model.forward_to(&input, layer, None).unwrap()).unwrap();
         let cos = row_cosines(&hidden, &want_hidden, shape[1]);

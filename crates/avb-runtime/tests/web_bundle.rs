@@ -64,13 +64,8 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn tiny_bundles_reproduce_the_runtime_quantized_model() {
-    let on_cpu = std::env::var("AVB_TEST_DEVICE").map_or(true, |d| d == "cpu");
     for family in ["qwen2-av", "gemma3-av"] {
         for (bits, precision) in [(Bits::Q8, Precision::Q8), (Bits::Q4, Precision::Q4)] {
-            // burn-cubecl's 4-bit matmul does not run on GPUs yet (the runtime refuses it).
-            if bits == Bits::Q4 && !on_cpu {
-                continue;
-            }
             let src = nla_fixture(family);
             let tmp = tempfile::tempdir().unwrap();
             let out = tmp.path().join("bundle");
@@ -235,4 +230,104 @@ fn damaged_bundles_are_refused_with_the_reason() {
     );
     let after: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
     assert_eq!(before.len(), after.len(), "a failed pack left files behind");
+}
+
+/// The browser's cross-model step runs on the device (`DeviceMap`); it must give the host planner's vectors: the
+/// map's linear part (`AffineMap::apply`) and the washout blend (`washout::mix`), and refuse what `mix` refuses.
+#[test]
+fn device_cross_step_equals_the_host_planner() {
+    use avb_core::matrix::Matrix;
+    use avb_core::ridge::AffineMap;
+    use avb_core::rng::SplitMix64;
+    use avb_core::washout::mix;
+    use avb_runtime::cross::{checked_rows, DeviceMap};
+
+    let (d_src, d_tgt, rows) = (48, 80, 5);
+    let mut rng = SplitMix64::new(7);
+    let mut draw = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
+    let map = AffineMap {
+        weight: Matrix::new(d_src, d_tgt, draw(d_src * d_tgt)),
+        bias: draw(d_tgt),
+    };
+    // A washout vector is a mean of unit rows: norm below one, a common offset in every coordinate.
+    let washout: Vec<f32> = draw(d_tgt).iter().map(|v| 0.02 * v + 0.05).collect();
+    let directions = Matrix::new(rows, d_src, draw(rows * d_src));
+    let device = common::test_device();
+    let dm = DeviceMap::new(&map, Some(&washout), &device).unwrap();
+    let host_mapped = map.apply(&directions, false).unwrap();
+    for weight in [None, Some(0.5), Some(2.0)] {
+        let ours = checked_rows(
+            to_vec(dm.vectors(&directions, weight).unwrap().unsqueeze()).unwrap(),
+            d_tgt,
+        )
+        .unwrap();
+        for (i, row) in ours.iter().enumerate() {
+            let host = match weight {
+                None => host_mapped.row(i).to_vec(),
+                Some(w) => mix(host_mapped.row(i), &washout, w).unwrap(),
+            };
+            let err = common::row_errors(row, &host, d_tgt)[0];
+            println!("washout weight {weight:?}, row {i}: relative error {err:.2e}");
+            assert!(err < 1e-5, "row {i} at weight {weight:?}: {err}");
+        }
+    }
+    // A zero direction has no direction to blend: the host refuses it, and so must the device path.
+    let zero = Matrix::zeros(1, d_src);
+    let err = checked_rows(
+        to_vec(dm.vectors(&zero, Some(1.0)).unwrap().unsqueeze()).unwrap(),
+        d_tgt,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("zero or non-finite"), "{err}");
+    assert!(mix(&[0.0f32; 80], &washout, 1.0).is_err());
+    // Directions of another width, a washout of another width, a blend without a washout.
+    let err = dm
+        .vectors(&Matrix::zeros(1, d_src + 1), None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("d_src = 48"), "{err}");
+    let err = DeviceMap::new(&map, Some(&washout[1..]), &device)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("target has d = 80"), "{err}");
+    let plain = DeviceMap::new(&map, None, &device).unwrap();
+    let err = plain
+        .vectors(&directions, Some(1.0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs a washout vector"), "{err}");
+}
+
+/// avbridge's own kernels (quantized matvec, RMSNorm, decode attention; on GPU backends) must compute what burn's
+/// generic ops compute: logits of short prompts (few rows: the matvec path) and of a padded batch within float
+/// rounding, and the same greedy tokens through the KV cache (the decode-attention path). On the CPU backend the
+/// kernels do not apply and both runs take the generic path.
+#[test]
+fn own_kernels_match_burns_generic_ops() {
+    for family in ["qwen2-av", "gemma3-av"] {
+        for precision in [Precision::F32, Precision::Q8, Precision::Q4] {
+            let mut m = open(&nla_fixture(family), precision);
+            let ids = prompt_ids(&m, "Describe the vector.");
+            let short = Input::ids(ids[..5].to_vec());
+            let batch = [Input::ids(ids.clone()), Input::ids(ids[3..].to_vec())];
+            let run = |m: &LoadedModel| {
+                let short_logits =
+                    to_vec(m.model.logits(std::slice::from_ref(&short)).unwrap()).unwrap();
+                let batch_logits = to_vec(m.model.logits(&batch).unwrap()).unwrap();
+                (short_logits, batch_logits, greedy(m, ids.clone(), 12))
+            };
+            let (fused_short, fused_batch, fused_tokens) = run(&m);
+            m.model.set_kernels(false);
+            let (short_logits, batch_logits, tokens) = run(&m);
+            let (e1, e2) = (
+                rel_diff(&fused_short, &short_logits),
+                rel_diff(&fused_batch, &batch_logits),
+            );
+            println!("{family} {precision:?}: kernels vs generic ops: short prompt {e1:.2e}, padded batch {e2:.2e}, greedy {fused_tokens:?}");
+            assert!(e1 < 1e-4 && e2 < 1e-4, "{family} {precision:?}: {e1} {e2}");
+            assert_eq!(fused_tokens, tokens, "{family} {precision:?}");
+        }
+    }
 }

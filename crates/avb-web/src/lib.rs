@@ -11,8 +11,9 @@ use avb_core::io::{BytesSource, RangeSource};
 use avb_core::ridge::AffineMap;
 use avb_core::AvbError;
 use avb_model::bundle::{Bits, Bundle, Manifest};
-use avb_nla::explain::{plan, Condition, Feature, PlanInputs};
+use avb_nla::explain::Condition;
 use avb_nla::{NlaMeta, Verbalizer};
+use avb_runtime::cross::{checked_rows, DeviceMap};
 use avb_runtime::loader::{tokenizer_and_template, LoadedModel};
 use avb_runtime::weights::WeightSource;
 use avb_runtime::{
@@ -20,7 +21,7 @@ use avb_runtime::{
 };
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use wasm_bindgen::prelude::*;
 
 fn js_err(e: AvbError) -> JsError {
@@ -76,7 +77,37 @@ fn device() -> Result<Device, JsError> {
         .ok_or_else(|| JsError::new("the GPU is not initialised: await initGpu() first"))
 }
 
-/// The bytes of every file `manifest` lists, taken from a JS Map (file name -> Uint8Array).
+/// A bundle file as the page holds it, a Uint8Array in JS memory: a read copies only the bytes asked for into wasm
+/// memory, so the model is built tensor by tensor and wasm32's 4 GiB never has to hold the whole bundle.
+struct JsBytes {
+    name: PathBuf,
+    bytes: js_sys::Uint8Array,
+}
+
+impl RangeSource for JsBytes {
+    fn len(&self) -> u64 {
+        self.bytes.length() as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> avb_core::Result<()> {
+        let end = offset + buf.len() as u64;
+        if end > self.len() {
+            return Err(AvbError::truncated(
+                &self.name,
+                format!(
+                    "needed bytes {offset}..{end} but only {} are present",
+                    self.len()
+                ),
+            ));
+        }
+        self.bytes.subarray(offset as u32, end as u32).copy_to(buf);
+        Ok(())
+    }
+    fn name(&self) -> &Path {
+        &self.name
+    }
+}
+
+/// Every file `manifest` lists, taken from a JS Map (file name -> Uint8Array) without copying it into wasm memory.
 fn sources(
     manifest: &Manifest,
     files: &js_sys::Map,
@@ -84,13 +115,17 @@ fn sources(
     let mut out: BTreeMap<String, Box<dyn RangeSource>> = BTreeMap::new();
     for name in manifest.files.keys() {
         let value = files.get(&JsValue::from_str(name));
-        if value.is_undefined() {
-            return Err(JsError::new(&format!("{name} was not downloaded")));
+        if !value.is_instance_of::<js_sys::Uint8Array>() {
+            return Err(JsError::new(&format!(
+                "{name} was not downloaded (expected its bytes as a Uint8Array)"
+            )));
         }
-        let bytes = js_sys::Uint8Array::new(&value).to_vec();
         out.insert(
             name.clone(),
-            Box::new(BytesSource::new(name.as_str(), bytes)),
+            Box::new(JsBytes {
+                name: PathBuf::from(name),
+                bytes: value.unchecked_into(),
+            }),
         );
     }
     Ok(out)
@@ -233,12 +268,12 @@ fn control(answer: Result<JsValue, JsValue>) -> Control {
     }
 }
 
-/// The cross-model step: a ridge map from the feature model's residual space into the AV's, and the AV model's
-/// washout vector.
+/// The cross-model step on the GPU: a ridge map from the feature model's residual space into the AV's, and the AV
+/// model's washout vector, held on the device (the CLI's host planner computes the same vectors; tests hold the
+/// two equal).
 #[wasm_bindgen]
 pub struct CrossMap {
-    map: AffineMap,
-    washout: Option<Vec<f32>>,
+    map: DeviceMap,
     target: Space,
 }
 
@@ -273,41 +308,45 @@ impl CrossMap {
             }
             None => None,
         };
+        let map = DeviceMap::new(&AffineMap { weight, bias }, washout.as_deref(), &device()?)
+            .map_err(js_err)?;
         Ok(CrossMap {
-            map: AffineMap { weight, bias },
-            washout,
+            map,
             target: meta.target,
         })
     }
 
     /// The vector the AV reads for `direction` (a feature's decoder row in the source space) under `condition`
-    /// ("cross" or "cross-washout", with `washout_weight`), computed by the CLI's own planner.
-    pub fn vector(
+    /// ("cross", or "cross-washout" with `washout_weight`), computed on the GPU.
+    pub async fn vector(
         &self,
         direction: Vec<f32>,
         condition: &str,
         washout_weight: f64,
     ) -> Result<Vec<f32>, JsError> {
-        let condition = Condition::parse(condition).map_err(js_err)?;
-        let features = [Feature {
-            id: "feature".into(),
-            label: None,
-            vector: direction,
-        }];
-        let jobs = plan(&PlanInputs {
-            features: &features,
-            conditions: &[condition],
-            map: Some(&self.map),
-            washout: self.washout.as_deref(),
-            washout_weights: &[washout_weight],
-            n_random: 0,
-            random_seed: 0,
-        })
-        .map_err(js_err)?;
-        jobs.into_iter()
-            .next()
-            .map(|j| j.vector)
-            .ok_or_else(|| JsError::new(&format!("condition {} gives no vector", condition.name())))
+        let weight = match Condition::parse(condition).map_err(js_err)? {
+            Condition::Cross => None,
+            Condition::CrossWashout => Some(washout_weight),
+            other => {
+                return Err(JsError::new(&format!(
+                    "condition {} does not go through a map; use cross or cross-washout",
+                    other.name()
+                )))
+            }
+        };
+        let d = direction.len();
+        let rows = avb_core::matrix::Matrix::new(1, d, direction);
+        let values = self
+            .map
+            .vectors(&rows, weight)
+            .map_err(js_err)?
+            .into_data_async()
+            .await
+            .map_err(|e| JsError::new(&format!("reading the mapped vector back failed: {e:?}")))?
+            .try_into_vec::<f32>()
+            .map_err(|e| JsError::new(&format!("the mapped vector is not f32: {e:?}")))?;
+        let mut rows = checked_rows(values, self.map.d_tgt()).map_err(js_err)?;
+        Ok(rows.remove(0))
     }
 
     /// Refuse a verbalizer that does not read the residual stream this map lands in (model, layer, width).

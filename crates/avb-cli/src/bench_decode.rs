@@ -1,0 +1,334 @@
+//! `avb bench decode`: greedy generation with random weights of a real shape (the released AVs' base models, or
+//! the small real models), against Hugging Face transformers on the same shape in the same run, with the fraction
+//! of the device's bandwidth ceiling (copy bandwidth measured in the same run). Prints a Markdown table.
+
+use crate::runtime_cmds::{device, DeviceArg, PrecisionArg};
+use avb_core::rng::SplitMix64;
+use avb_core::{AvbError, Result};
+use avb_runtime::model::copy_bandwidth;
+use avb_runtime::{generate, Control, GenerateOptions, Input, Model, ModelConfig, Sampling};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// The shapes `--shape` names: Hugging Face config.json bodies.
+const SHAPES: &str = include_str!("../../avb-runtime/shapes.json");
+
+#[derive(clap::Args)]
+pub struct DecodeBenchArgs {
+    /// A shape from crates/avb-runtime/shapes.json: qwen2.5-7b, gemma-3-12b, gemma-3-27b, llama-3.3-70b,
+    /// smollm2-135m, qwen2.5-coder-0.5b, gemma-3-270m.
+    #[arg(long)]
+    pub shape: String,
+    /// Batch sizes (sequences decoded together).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    pub batch: Vec<usize>,
+    /// Prompt tokens per sequence (random ids).
+    #[arg(long, default_value_t = 128)]
+    pub prompt: usize,
+    /// New tokens per sequence (no stop tokens: every sequence runs the whole budget).
+    #[arg(long, default_value_t = 128)]
+    pub new: usize,
+    #[arg(long, value_enum, default_value = "q8")]
+    pub precision: PrecisionArg,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Timed runs per batch size (median reported), after one shortened warm-up run.
+    #[arg(long, default_value_t = 2)]
+    pub reps: usize,
+    /// Reference script (transformers) run on the same shape; `none` skips it.
+    #[arg(long, default_value = "tests/scripts/bench_decode_reference.py")]
+    pub reference: String,
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// The reference's device (cuda or cpu); by default cuda for GPU backends, cpu for the CPU one.
+    #[arg(long)]
+    pub reference_device: Option<String>,
+    /// The reference's weight dtype: bf16 (the GPU anchor) or f32 (the CPU one).
+    #[arg(long)]
+    pub reference_dtype: Option<String>,
+    /// Also write the table, with the command and the machine, to this Markdown file.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+fn shape_config(name: &str) -> Result<(serde_json::Value, ModelConfig)> {
+    let shapes: serde_json::Value =
+        serde_json::from_str(SHAPES).map_err(|e| AvbError::Invalid(format!("shapes.json: {e}")))?;
+    let body = shapes
+        .get(name)
+        .filter(|_| !name.starts_with('_'))
+        .ok_or_else(|| {
+            let names: Vec<&str> = shapes
+                .as_object()
+                .into_iter()
+                .flat_map(|o| o.keys())
+                .filter(|k| !k.starts_with('_'))
+                .map(String::as_str)
+                .collect();
+            AvbError::Invalid(format!(
+                "unknown shape `{name}`; known: {}",
+                names.join(", ")
+            ))
+        })?;
+    let config = ModelConfig::from_hf(body, Path::new("shapes.json"))?;
+    Ok((body.clone(), config))
+}
+
+/// Bytes of weights one decoding step reads (every projection and the LM head once, whatever the batch).
+fn weight_bytes(c: &ModelConfig, bits: Option<u32>) -> f64 {
+    let (d, f, v) = (
+        c.hidden_size as f64,
+        c.intermediate_size as f64,
+        c.vocab_size as f64,
+    );
+    let q = (c.num_heads * c.head_dim) as f64;
+    let kv = (c.num_kv_heads * c.head_dim) as f64;
+    let per_block = d * q + 2.0 * d * kv + q * d + 3.0 * d * f;
+    let weights = c.num_layers as f64 * per_block + d * v;
+    // Compact weights carry one f32 scale per block of 32.
+    let per_weight = match bits {
+        Some(b) => b as f64 / 8.0 + 4.0 / 32.0,
+        None => 4.0,
+    };
+    weights * per_weight
+}
+
+/// Bytes of keys and values one step reads for `batch` rows at the cache's capacity (attention spans it).
+fn kv_bytes(c: &ModelConfig, batch: usize, capacity: usize) -> f64 {
+    (2 * c.num_layers * c.num_kv_heads * c.head_dim * batch * capacity * 4) as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+struct Timing {
+    prefill_s: f64,
+    generate_s: f64,
+}
+
+/// One prefill (a forward pass over the prompt, synchronised) and one whole generation of `new` tokens.
+fn time_batch(model: &Model, inputs: &[Input], new: usize, warm_up: bool) -> Result<Timing> {
+    let last = model.config.num_layers - 1;
+    let t = Instant::now();
+    let h = model.forward_to(inputs, last, None)?;
+    let len = h.dims()[1];
+    let ids = model.head(h.narrow(1, len - 1, 1)).argmax(2);
+    ids.into_data();
+    let prefill_s = t.elapsed().as_secs_f64();
+    let opts = GenerateOptions {
+        max_new_tokens: new,
+        sampling: Sampling::Greedy,
+        stop_ids: Vec::new(),
+        row_seeds: None,
+    };
+    // The warm-up compiles every kernel shape of the run (same cache capacity) but stops after a few tokens.
+    let mut seen = 0usize;
+    let rows = inputs.len();
+    let t = Instant::now();
+    generate(model, inputs, &opts, &mut |_, _| {
+        seen += 1;
+        if warm_up && seen >= 4 * rows {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    })?;
+    Ok(Timing {
+        prefill_s,
+        generate_s: t.elapsed().as_secs_f64(),
+    })
+}
+
+fn reference(
+    a: &DecodeBenchArgs,
+    body: &serde_json::Value,
+    dir: &Path,
+) -> Result<Option<serde_json::Value>> {
+    if a.reference == "none" {
+        return Ok(None);
+    }
+    let gpu = !matches!(a.device, DeviceArg::Cpu);
+    let shapes = dir.join("shape.json");
+    std::fs::write(&shapes, body.to_string()).map_err(|e| AvbError::io(&shapes, e))?;
+    let batches: Vec<String> = a.batch.iter().map(usize::to_string).collect();
+    let ref_device = a
+        .reference_device
+        .clone()
+        .unwrap_or_else(|| if gpu { "cuda" } else { "cpu" }.into());
+    let dtype = a
+        .reference_dtype
+        .clone()
+        .unwrap_or_else(|| if gpu { "bf16" } else { "f32" }.into());
+    eprintln!("transformers on {ref_device} ({dtype})");
+    let out = Command::new(&a.python)
+        .arg(&a.reference)
+        .arg(&shapes)
+        .arg(&a.shape)
+        .args(["--batch", &batches.join(",")])
+        .args(["--prompt", &a.prompt.to_string()])
+        .args(["--new", &a.new.to_string()])
+        .args(["--device", &ref_device, "--dtype", &dtype])
+        .args(["--reps", &a.reps.max(1).to_string()])
+        .output()
+        .map_err(|e| {
+            AvbError::Invalid(format!(
+                "could not run {}: {e}. Fix: install python3 with torch and transformers, or pass --reference none.",
+                a.python
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(AvbError::Invalid(format!(
+            "reference script failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map(Some)
+        .map_err(|e| AvbError::Invalid(format!("reference output is not JSON ({e})")))
+}
+
+pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
+    if a.batch.is_empty() || a.batch.contains(&0) || a.new == 0 || a.prompt == 0 {
+        return Err(AvbError::Invalid(
+            "--batch sizes, --prompt and --new must be at least 1".into(),
+        ));
+    }
+    if a.reference != "none" && !Path::new(&a.reference).exists() {
+        return Err(AvbError::Invalid(format!(
+            "reference script {} not found. Fix: run from the repository root, pass --reference, or --reference none.",
+            a.reference
+        )));
+    }
+    let (body, config) = shape_config(&a.shape)?;
+    let dev = device(a.device)?;
+    let precision = a.precision.precision();
+    eprintln!(
+        "{}: random weights on {:?} at {:?}",
+        a.shape, a.device, a.precision
+    );
+    let t = Instant::now();
+    let model = Model::random(config.clone(), &dev, precision, 0)?;
+    dev.sync()
+        .map_err(|e| AvbError::Invalid(format!("device sync failed: {e:?}")))?;
+    let build_s = t.elapsed().as_secs_f64();
+    let bandwidth = copy_bandwidth(&dev)?;
+    eprintln!(
+        "built in {build_s:.1} s; copy bandwidth {:.0} GB/s",
+        bandwidth / 1e9
+    );
+    let bits = a.precision.bits();
+    let mut rng = SplitMix64::new(1);
+    let mut ours = Vec::new();
+    for &b in &a.batch {
+        let inputs: Vec<Input> = (0..b)
+            .map(|_| {
+                Input::ids(
+                    (0..a.prompt)
+                        .map(|_| rng.below(config.vocab_size) as u32)
+                        .collect(),
+                )
+            })
+            .collect();
+        eprintln!("batch {b}: warm-up");
+        time_batch(&model, &inputs, a.new, true)?;
+        let mut runs = Vec::new();
+        for r in 0..a.reps.max(1) {
+            let timing = time_batch(&model, &inputs, a.new, false)?;
+            eprintln!(
+                "batch {b}, run {r}: prefill {:.3} s, generate {:.2} s",
+                timing.prefill_s, timing.generate_s
+            );
+            runs.push(timing);
+        }
+        let prefill = median(runs.iter().map(|r| r.prefill_s).collect());
+        let generate = median(runs.iter().map(|r| r.generate_s).collect());
+        ours.push((b, prefill, generate));
+    }
+    let dir = std::env::temp_dir().join(format!("avb-bench-decode-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| AvbError::io(&dir, e))?;
+    let theirs = reference(&a, &body, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let theirs = theirs?;
+    let capacity = (a.prompt + a.new).div_ceil(64) * 64;
+    let mut table = String::from(
+        "| batch | prefill s | generate s | tokens/s | explanations/s | decode tokens/s | of bandwidth ceiling | transformers tokens/s | ratio |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for (b, prefill, generate) in &ours {
+        let tps = (*b * a.new) as f64 / generate;
+        let decode_tps = (*b * (a.new - 1)) as f64 / (generate - prefill).max(1e-9);
+        let step_bytes = weight_bytes(&config, bits) + kv_bytes(&config, *b, capacity);
+        let ceiling = bandwidth / step_bytes * *b as f64;
+        let reference_tps = theirs.as_ref().and_then(|r| {
+            r["results"]
+                .as_array()?
+                .iter()
+                .find(|x| x["batch"].as_u64() == Some(*b as u64))?["tokens_per_s"]
+                .as_f64()
+        });
+        let (rt, ratio) = match reference_tps {
+            Some(t) => (format!("{t:.1}"), format!("{:.2}x", tps / t)),
+            None => ("-".into(), "-".into()),
+        };
+        table.push_str(&format!(
+            "| {b} | {prefill:.3} | {generate:.2} | {tps:.1} | {:.3} | {decode_tps:.1} | {:.1}% | {rt} | {ratio} |\n",
+            *b as f64 / generate,
+            100.0 * decode_tps / ceiling,
+        ));
+    }
+    let params = config_params(&config);
+    let reference_line = match &theirs {
+        Some(r) => format!(
+            "Reference: transformers {} + torch {} on {} ({}, sdpa, `generate` greedy, {} threads), the same shape with random weights, in the same run.",
+            r["versions"]["transformers"].as_str().unwrap_or("?"),
+            r["versions"]["torch"].as_str().unwrap_or("?"),
+            r["device_name"].as_str().unwrap_or("?"),
+            r["dtype"].as_str().unwrap_or("?"),
+            r["threads"],
+        ),
+        None => "No reference was run.".into(),
+    };
+    let doc = format!(
+        "Shape `{}` ({:.2}B parameters, {} layers, d = {}), random weights at {:?} on {:?}; prompt {} random tokens, {} new tokens \
+         (no stop tokens), greedy; medians of {} runs after a warm-up. Model built on the device in {build_s:.1} s. Copy bandwidth \
+         measured in this run: {:.0} GB/s. The bandwidth ceiling of a step is that bandwidth over the bytes a step must read \
+         (every weight once, {:.2} GB, plus the KV cache at its capacity of {capacity} positions); `decode tokens/s` leaves the \
+         prefill out; `tokens/s` is batch x new tokens over the whole generation, as transformers' figure is.\n\n{table}\n{reference_line}\n",
+        a.shape,
+        params as f64 / 1e9,
+        config.num_layers,
+        config.hidden_size,
+        a.precision,
+        a.device,
+        a.prompt,
+        a.new,
+        a.reps.max(1),
+        bandwidth / 1e9,
+        weight_bytes(&config, bits) / 1e9,
+    );
+    println!("{doc}");
+    if let Some(p) = &a.output {
+        let text = format!(
+            "# `avb bench decode`: {} on {:?}\n\nCommand: `{}`\n\n{doc}",
+            a.shape,
+            a.device,
+            crate::commands::created_by()
+        );
+        avb_core::io::write_atomic(p, &[text.as_bytes()])?;
+    }
+    Ok(())
+}
+
+/// Parameters of the projections, embedding and head (norms and biases left out).
+fn config_params(c: &ModelConfig) -> u64 {
+    let (d, f, v) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.vocab_size as u64,
+    );
+    let q = (c.num_heads * c.head_dim) as u64;
+    let kv = (c.num_kv_heads * c.head_dim) as u64;
+    c.num_layers as u64 * (2 * d * q + 2 * d * kv + 3 * d * f) + 2 * d * v
+}

@@ -1,0 +1,177 @@
+//! Decode attention: one new query per row against the preallocated KV cache, in one launch. Grouped-query
+//! heads read their shared KV head in place (no repeat), left padding and a sliding window are masked from the row's
+//! padding and the step's position, and Gemma's attention soft-capping is applied to the scores.
+//!
+//! One cube per (head, row): threads score the keys into shared memory (max and sum by tree reductions), then each
+//! thread sums the probability-weighted values of some of the head's dimensions.
+
+use crate::cube::{from_cube, to_cube, to_cube_int};
+use burn::tensor::{DType, Int, Tensor as BurnTensor};
+use burn_cubecl::cubecl;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use cubecl::prelude::*;
+
+const THREADS: u32 = 128;
+/// Largest cache the kernel scores in shared memory: 8 KiB of scores, within WebGPU's default 16 KiB of
+/// workgroup storage. Longer caches take the generic path.
+pub const MAX_KEYS: usize = 2048;
+/// Below any real score: WGSL has no infinity literal.
+const MASKED: f32 = -3.0e38;
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn decode_attention_kernel(
+    q: &Tensor<f32>,
+    keys: &Tensor<f32>,
+    values: &Tensor<f32>,
+    pads: &Tensor<i32>,
+    out: &mut Tensor<f32>,
+    total: u32,
+    window: u32,
+    scale: f32,
+    softcap: f32,
+    #[comptime] capacity: u32,
+    #[comptime] threads: u32,
+) {
+    let h = CUBE_POS_X as usize;
+    let b = CUBE_POS_Y as usize;
+    let group = q.shape(1) / keys.shape(1);
+    let kh = h / group;
+    let hd = q.shape(2);
+    let tid = UNIT_POS_X as usize;
+    let step = threads as usize;
+    let n = total as usize;
+    let last = n - 1;
+    let pad = u32::cast_from(pads[b]) as usize;
+    let q0 = b * q.stride(0) + h * q.stride(1);
+    let k0 = b * keys.stride(0) + kh * keys.stride(1);
+    let v0 = b * values.stride(0) + kh * values.stride(1);
+    let mut scores = Shared::<[f32]>::new_slice(capacity as usize);
+    let mut red = Shared::<[f32]>::new_slice(threads as usize);
+
+    let mut local_max = f32::new(MASKED);
+    let mut j = tid;
+    while j < n {
+        let mut s = f32::new(MASKED);
+        let in_window = window == 0 || last - j < window as usize;
+        if (j >= pad && in_window) || j == last {
+            let mut dot = 0.0f32;
+            for d in 0..hd {
+                dot += q[q0 + d * q.stride(2)] * keys[k0 + j * keys.stride(2) + d * keys.stride(3)];
+            }
+            s = dot * scale;
+            if softcap > 0.0 {
+                s = (s / softcap).tanh() * softcap;
+            }
+        }
+        scores[j] = s;
+        if s > local_max {
+            local_max = s;
+        }
+        j += step;
+    }
+    red[tid] = local_max;
+    sync_cube();
+    let mut half = CUBE_DIM_X as usize / 2;
+    while half > 0 {
+        if tid < half {
+            let other = red[tid + half];
+            if other > red[tid] {
+                red[tid] = other;
+            }
+        }
+        sync_cube();
+        half /= 2;
+    }
+    let max = red[0];
+    sync_cube();
+
+    let mut local_sum = 0.0f32;
+    let mut j = tid;
+    while j < n {
+        let s = scores[j];
+        let e = if s > MASKED { (s - max).exp() } else { 0.0f32 };
+        scores[j] = e;
+        local_sum += e;
+        j += step;
+    }
+    red[tid] = local_sum;
+    sync_cube();
+    let mut half = CUBE_DIM_X as usize / 2;
+    while half > 0 {
+        if tid < half {
+            let sum = red[tid] + red[tid + half];
+            red[tid] = sum;
+        }
+        sync_cube();
+        half /= 2;
+    }
+    let denom = red[0];
+
+    let o0 = b * out.stride(0) + h * out.stride(1);
+    let od = out.stride(2);
+    let mut d = tid;
+    while d < hd {
+        let mut acc = 0.0f32;
+        for j in pad..n {
+            acc += scores[j] * values[v0 + j * values.stride(2) + d * values.stride(3)];
+        }
+        out[o0 + d * od] = acc / denom;
+        d += step;
+    }
+}
+
+/// Attention of the newest position: `q` [b, heads, 1, hd] against the first `total` positions of the caches
+/// `keys` / `values` [b, kv_heads, capacity, hd], row r seeing positions pads[r]..total (and only the last
+/// `window` of them when given) and always itself; scores scaled by `scale` and soft-capped at `softcap` when
+/// given. Returns [b, heads, 1, hd], or `None` off a CubeCL device or past the kernel's limits.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(
+    q: &BurnTensor<4>,
+    keys: &BurnTensor<4>,
+    values: &BurnTensor<4>,
+    pads: &BurnTensor<1, Int>,
+    total: usize,
+    window: Option<usize>,
+    scale: f32,
+    softcap: Option<f32>,
+) -> Option<BurnTensor<4>> {
+    let [b, heads, t, hd] = q.dims();
+    let [_, kv_heads, capacity, _] = keys.dims();
+    if t != 1
+        || capacity > MAX_KEYS
+        || total == 0
+        || total > capacity
+        || heads % kv_heads != 0
+        || q.dtype() != DType::F32
+        || pads.dtype() != DType::I32
+    {
+        return None;
+    }
+    let qc = into_contiguous(to_cube(&q.clone().reshape([b, heads, hd]))?);
+    let (kc, vc, pc) = (to_cube(keys)?, to_cube(values)?, to_cube_int(pads)?);
+    let out = empty_device_contiguous_dtype(
+        qc.client.clone(),
+        qc.device.clone(),
+        [b, heads, hd].into(),
+        DType::F32,
+    );
+    decode_attention_kernel::launch(
+        &out.client,
+        CubeCount::Static(heads as u32, b as u32, 1),
+        CubeDim::new_1d(THREADS),
+        qc.into_tensor_arg(),
+        kc.into_tensor_arg(),
+        vc.into_tensor_arg(),
+        pc.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        total as u32,
+        window.unwrap_or(0) as u32,
+        scale,
+        softcap.unwrap_or(0.0),
+        capacity as u32,
+        THREADS,
+    );
+    Some(from_cube::<3>(out).reshape([b, heads, 1, hd]))
+}

@@ -1,0 +1,37 @@
+//! Between burn's dispatch tensors and the CubeCL tensors the kernels bind.
+
+use burn::backend::{BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind};
+use burn::tensor::{Int, Tensor};
+use burn_cubecl::tensor::CubeTensor;
+
+/// The CubeCL tensor under `t` (float or quantized); `None` when `t` lives on another backend.
+pub(crate) fn to_cube<const D: usize>(t: &Tensor<D>) -> Option<CubeTensor> {
+    match t.clone().into_dispatch().kind {
+        DispatchTensorKind::Cube(BackendTensor::Float(c))
+        | DispatchTensorKind::Cube(BackendTensor::Quantized(c)) => Some(c),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// A float CubeCL tensor as a burn tensor.
+pub(crate) fn from_cube<const D: usize>(c: CubeTensor) -> Tensor<D> {
+    Tensor::from_dispatch(DispatchTensor {
+        kind: DispatchTensorKind::Cube(BackendTensor::Float(c)),
+        autodiff: DispatchAutodiffContext::Disabled,
+    })
+}
+
+/// The CubeCL tensor under an integer tensor.
+pub(crate) fn to_cube_int<const D: usize>(t: &Tensor<D, Int>) -> Option<CubeTensor> {
+    match t.clone().into_dispatch().kind {
+        DispatchTensorKind::Cube(BackendTensor::Int(c)) => Some(c),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// Whether `device` runs on CubeCL (where these kernels apply).
+pub fn on_cube(device: &burn::tensor::Device) -> bool {
+    matches!(device.as_dispatch(), burn::backend::DispatchDevice::Cube(_))
+}

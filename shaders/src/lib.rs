@@ -1,0 +1,21 @@
+//! avbridge's GPU kernels. Each is a CubeCL `#[cube]` kernel: one Rust source that CubeCL compiles to WGSL for
+//! WebGPU (the browser, and wgpu on Vulkan/Metal natively) and to CUDA C++ for NVIDIA's own driver. The host
+//! functions here take and return burn tensors, so the runtime calls them in place of a chain of generic tensor
+//! ops when its tensors live on a CubeCL device, and keeps the generic path elsewhere (the CPU backend).
+//!
+//! - [`rms_norm`]: one pass per row instead of six elementwise and reduction launches.
+//! - [`QuantizedWeight::matvec`]: decode-time products with the runtime's block-quantized weights (8- or 4-bit
+//!   values, one f32 scale per 32 outputs), read packed straight from burn's storage: no dequantized copy.
+//! - [`decode_attention`]: a new token's attention over the preallocated KV cache (GQA, padding, sliding window,
+//!   soft-capping) in one launch instead of about ten.
+#![cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
+
+mod attention;
+mod cube;
+mod norm;
+mod qmatvec;
+
+pub use attention::{decode_attention, MAX_KEYS};
+pub use cube::on_cube;
+pub use norm::rms_norm;
+pub use qmatvec::QuantizedWeight;

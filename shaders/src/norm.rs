@@ -1,0 +1,86 @@
+//! RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w over the last dimension, one cube per row.
+
+use crate::cube::{from_cube, to_cube};
+use burn::tensor::{DType, Tensor as BurnTensor};
+use burn_cubecl::cubecl;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use cubecl::prelude::*;
+
+/// Threads per row: a power of two (the tree reduction halves it).
+const THREADS: u32 = 128;
+
+#[cube(launch)]
+fn rms_norm_kernel(
+    x: &Tensor<f32>,
+    weight: &Tensor<f32>,
+    y: &mut Tensor<f32>,
+    eps: f32,
+    #[comptime] threads: u32,
+) {
+    let row = CUBE_POS_X as usize;
+    let d = x.shape(1);
+    let tid = UNIT_POS_X as usize;
+    let step = threads as usize;
+    let x0 = row * x.stride(0);
+    let y0 = row * y.stride(0);
+    let mut sum = 0.0f32;
+    let mut i = tid;
+    while i < d {
+        let v = x[x0 + i];
+        sum += v * v;
+        i += step;
+    }
+    let mut partial = Shared::<[f32]>::new_slice(threads as usize);
+    partial[tid] = sum;
+    sync_cube();
+    let mut half = CUBE_DIM_X as usize / 2;
+    while half > 0 {
+        if tid < half {
+            let sum = partial[tid] + partial[tid + half];
+            partial[tid] = sum;
+        }
+        sync_cube();
+        half /= 2;
+    }
+    let scale = 1.0f32 / (partial[0] / f32::cast_from(d as u32) + eps).sqrt();
+    let mut i = tid;
+    while i < d {
+        y[y0 + i] = x[x0 + i] * scale * weight[i];
+        i += step;
+    }
+}
+
+/// RMSNorm of every row of `x` ([.., d], f32) with `weight` [d]; `None` when `x` is not on a CubeCL device (the
+/// caller keeps its generic path).
+pub fn rms_norm<const D: usize>(
+    x: &BurnTensor<D>,
+    weight: &BurnTensor<1>,
+    eps: f32,
+) -> Option<BurnTensor<D>> {
+    if x.dtype() != DType::F32 {
+        return None;
+    }
+    let dims = x.dims();
+    let d = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let xc = into_contiguous(to_cube(&x.clone().reshape([rows, d]))?);
+    let wc = to_cube(weight)?;
+    let y = empty_device_contiguous_dtype(
+        xc.client.clone(),
+        xc.device.clone(),
+        [rows, d].into(),
+        DType::F32,
+    );
+    rms_norm_kernel::launch(
+        &y.client,
+        CubeCount::Static(rows as u32, 1, 1),
+        CubeDim::new_1d(THREADS),
+        xc.into_tensor_arg(),
+        wc.into_tensor_arg(),
+        y.clone().into_tensor_arg(),
+        eps,
+        THREADS,
+    );
+    Some(from_cube::<2>(y).reshape(dims))
+}

@@ -1,0 +1,187 @@
+//! Each kernel against burn's generic tensor ops on the same device, on fresh random inputs: the quantized matvec
+//! against a matmul with the dequantized weight (8- and 4-bit, 1..=8 rows, with and without bias, a k that does
+//! not divide into chunks), RMSNorm, and decode attention with left padding, grouped heads, a sliding window and
+//! soft-capping against the masked-softmax formulation. Runs on wgpu (`cargo test -p avb-shaders --features
+//! wgpu`; Mesa lavapipe in CI, a real GPU through Vulkan on the GPU machine).
+#![cfg(feature = "wgpu")]
+
+use avb_shaders::{decode_attention, rms_norm, QuantizedWeight};
+use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
+use burn::tensor::{activation, Bool, Device, Distribution, Int, Tensor, TensorData};
+
+fn device() -> Device {
+    Device::wgpu(Default::default())
+}
+
+fn host(t: Tensor<2>) -> Vec<f32> {
+    t.into_data().try_into_vec::<f32>().unwrap()
+}
+
+/// ||a - b|| / ||b||
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().all(|v| v.is_finite()), "non-finite output");
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn scheme(value: QuantValue) -> QuantScheme {
+    QuantScheme::default()
+        .with_value(value)
+        .with_store(QuantStore::PackedU32(0))
+        .per_block([32], ScaleDtype::F32)
+}
+
+#[test]
+fn quantized_matvec_equals_dequantized_matmul() {
+    let dev = device();
+    dev.seed(3);
+    for (value, bits) in [(QuantValue::Q8S, 8), (QuantValue::Q4S, 4)] {
+        for (k, out) in [(96, 64), (1000, 320), (2048, 4096)] {
+            let w: Tensor<2> = Tensor::random([k, out], Distribution::Normal(0.0, 0.05), &dev);
+            let wq = w.quantize_dynamic(&scheme(value));
+            let packed = QuantizedWeight::from_tensor(&wq).expect("a packed quantized weight");
+            let reference_w = wq.clone().dequantize();
+            let bias: Tensor<1> = Tensor::random([out], Distribution::Normal(0.0, 1.0), &dev);
+            for rows in [1, 3, 8] {
+                let x: Tensor<2> = Tensor::random([rows, k], Distribution::Normal(0.0, 1.0), &dev);
+                for with_bias in [false, true] {
+                    let b = with_bias.then_some(&bias);
+                    let ours = packed.matvec(&x, b).expect("the kernel applies");
+                    let mut reference = x.clone().matmul(reference_w.clone());
+                    if let Some(b) = b {
+                        reference = reference + b.clone().unsqueeze::<2>();
+                    }
+                    let err = rel_err(&host(ours), &host(reference));
+                    println!("q{bits} k {k} out {out} rows {rows} bias {with_bias}: relative error {err:.2e}");
+                    assert!(err < 1e-5, "q{bits} k {k} out {out} rows {rows}: {err}");
+                }
+            }
+            // More rows than one launch holds: the caller's generic path.
+            let x: Tensor<2> = Tensor::random([9, k], Distribution::Default, &dev);
+            assert!(packed.matvec(&x, None).is_none());
+        }
+    }
+    // A float weight is not a packed one.
+    let w: Tensor<2> = Tensor::random([64, 64], Distribution::Default, &dev);
+    assert!(QuantizedWeight::from_tensor(&w).is_none());
+}
+
+#[test]
+fn rms_norm_equals_generic_ops() {
+    let dev = device();
+    dev.seed(5);
+    for (rows, d) in [(1, 64), (7, 576), (3, 5376)] {
+        let x: Tensor<3> = Tensor::random([1, rows, d], Distribution::Normal(0.5, 3.0), &dev);
+        let w: Tensor<1> = Tensor::random([d], Distribution::Normal(1.0, 0.2), &dev);
+        let eps = 1e-6;
+        let ours = rms_norm(&x, &w, eps).expect("the kernel applies");
+        let ms = x.clone().square().mean_dim(2);
+        let reference = x * (ms + eps).sqrt().recip() * w.unsqueeze::<3>();
+        let err = rel_err(
+            &host(ours.reshape([rows, d])),
+            &host(reference.reshape([rows, d])),
+        );
+        println!("rms_norm rows {rows} d {d}: relative error {err:.2e}");
+        assert!(err < 1e-6, "rows {rows} d {d}: {err}");
+    }
+}
+
+/// The generic formulation: scores of every cache position, masked (padding, causality, window), softmax, values.
+#[allow(clippy::too_many_arguments)]
+fn reference_attention(
+    q: Tensor<4>,
+    keys: Tensor<4>,
+    values: Tensor<4>,
+    pads: &[usize],
+    total: usize,
+    window: Option<usize>,
+    scale: f32,
+    softcap: Option<f32>,
+) -> Tensor<4> {
+    let [b, h, _, hd] = q.dims();
+    let [_, kvh, cap, _] = keys.dims();
+    let g = h / kvh;
+    let dev = q.device();
+    let q = q.reshape([b, kvh, g, hd]);
+    let mut scores = q.matmul(keys.swap_dims(2, 3)) * scale;
+    if let Some(c) = softcap {
+        scores = (scores / c).tanh() * c;
+    }
+    let i = total - 1;
+    let mut m = Vec::new();
+    for &pad in pads {
+        for j in 0..cap {
+            let visible = j == i || (j < i && j >= pad && window.is_none_or(|w| i - j < w));
+            m.push(!visible);
+        }
+    }
+    let mask: Tensor<4, Bool> = Tensor::from_data(TensorData::new(m, [b, 1, 1, cap]), &dev);
+    let probs = activation::softmax(
+        scores.mask_fill(mask.expand([b, kvh, g, cap]), f32::NEG_INFINITY),
+        3,
+    );
+    probs.matmul(values).reshape([b, h, 1, hd])
+}
+
+#[test]
+fn decode_attention_equals_masked_softmax() {
+    let dev = device();
+    dev.seed(11);
+    struct Case {
+        rows: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        written: usize,
+        pads: &'static [usize],
+        window: Option<usize>,
+        softcap: Option<f32>,
+    }
+    let case = |rows, heads, kv_heads, head_dim, capacity, written, pads, window, softcap| Case {
+        rows,
+        heads,
+        kv_heads,
+        head_dim,
+        capacity,
+        written,
+        pads,
+        window,
+        softcap,
+    };
+    let cases = [
+        case(1, 9, 3, 64, 192, 150, &[0], None, None),
+        case(3, 4, 1, 256, 256, 200, &[0, 17, 60], Some(64), None),
+        case(2, 8, 8, 128, 128, 128, &[5, 0], None, Some(50.0)),
+        case(2, 28, 4, 128, 2048, 1500, &[0, 700], Some(1024), None),
+    ];
+    for c in cases {
+        let (b, h, kvh, hd, cap, total) = (
+            c.rows, c.heads, c.kv_heads, c.head_dim, c.capacity, c.written,
+        );
+        let (pads, window, softcap) = (c.pads, c.window, c.softcap);
+        let q: Tensor<4> = Tensor::random([b, h, 1, hd], Distribution::Normal(0.0, 1.0), &dev);
+        let keys: Tensor<4> =
+            Tensor::random([b, kvh, cap, hd], Distribution::Normal(0.0, 1.0), &dev);
+        let values: Tensor<4> =
+            Tensor::random([b, kvh, cap, hd], Distribution::Normal(0.0, 1.0), &dev);
+        let ids: Vec<i32> = pads.iter().map(|p| *p as i32).collect();
+        let pad_t: Tensor<1, Int> = Tensor::from_data(TensorData::new(ids, [b]), &dev);
+        let scale = (hd as f32).powf(-0.5);
+        let ours = decode_attention(&q, &keys, &values, &pad_t, total, window, scale, softcap)
+            .expect("the kernel applies");
+        let reference = reference_attention(q, keys, values, pads, total, window, scale, softcap);
+        let err = rel_err(
+            &host(ours.reshape([b * h, hd])),
+            &host(reference.reshape([b * h, hd])),
+        );
+        println!("attention b {b} h {h}/{kvh} hd {hd} cache {cap} total {total} window {window:?} softcap {softcap:?}: relative error {err:.2e}");
+        assert!(err < 1e-5, "{err}");
+    }
+}
