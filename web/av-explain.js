@@ -8,7 +8,9 @@
 // optionally "id" and "label". Instead, `sae` (an SAE's sae_weights.safetensors, with `sae-cfg` its cfg.json, a
 // GemmaScope params.safetensors or a direction .safetensors / .npy) and `feature-index` read that one row by HTTP
 // range requests, without downloading the file. `condition` is native (the row is already in the AV's space), cross (through `map`)
-// or cross-washout (through `map`, mixed with `washout` at `washout-weight`). Model text is inserted as text.
+// or cross-washout (through `map`, mixed with `washout` at `washout-weight`). Decoding is greedy unless
+// `temperature` is above 0 (then nucleus sampling with `top-p`, default 0.9, from `seed`). Model text is inserted
+// as text.
 
 import { describeError, openBundle, openCrossMap, openRemoteFeatures } from './avb.js';
 
@@ -77,6 +79,10 @@ class AvExplain extends HTMLElement {
     const condition = this.getAttribute('condition') ?? 'cross';
     const weight = Number(this.getAttribute('washout-weight') ?? '1');
     const maxTokens = Number(this.getAttribute('max-tokens') ?? '0');
+    // Greedy unless a temperature is given; then nucleus sampling from a seed.
+    const temperature = Number(this.getAttribute('temperature') ?? '0');
+    const topP = Number(this.getAttribute('top-p') ?? '0.9');
+    const seed = Number(this.getAttribute('seed') ?? '0');
     this.$('.go').disabled = true;
     this.$('.error').textContent = '';
     this.$('.text').textContent = '';
@@ -119,7 +125,7 @@ class AvExplain extends HTMLElement {
           tokens += 1;
           this.$('.text').textContent = text;
           return !this.cancelled;
-        }),
+        }, temperature, topP, seed),
       );
       const seconds = (performance.now() - started) / 1000;
       const rate = tokens > 1 ? (tokens - 1) / ((performance.now() - first) / 1000) : 0;

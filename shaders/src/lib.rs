@@ -6,6 +6,7 @@
 //! - [`rms_norm`]: one pass per row instead of six elementwise and reduction launches.
 //! - [`QuantizedWeight::matvec`]: decode-time products with the runtime's block-quantized weights (8- or 4-bit
 //!   values, one f32 scale per 32 outputs), read packed straight from burn's storage: no dequantized copy.
+//! - [`rope`]: rotate-half RoPE and the move of the heads axis in one launch.
 //! - [`decode_attention`]: a new token's attention over the preallocated KV cache (GQA, padding, sliding window,
 //!   soft-capping) in one launch instead of about ten.
 #![cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
@@ -14,8 +15,10 @@ mod attention;
 mod cube;
 mod norm;
 mod qmatvec;
+mod rope;
 
 pub use attention::{decode_attention, MAX_KEYS};
 pub use cube::on_cube;
 pub use norm::rms_norm;
 pub use qmatvec::QuantizedWeight;
+pub use rope::rope;

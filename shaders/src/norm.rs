@@ -64,6 +64,10 @@ pub fn rms_norm<const D: usize>(
     let dims = x.dims();
     let d = dims[D - 1];
     let rows = dims[..D - 1].iter().product::<usize>();
+    // One cube per row along the grid's first axis.
+    if rows > u16::MAX as usize {
+        return None;
+    }
     let xc = into_contiguous(to_cube(&x.clone().reshape([rows, d]))?);
     let wc = to_cube(weight)?;
     let y = empty_device_contiguous_dtype(

@@ -5,9 +5,11 @@
 //! a u32, low field first, each field a two's-complement integer; `scales` [k, out / 32] holds one f32 per block.
 //! W[i, o] = field(words[i, o / per_word], o % per_word) * scales[i, o / 32].
 //!
-//! One thread owns one word (per_word adjacent outputs) for every row of x, so a warp reads consecutive words of
-//! one weight row: coalesced. Parallelism along k comes from chunks (the grid's second axis): each chunk writes
-//! partial sums, and a second small kernel adds the chunks (and the bias).
+//! One thread owns one word (per_word adjacent outputs) for up to 8 rows of x, so a warp reads consecutive words
+//! of one weight row: coalesced. Parallelism along k comes from chunks (the grid's second axis): each chunk writes
+//! partial sums, and a second small kernel adds the chunks (and the bias). More rows (a decoding batch) run as
+//! tiles of 8, each reading the weight again: up to `MAX_ROWS` rows that costs less than the f32 copy a generic
+//! matmul would make of a 4-bit weight.
 
 use crate::cube::{from_cube, to_cube};
 use burn::tensor::quantization::{QuantStore, QuantValue};
@@ -16,10 +18,13 @@ use burn_cubecl::cubecl;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
+use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
 
 /// Rows of x one launch handles (the accumulators of a thread live in registers: rows x per_word of them).
-pub const MAX_ROWS: usize = 8;
+const TILE_ROWS: usize = 8;
+/// Most rows taken through tiles; larger products (prefill) belong to a matmul.
+pub const MAX_ROWS: usize = 64;
 /// Values per scale along the output dimension.
 const BLOCK: usize = 32;
 const THREADS: u32 = 256;
@@ -32,6 +37,7 @@ fn qmatvec_kernel(
     words: &Tensor<u32>,
     scales: &Tensor<f32>,
     partial: &mut Tensor<f32>,
+    row0: u32,
     chunk_len: u32,
     #[comptime] bits: u32,
     #[comptime] rows: u32,
@@ -63,7 +69,7 @@ fn qmatvec_kernel(
         let s = scales[k * ss + scale_col];
         #[unroll]
         for r in 0..rows {
-            xv[r as usize] = x[r as usize * xs + k] * s;
+            xv[r as usize] = x[(row0 + r) as usize * xs + k] * s;
         }
         #[unroll]
         for j in 0..per_word {
@@ -96,11 +102,12 @@ fn sum_chunks_kernel(
     partial: &Tensor<f32>,
     bias: &Tensor<f32>,
     y: &mut Tensor<f32>,
+    row0: u32,
     #[comptime] has_bias: bool,
 ) {
     let out = y.shape(1);
     let i = ABSOLUTE_POS;
-    if i >= y.shape(0) * out {
+    if i >= partial.shape(1) * out {
         terminate!();
     }
     let (r, o) = (i / out, i % out);
@@ -112,7 +119,7 @@ fn sum_chunks_kernel(
         s += bias[o];
     }
     let ys = y.stride(0);
-    y[r * ys + o] = s;
+    y[(row0 as usize + r) * ys + o] = s;
 }
 
 /// A block-quantized [k, out] weight as the kernels bind it.
@@ -155,8 +162,8 @@ impl QuantizedWeight {
         })
     }
 
-    /// x W (+ bias) for x [rows, k] with rows <= MAX_ROWS; `None` when x is not an f32 tensor on the weight's
-    /// device or has more rows (the caller takes its generic path).
+    /// x W (+ bias) for x [rows, k] with rows <= MAX_ROWS (in tiles of 8 rows); `None` when x is not an f32 tensor
+    /// on the weight's device or has more rows (the caller takes its generic path).
     pub fn matvec(&self, x: &BurnTensor<2>, bias: Option<&BurnTensor<1>>) -> Option<BurnTensor<2>> {
         let [rows, k] = x.dims();
         if rows == 0 || rows > MAX_ROWS || k != self.k || x.dtype() != DType::F32 {
@@ -169,49 +176,67 @@ impl QuantizedWeight {
         };
         let client = xc.client.clone();
         let n_words = self.words.meta.shape()[1];
-        // Enough chunks to fill the device, few enough that the partial sums stay a small fraction of the
-        // weight's bytes.
+        let tile = rows.min(TILE_ROWS);
+        // Enough chunks to fill the device, few enough that the partial sums (written and read back: 8 bytes a
+        // value) stay within half the weight's bytes.
+        let weight_bytes =
+            self.k * self.out * self.bits as usize / 8 + self.k * self.out / BLOCK * 4;
         let chunks = TARGET_THREADS
             .div_ceil(n_words)
-            .min(64 / rows)
+            .min(weight_bytes / (2 * 8 * tile * self.out))
             .min(self.k / 32)
             .max(1);
         let chunk_len = self.k.div_ceil(chunks);
         let chunks = self.k.div_ceil(chunk_len);
-        let partial = empty_device_contiguous_dtype(
-            client.clone(),
-            xc.device.clone(),
-            [chunks, rows, self.out].into(),
-            DType::F32,
-        );
-        qmatvec_kernel::launch(
-            &client,
-            CubeCount::Static(n_words.div_ceil(THREADS as usize) as u32, chunks as u32, 1),
-            CubeDim::new_1d(THREADS),
-            xc.into_tensor_arg(),
-            self.words.clone().into_tensor_arg(),
-            self.scales.clone().into_tensor_arg(),
-            partial.clone().into_tensor_arg(),
-            chunk_len as u32,
-            self.bits,
-            rows as u32,
-        );
         let y = empty_device_contiguous_dtype(
             client.clone(),
-            partial.device.clone(),
+            xc.device.clone(),
             [rows, self.out].into(),
             DType::F32,
         );
-        let n = rows * self.out;
-        sum_chunks_kernel::launch(
-            &client,
-            CubeCount::Static(n.div_ceil(THREADS as usize) as u32, 1, 1),
-            CubeDim::new_1d(THREADS),
-            partial.clone().into_tensor_arg(),
-            bias.clone().unwrap_or(partial).into_tensor_arg(),
-            y.clone().into_tensor_arg(),
-            bias.is_some(),
+        let partial = empty_device_contiguous_dtype(
+            client.clone(),
+            xc.device.clone(),
+            [chunks, tile, self.out].into(),
+            DType::F32,
         );
+        for row0 in (0..rows).step_by(tile) {
+            let n = tile.min(rows - row0);
+            let partial = if n == tile {
+                partial.clone()
+            } else {
+                empty_device_contiguous_dtype(
+                    client.clone(),
+                    xc.device.clone(),
+                    [chunks, n, self.out].into(),
+                    DType::F32,
+                )
+            };
+            qmatvec_kernel::launch(
+                &client,
+                CubeCount::Static(n_words.div_ceil(THREADS as usize) as u32, chunks as u32, 1),
+                CubeDim::new_1d(THREADS),
+                xc.clone().into_tensor_arg(),
+                self.words.clone().into_tensor_arg(),
+                self.scales.clone().into_tensor_arg(),
+                partial.clone().into_tensor_arg(),
+                row0 as u32,
+                chunk_len as u32,
+                self.bits,
+                n as u32,
+            );
+            let dim = CubeDim::new_1d(THREADS);
+            sum_chunks_kernel::launch(
+                &client,
+                calculate_cube_count_elemwise(&client, n * self.out, dim),
+                dim,
+                partial.clone().into_tensor_arg(),
+                bias.clone().unwrap_or(partial).into_tensor_arg(),
+                y.clone().into_tensor_arg(),
+                row0 as u32,
+                bias.is_some(),
+            );
+        }
         Some(from_cube(y))
     }
 }

@@ -1,8 +1,9 @@
 //! Each kernel against burn's generic tensor ops on the same device, on fresh random inputs: the quantized matvec
-//! against a matmul with the dequantized weight (8- and 4-bit, 1..=8 rows, with and without bias, a k that does
-//! not divide into chunks), RMSNorm, and decode attention with left padding, grouped heads, a sliding window and
-//! soft-capping against the masked-softmax formulation. Runs on wgpu (`cargo test -p avb-shaders --features
-//! wgpu`; Mesa lavapipe in CI, a real GPU through Vulkan on the GPU machine).
+//! against a matmul with the dequantized weight (8- and 4-bit; one tile of rows and several; with and without
+//! bias; a k that does not divide into chunks), RMSNorm, and decode attention with left padding, grouped heads, a
+//! sliding window and soft-capping against the masked-softmax formulation. Runs on wgpu (Mesa lavapipe in CI, a
+//! real GPU through Vulkan on the GPU machine):
+//! `cargo test -p avb-runtime -p avb-shaders --features avb-runtime/wgpu,avb-shaders/wgpu --test kernels`.
 #![cfg(feature = "wgpu")]
 
 use avb_shaders::{decode_attention, rms_norm, QuantizedWeight};
@@ -48,7 +49,7 @@ fn quantized_matvec_equals_dequantized_matmul() {
             let packed = QuantizedWeight::from_tensor(&wq).expect("a packed quantized weight");
             let reference_w = wq.clone().dequantize();
             let bias: Tensor<1> = Tensor::random([out], Distribution::Normal(0.0, 1.0), &dev);
-            for rows in [1, 3, 8] {
+            for rows in [1, 3, 8, 21] {
                 let x: Tensor<2> = Tensor::random([rows, k], Distribution::Normal(0.0, 1.0), &dev);
                 for with_bias in [false, true] {
                     let b = with_bias.then_some(&bias);
@@ -62,8 +63,8 @@ fn quantized_matvec_equals_dequantized_matmul() {
                     assert!(err < 1e-5, "q{bits} k {k} out {out} rows {rows}: {err}");
                 }
             }
-            // More rows than one launch holds: the caller's generic path.
-            let x: Tensor<2> = Tensor::random([9, k], Distribution::Default, &dev);
+            // More rows than the tiles take: the caller's generic path.
+            let x: Tensor<2> = Tensor::random([65, k], Distribution::Default, &dev);
             assert!(packed.matvec(&x, None).is_none());
         }
     }
@@ -183,5 +184,34 @@ fn decode_attention_equals_masked_softmax() {
         );
         println!("attention b {b} h {h}/{kvh} hd {hd} cache {cap} total {total} window {window:?} softcap {softcap:?}: relative error {err:.2e}");
         assert!(err < 1e-5, "{err}");
+    }
+}
+
+#[test]
+fn rope_equals_generic_ops() {
+    let dev = device();
+    dev.seed(13);
+    for (b, t, n, hd) in [(1, 1, 28, 128), (2, 7, 4, 256), (3, 5, 9, 64)] {
+        let x: Tensor<4> = Tensor::random([b, t, n, hd], Distribution::Normal(0.0, 1.0), &dev);
+        let angles: Tensor<4> =
+            Tensor::random([b, 1, t, hd], Distribution::Uniform(-3.0, 3.0), &dev);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let ours = avb_shaders::rope(&x, &cos, &sin).expect("the kernel applies");
+        let xs = x.swap_dims(1, 2);
+        let half = hd / 2;
+        let rotated = Tensor::cat(
+            vec![
+                xs.clone().narrow(3, half, half).neg(),
+                xs.clone().narrow(3, 0, half),
+            ],
+            3,
+        );
+        let reference = xs * cos + rotated * sin;
+        let err = rel_err(
+            &host(ours.reshape([b * n * t, hd])),
+            &host(reference.reshape([b * n * t, hd])),
+        );
+        println!("rope b {b} t {t} heads {n} hd {hd}: relative error {err:.2e}");
+        assert!(err < 1e-6, "{err}");
     }
 }

@@ -99,6 +99,21 @@ fn kv_bytes(c: &ModelConfig, batch: usize, capacity: usize) -> f64 {
     (2 * c.num_layers * c.num_kv_heads * c.head_dim * batch * capacity * 4) as f64
 }
 
+/// Host memory bandwidth (bytes read + written per second) of copying 256 MiB, best of five.
+fn host_copy_bandwidth() -> f64 {
+    let n = 1usize << 28;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(&dst);
+    }
+    2.0 * n as f64 / best
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -196,13 +211,13 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
             "--batch sizes, --prompt and --new must be at least 1".into(),
         ));
     }
+    let (body, config) = shape_config(&a.shape)?;
     if a.reference != "none" && !Path::new(&a.reference).exists() {
         return Err(AvbError::Invalid(format!(
             "reference script {} not found. Fix: run from the repository root, pass --reference, or --reference none.",
             a.reference
         )));
     }
-    let (body, config) = shape_config(&a.shape)?;
     let dev = device(a.device)?;
     let precision = a.precision.precision();
     eprintln!(
@@ -214,7 +229,11 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
     dev.sync()
         .map_err(|e| AvbError::Invalid(format!("device sync failed: {e:?}")))?;
     let build_s = t.elapsed().as_secs_f64();
-    let bandwidth = copy_bandwidth(&dev)?;
+    let bandwidth = match a.device {
+        // burn-flex's elementwise kernels do not reach the memory bus: measure a host copy instead.
+        DeviceArg::Cpu => host_copy_bandwidth(),
+        _ => copy_bandwidth(&dev)?,
+    };
     eprintln!(
         "built in {build_s:.1} s; copy bandwidth {:.0} GB/s",
         bandwidth / 1e9
@@ -321,7 +340,7 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Parameters of the projections, embedding and head (norms and biases left out).
+/// Parameters of the projections, embedding and head (counted once when tied; norms and biases left out).
 fn config_params(c: &ModelConfig) -> u64 {
     let (d, f, v) = (
         c.hidden_size as u64,
@@ -330,5 +349,6 @@ fn config_params(c: &ModelConfig) -> u64 {
     );
     let q = (c.num_heads * c.head_dim) as u64;
     let kv = (c.num_kv_heads * c.head_dim) as u64;
-    c.num_layers as u64 * (2 * d * q + 2 * d * kv + 3 * d * f) + 2 * d * v
+    let tables = if c.tie_embeddings { 1 } else { 2 };
+    c.num_layers as u64 * (2 * d * q + 2 * d * kv + 3 * d * f) + tables * d * v
 }

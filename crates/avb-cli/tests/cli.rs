@@ -1110,3 +1110,59 @@ fn site_build_and_serve() {
     let (head, _) = http_get(port, "/index.html", Some("bytes=999999-"));
     assert!(head.starts_with("HTTP/1.1 416"), "{head}");
 }
+
+#[test]
+fn bench_decode_runs_a_real_shape_and_refuses_bad_requests() {
+    let out = ok(&[
+        "bench",
+        "decode",
+        "--shape",
+        "smollm2-135m",
+        "--device",
+        "cpu",
+        "--precision",
+        "q8",
+        "--batch",
+        "1,2",
+        "--prompt",
+        "4",
+        "--new",
+        "3",
+        "--reps",
+        "1",
+        "--reference",
+        "none",
+    ]);
+    assert!(
+        out.contains("Shape `smollm2-135m` (0.16B parameters, 30 layers, d = 576)"),
+        "{out}"
+    );
+    for batch in ["| 1 | ", "| 2 | "] {
+        let row = out
+            .lines()
+            .find(|l| l.starts_with(batch))
+            .expect("a row per batch");
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let tokens_per_s: f64 = cells[4].parse().unwrap();
+        assert!(tokens_per_s > 0.0, "{row}");
+    }
+    fails(
+        &["bench", "decode", "--shape", "gpt-5"],
+        "unknown shape `gpt-5`; known: gemma-3-12b, gemma-3-270m, gemma-3-27b",
+    );
+    fails(
+        &["bench", "decode", "--shape", "gemma-3-270m", "--batch", "0"],
+        "--batch sizes, --prompt and --new must be at least 1",
+    );
+    fails(
+        &[
+            "bench",
+            "decode",
+            "--shape",
+            "gemma-3-270m",
+            "--reference",
+            "no/such.py",
+        ],
+        "reference script no/such.py not found",
+    );
+}

@@ -101,3 +101,14 @@ pub(crate) fn decode_attention(
 ) -> Option<Tensor<4>> {
     None
 }
+
+/// RoPE of `x` [b, t, heads, hd] into [b, heads, t, hd] in one kernel on a CubeCL device, else `None`.
+#[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
+pub(crate) fn rope(x: &Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Option<Tensor<4>> {
+    avb_shaders::rope(x, cos, sin)
+}
+
+#[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+pub(crate) fn rope(_x: &Tensor<4>, _cos: &Tensor<4>, _sin: &Tensor<4>) -> Option<Tensor<4>> {
+    None
+}

@@ -126,6 +126,69 @@ impl Linear {
     }
 }
 
+/// Bytes of one vocabulary range of the embedding table or the LM head in f32 on a GPU: WebGPU's default
+/// maxStorageBufferBindingSize.
+const VOCAB_PART_BYTES: usize = 128 << 20;
+
+/// Vocabulary ranges for tables of `vocab` x `d`: one range on the CPU backend (`whole`); on GPUs ranges of a
+/// multiple of the quantization block within VOCAB_PART_BYTES.
+fn vocab_ranges(vocab: usize, d: usize, whole: bool) -> Vec<std::ops::Range<usize>> {
+    let per = if whole {
+        vocab
+    } else {
+        (VOCAB_PART_BYTES / (4 * d.max(1)) / bundle::BLOCK * bundle::BLOCK).max(bundle::BLOCK)
+    };
+    (0..vocab)
+        .step_by(per.max(1))
+        .map(|lo| lo..(lo + per).min(vocab))
+        .collect()
+}
+
+/// The embedding table, in vocabulary ranges.
+struct VocabTable {
+    ranges: Vec<std::ops::Range<usize>>,
+    /// [range length, hidden] each.
+    parts: Vec<Tensor<2>>,
+}
+
+impl VocabTable {
+    /// Rows of `ids` (each checked < vocab), [ids, hidden]: one gather per range the ids touch, then one to restore
+    /// their order when they span several ranges.
+    fn rows(&self, ids: &[i64], device: &Device) -> Tensor<2> {
+        let index = |v: Vec<i64>| -> Tensor<1, Int> {
+            let n = v.len();
+            Tensor::from_data(TensorData::new(v, [n]), device)
+        };
+        if self.parts.len() == 1 {
+            return self.parts[0].clone().select(0, index(ids.to_vec()));
+        }
+        let mut gathered = Vec::new();
+        let mut order = Vec::with_capacity(ids.len());
+        for (r, part) in self.ranges.iter().zip(&self.parts) {
+            let (at, local): (Vec<usize>, Vec<i64>) = ids
+                .iter()
+                .enumerate()
+                .filter(|(_, id)| r.contains(&(**id as usize)))
+                .map(|(i, id)| (i, *id - r.start as i64))
+                .unzip();
+            if !local.is_empty() {
+                order.extend(at);
+                gathered.push(part.clone().select(0, index(local)));
+            }
+        }
+        let x = Tensor::cat(gathered, 0);
+        if order.iter().enumerate().all(|(i, o)| i == *o) {
+            return x;
+        }
+        // Row k of x holds ids[order[k]]: invert the permutation.
+        let mut inverse = vec![0i64; order.len()];
+        for (k, o) in order.iter().enumerate() {
+            inverse[*o] = k as i64;
+        }
+        x.select(0, index(inverse))
+    }
+}
+
 struct Block {
     attn_norm: Tensor<1>,
     q: Linear,
@@ -173,9 +236,9 @@ impl KvCache {
 pub struct Model {
     pub config: ModelConfig,
     device: Device,
-    embed: Tensor<2>,
-    /// [hidden, vocab]: the LM head (the embedding, transposed, when tied).
-    head: Linear,
+    embed: VocabTable,
+    /// [hidden, vocab range] parts of the LM head (the embedding, transposed, when tied).
+    head: Vec<Linear>,
     final_norm: Tensor<1>,
     blocks: Vec<Block>,
     embed_scale: Option<f32>,
@@ -385,30 +448,56 @@ impl Model {
                 window: c.windows[l],
             });
         }
-        let (embed, head) = match init {
+        // The embedding table and the LM head are held in vocabulary ranges on GPUs, each within a storage
+        // binding (WebGPU's default limit is 128 MiB); the CPU backend holds them whole.
+        let ranges = vocab_ranges(c.vocab_size, d, host_quantized);
+        let mut embed = Vec::with_capacity(ranges.len());
+        let mut head = Vec::with_capacity(ranges.len());
+        match init {
             Init::Checkpoint(src) => {
                 let mut embed_rows = src.read(c, TensorId::Embed, &[c.vocab_size, d])?;
                 if scheme.is_some() && d % bundle::BLOCK == 0 {
                     let (packed, scales) = bundle::quantize(&embed_rows, Bits::Q8);
                     embed_rows = bundle::dequantize(&packed, &scales, Bits::Q8, embed_rows.len());
                 }
-                let head = if c.tie_embeddings && !src.has(c, TensorId::Head) {
-                    compact(transpose(&embed_rows, c.vocab_size, d), [d, c.vocab_size])
+                let tied = c.tie_embeddings && !src.has(c, TensorId::Head);
+                // [hidden, vocab] row-major, read once when the head has its own tensor.
+                let head_t = if tied {
+                    Vec::new()
                 } else {
-                    read_t(TensorId::Head, [c.vocab_size, d])?
+                    src.read_transposed(c, TensorId::Head, [c.vocab_size, d])?
                 };
-                (tensor2(embed_rows, [c.vocab_size, d], device), head)
+                for r in &ranges {
+                    let rows = &embed_rows[r.start * d..r.end * d];
+                    let part = if tied {
+                        transpose(rows, r.len(), d)
+                    } else {
+                        (0..d)
+                            .flat_map(|i| {
+                                &head_t[i * c.vocab_size + r.start..i * c.vocab_size + r.end]
+                            })
+                            .copied()
+                            .collect()
+                    };
+                    head.push(Linear::new(compact(part, [d, r.len()]), None, dequantize));
+                    embed.push(tensor2(rows.to_vec(), [r.len(), d], device));
+                }
             }
-            Init::Random => (
-                random([c.vocab_size, d], 1),
-                compact_random([d, c.vocab_size])?,
-            ),
-        };
+            Init::Random => {
+                for r in &ranges {
+                    embed.push(random([r.len(), d], 1));
+                    head.push(Linear::new(compact_random([d, r.len()])?, None, dequantize));
+                }
+            }
+        }
         let final_norm = read_norm(TensorId::FinalNorm, d)?;
         Ok(Model {
             device: device.clone(),
-            embed,
-            head: Linear::new(head, None, dequantize),
+            embed: VocabTable {
+                ranges,
+                parts: embed,
+            },
+            head,
             final_norm,
             blocks,
             // transformers multiplies by sqrt(hidden) rounded to the weight dtype (f32 here).
@@ -470,8 +559,10 @@ impl Model {
             }
             flat.push(*id as i64);
         }
-        let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(flat, [b, t]), &self.device);
-        let x = module::embedding(self.embed.clone(), ids);
+        let x = self
+            .embed
+            .rows(&flat, &self.device)
+            .reshape([b, t, self.config.hidden_size]);
         Ok(match self.embed_scale {
             Some(s) => x * s,
             None => x,
@@ -614,6 +705,11 @@ impl Model {
                 Some(w) => rms_norm(y, w, eps, self.kernels),
                 None => y,
             };
+            if self.kernels {
+                if let Some(r) = crate::kernels::rope(&y, &rope_tables.0, &rope_tables.1) {
+                    return r;
+                }
+            }
             rope(y.swap_dims(1, 2), &rope_tables.0, &rope_tables.1)
         };
         let on = self.kernels;
@@ -851,10 +947,16 @@ impl Model {
             self.config.rms_eps as f32,
             self.kernels,
         );
-        softcap(
-            self.head.forward(x, self.kernels),
-            self.config.final_softcap,
-        )
+        let mut parts: Vec<Tensor<3>> = self
+            .head
+            .iter()
+            .map(|h| h.forward(x.clone(), self.kernels))
+            .collect();
+        let logits = match parts.len() {
+            1 => parts.remove(0),
+            _ => Tensor::cat(parts, 2),
+        };
+        softcap(logits, self.config.final_softcap)
     }
 
     /// Logits of every position, [batch, seq, vocab] (left-padded rows).
@@ -892,4 +994,51 @@ pub fn copy_bandwidth(device: &Device) -> Result<f64> {
     }
     sync()?;
     Ok(2.0 * 4.0 * n as f64 * reps as f64 / t.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vocab_ranges_tile_the_vocabulary_in_blocks() {
+        assert_eq!(vocab_ranges(1000, 64, true), vec![0..1000]);
+        // 128 MiB of f32 rows of 3584: 9362 rows, rounded down to 9344 (a multiple of 32).
+        let r = vocab_ranges(152_064, 3584, false);
+        assert_eq!(r[0], 0..9344);
+        assert_eq!(r.last().unwrap().end, 152_064);
+        assert!(r.windows(2).all(|w| w[0].end == w[1].start));
+        assert!(r.iter().all(|x| x.len() * 3584 * 4 <= VOCAB_PART_BYTES));
+    }
+
+    #[test]
+    fn embedding_rows_across_vocabulary_ranges() {
+        let device = Device::flex();
+        let (vocab, d) = (100, 3);
+        let table: Vec<f32> = (0..vocab * d).map(|v| v as f32).collect();
+        let ranges = vec![0..32, 32..64, 64..100];
+        let parts = ranges
+            .iter()
+            .map(|r| {
+                tensor2(
+                    table[r.start * d..r.end * d].to_vec(),
+                    [r.len(), d],
+                    &device,
+                )
+            })
+            .collect();
+        let embed = VocabTable { ranges, parts };
+        for ids in [vec![5i64], vec![70, 3, 40, 99, 0, 64, 63, 3], vec![40, 41]] {
+            let got = embed
+                .rows(&ids, &device)
+                .into_data()
+                .try_into_vec::<f32>()
+                .unwrap();
+            let want: Vec<f32> = ids
+                .iter()
+                .flat_map(|id| table[*id as usize * d..(*id as usize + 1) * d].to_vec())
+                .collect();
+            assert_eq!(got, want, "{ids:?}");
+        }
+    }
 }

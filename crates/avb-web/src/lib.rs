@@ -205,17 +205,28 @@ impl WebVerbalizer {
     }
 
     /// Verbalize one vector of this model's residual space. `on_text(text)` sees the text so far after every
-    /// token; returning `false` from it cancels. Resolves to the explanation as JSON (the fields of a native
-    /// `avb explain` record's explanation).
+    /// token; returning `false` from it cancels. `temperature` 0 decodes greedily (the published examples' way);
+    /// above 0 it samples with nucleus `top_p` from `seed`. Resolves to the explanation as JSON (the fields of a
+    /// native `avb explain` record's explanation).
     pub async fn explain(
         &self,
         vector: Vec<f32>,
         max_new_tokens: u32,
         on_text: js_sys::Function,
+        temperature: f32,
+        top_p: f32,
+        seed: u32,
     ) -> Result<String, JsError> {
         let mut opts = self.av.default_options();
         if max_new_tokens > 0 {
             opts.max_new_tokens = max_new_tokens as usize;
+        }
+        if temperature > 0.0 {
+            opts.sampling = Sampling::TopP {
+                temperature,
+                top_p,
+                seed: seed as u64,
+            };
         }
         opts.batch_size = 1;
         let out = self

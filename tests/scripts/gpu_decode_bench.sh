@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# On the GPU machine (device tool): avbridge's kernels checked against burn's generic ops on the real GPU through
+# wgpu/Vulkan (the kernels test binary, when carried), their timings (the kernels bench binary), then `avb bench decode` for the given shapes (random weights of the released AVs' shapes) against
+# transformers (bf16, sdpa) in the same run. Binaries are built here and carried gzipped in .carry/ (see
+# docs/performance.md for the build commands); Vulkan loaders in .gl/ (the device tool's recipe).
+#   bash tests/scripts/gpu_decode_bench.sh PRECISION SHAPE [SHAPE ...]     (tables land in $OUT)
+set -uo pipefail
+precision="$1"
+shift
+for f in .gl/*.deb; do dpkg -x "$f" /; done
+ldconfig
+if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
+  export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+fi
+for f in .carry/*.gz; do gunzip -kf "$f"; done
+chmod +x .carry/avb .carry/kernels .carry/kbench 2>/dev/null
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+export AVB_REPO_ROOT="$PWD" AVB_TEST_DEVICE=wgpu PYTHONUNBUFFERED=1
+if [ -x .carry/kernels ]; then
+  .carry/kernels --nocapture --test-threads 1 2>&1 | grep -E "relative error|test result|panicked|FAILED" | tee "$OUT/kernels.log"
+fi
+if [ -x .carry/kbench ]; then
+  .carry/kbench 2>&1 | grep -v XDG_RUNTIME | tee "$OUT/kernel-bench.md"
+fi
+for shape in "$@"; do
+  .carry/avb bench decode --shape "$shape" --device wgpu --precision "$precision" --batch "${BATCHES:-1,16,64}" \
+    --prompt 128 --new 128 --reps 1 --output "$OUT/decode-$shape-wgpu-$precision.md" 2>&1 |
+    grep -v XDG_RUNTIME | tee "$OUT/decode-$shape-wgpu-$precision.log"
+done
