@@ -81,16 +81,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Measured f32 GEMM rate of this machine through faer (4096^3), in GFLOP/s.
-fn gemm_rate() -> f64 {
+/// Measured f32 GEMM rates of this machine (4096^3, GFLOP/s): faer's, and avbridge's kernel where this CPU has
+/// it (None elsewhere).
+fn gemm_rates() -> (f64, Option<f64>) {
     let n = 4096;
     let a = Mat::<f32>::from_fn(n, n, |i, j| ((i * 7 + j * 13) % 17) as f32 * 0.1);
-    let _ = &a * &a;
-    let t = Instant::now();
-    let c = &a * &a;
-    let secs = t.elapsed().as_secs_f64();
-    std::hint::black_box(c);
-    2.0 * (n as f64).powi(3) / secs / 1e9
+    let rate = |f: &dyn Fn() -> Mat<f32>| {
+        std::hint::black_box(f());
+        let t = Instant::now();
+        std::hint::black_box(f());
+        2.0 * (n as f64).powi(3) / t.elapsed().as_secs_f64() / 1e9
+    };
+    let faer_rate = rate(&|| &a * &a);
+    let avb_rate = avb_core::gemm::kernel_available()
+        .then(|| rate(&|| avb_core::gemm::product(a.as_ref(), a.as_ref())));
+    (faer_rate, avb_rate)
 }
 
 /// Flops performed: the symmetric product's lower triangle, the cross product, the Cholesky factorisation and
@@ -112,7 +117,8 @@ fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
     }
     let dir = std::env::temp_dir().join(format!("avb-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| AvbError::io(&dir, e))?;
-    let rate = gemm_rate();
+    let (faer_rate, avb_rate) = gemm_rates();
+    let rate = faer_rate.max(avb_rate.unwrap_or(0.0));
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut rows = Vec::new();
     for &n in &a.sizes {
@@ -193,10 +199,11 @@ fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
         );
         if n == *a.sizes.last().unwrap() {
             rows.push(format!(
-                "\nReference: scikit-learn {} (numpy {}, BLAS sgemm {:.0} GFLOP/s); faer sgemm {rate:.0} GFLOP/s; {threads} threads.",
+                "\nReference: scikit-learn {} (numpy {}, BLAS sgemm {:.0} GFLOP/s); avb sgemm {}; faer sgemm {faer_rate:.0} GFLOP/s; {threads} threads.",
                 r["versions"]["sklearn"].as_str().unwrap_or("?"),
                 r["versions"]["numpy"].as_str().unwrap_or("?"),
-                r["numpy_sgemm_gflops"].as_f64().unwrap_or(f64::NAN)
+                r["numpy_sgemm_gflops"].as_f64().unwrap_or(f64::NAN),
+                avb_rate.map_or("not available on this CPU (faer computes the products)".into(), |r| format!("{r:.0} GFLOP/s (AVX2+FMA kernel)")),
             ));
         }
     }
@@ -221,7 +228,7 @@ fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
         let doc = format!(
             "# Benchmarks\n\n## Ridge fit (`avb bench ridge`)\n\nCommand: `{}`\n\nMachine: {cpu}, {threads} threads. Inputs: float32, activation-like synthetic pairs \
              (256-dim shared latent, per-dimension offsets, noise); lambda = {}; both fit an intercept on all n rows. Times are medians of {} runs after a warm-up; \
-             the GEMM ceiling is the faster of faer's and numpy's measured sgemm rate in the same run; FLOPs count the algorithm's products and factorisation.\n\n{table}",
+             the GEMM ceiling is the fastest of avb's, faer's and numpy's measured sgemm rates in the same run; FLOPs count the algorithm's products and factorisation.\n\n{table}",
             crate::commands::created_by(),
             a.lambda,
             a.reps

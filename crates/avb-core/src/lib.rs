@@ -5,6 +5,7 @@ pub mod artifact;
 pub mod directions;
 pub mod error;
 pub mod features;
+pub mod gemm;
 pub mod io;
 pub mod matrix;
 pub mod npy;

@@ -2,16 +2,17 @@
 //! k-fold CV with one eigendecomposition per fold serving the whole grid), orthogonal Procrustes as a baseline,
 //! and the held-out fit metrics stored with every map.
 //!
-//! Precision: the big products (Gram matrices, X^T Y, predictions) run in f32 through faer's SIMD kernels; the
-//! factorisations and solves run in f64. This matches scikit-learn's float64 `Ridge` to ~1e-6 relative on
-//! activation-like data while costing what a float32 solve costs.
+//! Precision: the big products (Gram matrices, X^T Y, predictions) run in f32 on centred data (crate::gemm);
+//! the Cholesky solves run in f32 with an a-posteriori check in f64, falling back to f64 factorisations. This matches
+//! scikit-learn's float64 `Ridge` to ~1e-6 relative on activation-like data while costing what a float32 solve
+//! costs.
 
 use crate::artifact::FitMetrics;
 use crate::error::{AvbError, Result};
+use crate::gemm::{self, Shifted};
 use crate::matrix::{cosine, Matrix};
-use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::linalg::solvers::Solve;
-use faer::{Accum, Mat, MatRef, Side};
+use faer::{Mat, MatRef, Side};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Form {
@@ -64,7 +65,7 @@ impl AffineMap {
                 "use a map fitted FROM the space these vectors live in (check the source model and layer)",
             ));
         }
-        let out = mat_f32(x).as_ref() * mat_f32(&self.weight).as_ref();
+        let out = gemm::product(row_major(x), row_major(&self.weight));
         let mut m = to_row_major(out.as_ref());
         if affine {
             for i in 0..m.rows {
@@ -77,8 +78,12 @@ impl AffineMap {
     }
 }
 
-fn mat_f32(m: &Matrix) -> Mat<f32> {
-    Mat::from_fn(m.rows, m.cols, |i, j| m.data[i * m.cols + j])
+fn to_f32_vec(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|a| *a as f32).collect()
+}
+
+fn row_major(m: &Matrix) -> MatRef<'_, f32> {
+    MatRef::from_row_major_slice(&m.data, m.rows, m.cols)
 }
 
 fn to_f64(m: MatRef<'_, f32>) -> Mat<f64> {
@@ -131,31 +136,6 @@ struct ColMajor {
 impl ColMajor {
     fn as_ref(&self) -> MatRef<'_, f32> {
         MatRef::from_column_major_slice(&self.data, self.rows, self.cols)
-    }
-}
-
-/// (m - mean) as a column-major [rows, cols] buffer, transposed from the row-major input in cache-sized tiles.
-/// faer's products run ~40% faster when every operand is column-major.
-fn centered_cm(m: &Matrix, mean: &[f64]) -> ColMajor {
-    let (r, c) = (m.rows, m.cols);
-    let mean32: Vec<f32> = mean.iter().map(|v| *v as f32).collect();
-    let mut out = vec![0f32; r * c];
-    for_blocks(&mut out, TILE * r.max(1), |k, block| {
-        let j0 = k * TILE;
-        for i0 in (0..r).step_by(TILE) {
-            let i1 = (i0 + TILE).min(r);
-            for (dj, col) in block.chunks_mut(r).enumerate() {
-                let j = j0 + dj;
-                for (i, v) in col.iter_mut().enumerate().take(i1).skip(i0) {
-                    *v = m.data[i * c + j] - mean32[j];
-                }
-            }
-        }
-    });
-    ColMajor {
-        data: out,
-        rows: r,
-        cols: c,
     }
 }
 
@@ -253,17 +233,19 @@ pub fn fit_ridge(
     // Always centre before the f32 products: activations carry a large shared offset that f32 sums would
     // lose. Without an intercept the rank-one terms are added back in f64.
     let (xm, ym) = (column_means(x, true), column_means(y, true));
-    // Xc in both layouts ([n, d] and [d, n], column-major) and Yc [n, t], so every product sees column-major operands.
-    let (xc, xct, yc) = (centered_cm(x, &xm), centered_t(x, &xm), centered_cm(y, &ym));
-    let (xc, xct, yc) = (xc.as_ref(), xct.as_ref(), yc.as_ref());
+    // Xc = X - 1 xm^T, its transpose and Yc as shifted views of the row-major inputs: the products centre
+    // while they pack their operands, so the inputs are never copied.
+    let (xm32, ym32) = (to_f32_vec(&xm), to_f32_vec(&ym));
+    let xc = Shifted::minus_row(row_major(x), &xm32);
+    let (xct, yc) = (xc.transpose(), Shifted::minus_row(row_major(y), &ym32));
     let n = x.rows as f64;
     let (w, f32_solve): (Mat<f32>, Option<f64>) = match form {
         Form::Primal | Form::Auto => {
-            let mut g = lower_product(xct, xc);
-            let b = xct * yc;
+            let mut g = gemm::lower_product(xct, xc);
+            let b = gemm::product(xct, yc);
             if fit_intercept {
                 add_ridge(&mut g, lambda);
-                let predict = |v: MatRef<'_, f32>| xc * v;
+                let predict = |v: MatRef<'_, f32>| gemm::product(xc, v);
                 solve_spd(g, b, &predict).ok_or_else(|| singular(form, lambda))?
             } else {
                 // Without an intercept the Gram carries n xm xm^T and is ill-conditioned by construction: f64.
@@ -280,14 +262,15 @@ pub fn fit_ridge(
             }
         }
         Form::Dual => {
-            let mut k = lower_product(xc, xct);
+            let mut k = gemm::lower_product(xc, xct);
             if fit_intercept {
                 add_ridge(&mut k, lambda);
                 // Predictions are Xc Xc^T A: solution columns v map to Xc (Xc^T v).
-                let predict = |v: MatRef<'_, f32>| xc * (xct * v);
+                let predict =
+                    |v: MatRef<'_, f32>| gemm::product(xc, gemm::product(xct, v).as_ref());
                 let (a, f32_solve) =
-                    solve_spd(k, yc.to_owned(), &predict).ok_or_else(|| singular(form, lambda))?;
-                (xct * a, f32_solve)
+                    solve_spd(k, yc.to_mat(), &predict).ok_or_else(|| singular(form, lambda))?;
+                (gemm::product(xct, a.as_ref()), f32_solve)
             } else {
                 // X X^T = Xc Xc^T + v 1^T + 1 v^T + |xm|^2 1 1^T with v = Xc xm; the targets are uncentred.
                 let mut k = to_f64(k.as_ref());
@@ -296,7 +279,7 @@ pub fn fit_ridge(
                 }
                 let v: Vec<f64> = mat_vec(xc, &xm);
                 let mm: f64 = xm.iter().map(|a| a * a).sum();
-                let mut rhs = to_f64(yc);
+                let mut rhs = to_f64(yc.to_mat().as_ref());
                 for i in 0..x.rows {
                     for j in 0..=i {
                         k[(i, j)] += v[i] + v[j] + mm;
@@ -307,7 +290,7 @@ pub fn fit_ridge(
                 }
                 let a = solve_spd_f64(&k, &rhs).ok_or_else(|| singular(form, lambda))?;
                 // X^T A = Xc^T A + xm (1^T A)
-                let mut w = xct * &a;
+                let mut w = gemm::product(xct, a.as_ref());
                 for t in 0..a.ncols() {
                     let col_sum: f64 = (0..a.nrows()).map(|i| a[(i, t)] as f64).sum();
                     for (j, m) in xm.iter().enumerate() {
@@ -435,30 +418,11 @@ fn solve_spd(
     }
 }
 
-/// a v for an f32 matrix and an f64 vector, through faer's f32 product.
-fn mat_vec(a: MatRef<'_, f32>, v: &[f64]) -> Vec<f64> {
+/// a v for an f32 operand and an f64 vector, through the f32 product.
+fn mat_vec(a: Shifted<'_>, v: &[f64]) -> Vec<f64> {
     let v32 = Mat::<f32>::from_fn(v.len(), 1, |i, _| v[i] as f32);
-    let out = a * &v32;
+    let out = gemm::product(a, v32.as_ref());
     (0..out.nrows()).map(|i| out[(i, 0)] as f64).collect()
-}
-
-/// The lower triangle of the symmetric product a b (b = a^T, passed separately so it can be column-major) in
-/// f32: half the flops of a full product. The upper triangle is zero; only the lower one is read by the
-/// Cholesky factorisation.
-fn lower_product(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
-    let mut g = Mat::<f32>::zeros(a.nrows(), b.ncols());
-    triangular::matmul(
-        g.as_mut(),
-        BlockStructure::TriangularLower,
-        Accum::Replace,
-        a,
-        BlockStructure::Rectangular,
-        b,
-        BlockStructure::Rectangular,
-        1.0f32,
-        faer::get_global_parallelism(),
-    );
-    g
 }
 
 /// g += lambda I
@@ -599,7 +563,7 @@ fn fold_scores(
     // Predictions on the validation rows are C diag(1 / (s + lambda)) A.
     let (c, a, s) = match form.resolve(xt.rows, xt.cols) {
         Form::Dual => {
-            let kmat = to_f64((xtc * xtc.transpose()).as_ref());
+            let kmat = to_f64(gemm::product(xtc, xtct).as_ref());
             let eig = kmat.self_adjoint_eigen(Side::Lower).map_err(eig_err)?;
             let u = eig.U().to_owned();
             let s: Vec<f64> = (0..u.ncols())
@@ -610,13 +574,13 @@ fn fold_scores(
             (c, a, s)
         }
         _ => {
-            let g = to_f64((xtct * xtc).as_ref());
+            let g = to_f64(gemm::product(xtct, xtc).as_ref());
             let eig = g.self_adjoint_eigen(Side::Lower).map_err(eig_err)?;
             let v = eig.U().to_owned();
             let s: Vec<f64> = (0..v.ncols())
                 .map(|i| eig.S().column_vector()[i].max(0.0))
                 .collect();
-            let a = v.transpose() * to_f64((xtct * ytc).as_ref());
+            let a = v.transpose() * to_f64(gemm::product(xtct, ytc).as_ref());
             let c = &xvc * &v;
             (c, a, s)
         }

@@ -301,7 +301,7 @@ pub fn serialize(tensors: &[TensorOut], metadata: &BTreeMap<String, String>) -> 
     let encoded: Vec<Vec<u8>> = tensors
         .iter()
         .map(|t| {
-            debug_assert_eq!(t.shape.iter().product::<usize>(), t.values.len());
+            assert_eq!(t.shape.iter().product::<usize>(), t.values.len());
             encode_f32(t.dtype, t.values)
         })
         .collect();
@@ -340,7 +340,7 @@ pub fn serialize_bytes(
         );
     }
     for t in tensors {
-        debug_assert_eq!(
+        assert_eq!(
             t.shape.iter().product::<usize>() * t.dtype.size(),
             t.data.len()
         );
