@@ -76,6 +76,24 @@ fn synthetic(n: usize, d_src: usize, d_tgt: usize, seed: u64) -> (Matrix, Matrix
     (x, y)
 }
 
+/// Run a reference script and parse the JSON it prints; `install` says what to install when it cannot start.
+pub(crate) fn run_reference(cmd: &mut Command, install: &str) -> Result<serde_json::Value> {
+    let out = cmd.output().map_err(|e| {
+        AvbError::Invalid(format!(
+            "could not run {:?}: {e}. Fix: {install}.",
+            cmd.get_program()
+        ))
+    })?;
+    if !out.status.success() {
+        return Err(AvbError::Invalid(format!(
+            "reference script failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| AvbError::Invalid(format!("reference output is not JSON ({e})")))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -148,30 +166,18 @@ fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
         };
         let ours = median(times);
         eprintln!("n = {n}: scikit-learn");
-        let out = Command::new(&a.python)
-            .arg(&a.reference)
-            .args([xp.as_os_str(), yp.as_os_str(), wp.as_os_str()])
-            .args([
-                "--lambda",
-                &a.lambda.to_string(),
-                "--reps",
-                &a.reps.to_string(),
-            ])
-            .output()
-            .map_err(|e| {
-                AvbError::Invalid(format!(
-                    "could not run {}: {e}. Fix: install python3 with numpy and scikit-learn.",
-                    a.python
-                ))
-            })?;
-        if !out.status.success() {
-            return Err(AvbError::Invalid(format!(
-                "reference script failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        let r: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .map_err(|e| AvbError::Invalid(format!("reference output is not JSON ({e})")))?;
+        let r = run_reference(
+            Command::new(&a.python)
+                .arg(&a.reference)
+                .args([xp.as_os_str(), yp.as_os_str(), wp.as_os_str()])
+                .args([
+                    "--lambda",
+                    &a.lambda.to_string(),
+                    "--reps",
+                    &a.reps.to_string(),
+                ]),
+            "install python3 with numpy and scikit-learn",
+        )?;
         let theirs = r["median_s"].as_f64().unwrap_or(f64::NAN);
         let (_, _, w_ref) = npy::read_all(&avb_core::io::FileSource::open(&wp)?)?;
         let num: f64 = map

@@ -77,15 +77,8 @@ fn shape_config(name: &str) -> Result<(serde_json::Value, ModelConfig)> {
 
 /// Bytes of weights one decoding step reads (every projection and the LM head once, whatever the batch).
 fn weight_bytes(c: &ModelConfig, bits: Option<u32>) -> f64 {
-    let (d, f, v) = (
-        c.hidden_size as f64,
-        c.intermediate_size as f64,
-        c.vocab_size as f64,
-    );
-    let q = (c.num_heads * c.head_dim) as f64;
-    let kv = (c.num_kv_heads * c.head_dim) as f64;
-    let per_block = d * q + 2.0 * d * kv + q * d + 3.0 * d * f;
-    let weights = c.num_layers as f64 * per_block + d * v;
+    let head = (c.hidden_size * c.vocab_size) as f64;
+    let weights = c.num_layers as f64 * c.block_projection_weights() as f64 + head;
     // Compact weights carry one f32 scale per block of 32.
     let per_weight = match bits {
         Some(b) => b as f64 / 8.0 + 4.0 / 32.0,
@@ -178,31 +171,19 @@ fn reference(
         .clone()
         .unwrap_or_else(|| if gpu { "bf16" } else { "f32" }.into());
     eprintln!("transformers on {ref_device} ({dtype})");
-    let out = Command::new(&a.python)
-        .arg(&a.reference)
-        .arg(&shapes)
-        .arg(&a.shape)
-        .args(["--batch", &batches.join(",")])
-        .args(["--prompt", &a.prompt.to_string()])
-        .args(["--new", &a.new.to_string()])
-        .args(["--device", &ref_device, "--dtype", &dtype])
-        .args(["--reps", &a.reps.max(1).to_string()])
-        .output()
-        .map_err(|e| {
-            AvbError::Invalid(format!(
-                "could not run {}: {e}. Fix: install python3 with torch and transformers, or pass --reference none.",
-                a.python
-            ))
-        })?;
-    if !out.status.success() {
-        return Err(AvbError::Invalid(format!(
-            "reference script failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
-    serde_json::from_slice(&out.stdout)
-        .map(Some)
-        .map_err(|e| AvbError::Invalid(format!("reference output is not JSON ({e})")))
+    crate::bench::run_reference(
+        Command::new(&a.python)
+            .arg(&a.reference)
+            .arg(&shapes)
+            .arg(&a.shape)
+            .args(["--batch", &batches.join(",")])
+            .args(["--prompt", &a.prompt.to_string()])
+            .args(["--new", &a.new.to_string()])
+            .args(["--device", &ref_device, "--dtype", &dtype])
+            .args(["--reps", &a.reps.max(1).to_string()]),
+        "install python3 with torch and transformers, or pass --reference none",
+    )
+    .map(Some)
 }
 
 pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
@@ -342,13 +323,7 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
 
 /// Parameters of the projections, embedding and head (counted once when tied; norms and biases left out).
 fn config_params(c: &ModelConfig) -> u64 {
-    let (d, f, v) = (
-        c.hidden_size as u64,
-        c.intermediate_size as u64,
-        c.vocab_size as u64,
-    );
-    let q = (c.num_heads * c.head_dim) as u64;
-    let kv = (c.num_kv_heads * c.head_dim) as u64;
     let tables = if c.tie_embeddings { 1 } else { 2 };
-    c.num_layers as u64 * (2 * d * q + 2 * d * kv + 3 * d * f) + tables * d * v
+    c.num_layers as u64 * c.block_projection_weights()
+        + tables * (c.hidden_size * c.vocab_size) as u64
 }

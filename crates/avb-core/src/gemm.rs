@@ -1,7 +1,7 @@
-//! The ridge fit's large f32 products. On x86-64 with AVX2 and FMA they run through a
-//! packed, cache-blocked kernel (the BLIS scheme with C column-major: a slice of A packed once and shared by the
-//! threads from L3, blocks of B packed per thread to stay in L2, a 16 x 6 register tile of C). Elsewhere
-//! (wasm32, other CPUs, small products) faer computes them.
+//! The ridge fit's large f32 products. On x86-64 with AVX2 and FMA they run through a packed, cache-blocked
+//! kernel (the BLIS scheme with C column-major: a slice of A packed once and shared by the threads from L3,
+//! blocks of B packed per thread to stay in L2, a 16 x 6 register tile of C). Elsewhere (wasm32, other CPUs,
+//! small products) faer computes them.
 
 use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, Mat, MatMut, MatRef};

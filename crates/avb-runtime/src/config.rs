@@ -121,6 +121,14 @@ pub(crate) struct Shape {
 }
 
 impl ModelConfig {
+    /// Weights of one block's projections (q, k, v, o, gate, up, down); biases and norms left out.
+    pub fn block_projection_weights(&self) -> u64 {
+        let (d, f) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let q = (self.num_heads * self.head_dim) as u64;
+        let kv = (self.num_kv_heads * self.head_dim) as u64;
+        2 * d * q + 2 * d * kv + 3 * d * f
+    }
+
     /// A plain decoder of `shape`: global attention everywhere, 1/sqrt(head_dim) scaling, no biases, no
     /// soft-capping, untied head. Family files override what differs.
     pub(crate) fn base(
