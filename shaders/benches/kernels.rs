@@ -2,7 +2,7 @@
 //! bandwidth measured in the same run: what one launch costs, and how close the quantized matvec gets to the
 //! memory bus at the real AV shapes (Qwen2.5-7B's projections).
 //!   cargo bench -p avb-shaders --features wgpu --bench kernels
-use avb_shaders::{decode_attention, rms_norm, QuantizedWeight};
+use avb_shaders::{decode_attention, rms_norm, Epilogue, QuantizedWeight};
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use std::time::Instant;
@@ -55,8 +55,8 @@ fn main() {
                 let x: Tensor<2> = Tensor::random([rows, k], Distribution::Default, &device);
                 // Past the kernel's rows (a prefill or a large batch) only the generic path runs.
                 let ours = packed
-                    .matvec(&x, None)
-                    .map(|_| time(&device, || packed.matvec(&x, None)));
+                    .matvec(&x, None, Epilogue::None)
+                    .map(|_| time(&device, || packed.matvec(&x, None, Epilogue::None)));
                 // burn's own path: its quantized matmul for 8-bit, the dequantized weight for 4-bit.
                 let (generic_name, generic) = if bits == 8 {
                     (

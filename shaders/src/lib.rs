@@ -5,8 +5,10 @@
 //!
 //! - [`rms_norm`]: one pass per row instead of six elementwise and reduction launches.
 //! - [`QuantizedWeight::matvec`]: decode-time products with the runtime's block-quantized weights (8- or 4-bit
-//!   values, one f32 scale per 32 outputs), read packed straight from burn's storage: no dequantized copy.
-//! - [`rope`]: rotate-half RoPE and the move of the heads axis in one launch.
+//!   values, one f32 scale per 32 outputs), read packed straight from burn's storage: no dequantized copy; with
+//!   the residual add or a gated MLP's activation fused into its final pass.
+//! - [`rope`]: rotate-half RoPE and the move of the heads axis in one launch; [`rope_into_cache`]: a decoding
+//!   step's q and k rotated and k and v written into the KV cache, from the fused q/k/v projection, in one launch.
 //! - [`decode_attention`]: a new token's attention over the preallocated KV cache (GQA, padding, sliding window,
 //!   soft-capping) in one launch instead of about ten.
 #![cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
@@ -20,5 +22,5 @@ mod rope;
 pub use attention::{decode_attention, MAX_KEYS};
 pub use cube::on_cube;
 pub use norm::rms_norm;
-pub use qmatvec::QuantizedWeight;
-pub use rope::rope;
+pub use qmatvec::{Activation, Epilogue, QuantizedWeight};
+pub use rope::{rope, rope_into_cache};

@@ -5,11 +5,16 @@
 //! a u32, low field first, each field a two's-complement integer; `scales` [k, out / 32] holds one f32 per block.
 //! W[i, o] = field(words[i, o / per_word], o % per_word) * scales[i, o / 32].
 //!
-//! One thread owns one word (per_word adjacent outputs) for up to 8 rows of x, so a warp reads consecutive words
-//! of one weight row: coalesced. Parallelism along k comes from chunks (the grid's second axis): each chunk writes
-//! partial sums, and a second small kernel adds the chunks (and the bias). More rows (a decoding batch) run as
-//! tiles of 8, each reading the weight again: up to `MAX_ROWS` rows that costs less than the f32 copy a generic
-//! matmul would make of a 4-bit weight.
+//! A single row (batch-1 decoding, where launches dominate) with k up to `ROW_MAX_K` takes one launch: each cube
+//! splits k among its threads and adds the slices in shared memory (`qmatvec_row_kernel`), the epilogue included.
+//!
+//! More rows: one thread owns one word (per_word adjacent outputs) for up to 8 rows of x, so a warp reads
+//! consecutive words of one weight row: coalesced. Parallelism along k comes from chunks (the grid's second axis):
+//! each chunk writes partial sums, and a second small kernel adds the chunks, the bias and the epilogue. Rows run
+//! as tiles of 8 along the grid's third axis, all in the same launch, each tile reading the weight again: up to
+//! `MAX_ROWS` rows that costs less than the f32 copy a generic matmul would make of a 4-bit weight.
+//!
+//! Epilogues: the residual add, or a gated MLP's activation and product when W holds gate and up side by side.
 
 use crate::cube::{from_cube, to_cube};
 use burn::tensor::quantization::{QuantStore, QuantValue};
@@ -37,7 +42,6 @@ fn qmatvec_kernel(
     words: &Tensor<u32>,
     scales: &Tensor<f32>,
     partial: &mut Tensor<f32>,
-    row0: u32,
     chunk_len: u32,
     #[comptime] bits: u32,
     #[comptime] rows: u32,
@@ -53,10 +57,10 @@ fn qmatvec_kernel(
     let k0 = chunk * chunk_len as usize;
     let k_end = k0 + chunk_len as usize;
     let k1 = if k_end < k_dim { k_end } else { k_dim };
-    let mask = comptime!((1u32 << bits) - 1);
-    let half = comptime!(1u32 << (bits - 1));
-    let full = comptime!((1u32 << bits) as f32);
     let scale_col = word * per_word as usize / 32;
+    // This cube's tile of rows; a last, partial tile reads the final row again and writes only its own rows.
+    let n_rows = x.shape(0);
+    let row0 = CUBE_POS_Z as usize * rows as usize;
     let (ws, ss, xs) = (words.stride(0), scales.stride(0), x.stride(0));
     let mut acc = Array::<f32>::new(comptime!((rows * per_word) as usize));
     #[unroll]
@@ -69,16 +73,16 @@ fn qmatvec_kernel(
         let s = scales[k * ss + scale_col];
         #[unroll]
         for r in 0..rows {
-            xv[r as usize] = x[(row0 + r) as usize * xs + k] * s;
+            let row = if row0 + (r as usize) < n_rows {
+                row0 + r as usize
+            } else {
+                n_rows - 1
+            };
+            xv[r as usize] = x[row * xs + k] * s;
         }
         #[unroll]
         for j in 0..per_word {
-            let field = (packed >> (j * bits)) & mask;
-            let q = if field >= half {
-                f32::cast_from(field) - full
-            } else {
-                f32::cast_from(field)
-            };
+            let q = field_value(packed, j, bits);
             #[unroll]
             for r in 0..rows {
                 acc[(r * per_word + j) as usize] += xv[r as usize] * q;
@@ -89,37 +93,239 @@ fn qmatvec_kernel(
     let row_stride = partial.stride(1);
     #[unroll]
     for r in 0..rows {
-        #[unroll]
-        for j in 0..per_word {
-            partial[base + r as usize * row_stride + j as usize] = acc[(r * per_word + j) as usize];
+        if row0 + (r as usize) < n_rows {
+            #[unroll]
+            for j in 0..per_word {
+                partial[base + (row0 + r as usize) * row_stride + j as usize] =
+                    acc[(r * per_word + j) as usize];
+            }
         }
     }
 }
 
-/// y[r, o] = sum over chunks of partial[c, r, o] (+ bias[o]).
+/// What the chunk-summing pass does with each output besides adding the bias: the work of the elementwise launches
+/// that would otherwise follow the product.
+#[derive(Clone, Copy)]
+pub enum Epilogue<'a> {
+    None,
+    /// y = x W + residual (the residual stream's add after the attention output and the MLP down projections).
+    Residual(&'a BurnTensor<2>),
+    /// W holds [gate | up] side by side: y = act(x W_gate) * (x W_up), half as wide (a gated MLP's first half).
+    Gated(Activation),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Activation {
+    Silu,
+    /// GELU with the tanh approximation (Gemma's gelu_pytorch_tanh).
+    GeluTanh,
+}
+
+const EPILOGUE_NONE: u32 = 0;
+const EPILOGUE_RESIDUAL: u32 = 1;
+const EPILOGUE_SILU: u32 = 2;
+const EPILOGUE_GELU_TANH: u32 = 3;
+
+#[cube]
+fn chunk_sum(partial: &Tensor<f32>, r: usize, o: usize) -> f32 {
+    let mut s = 0.0f32;
+    for c in 0..partial.shape(0) {
+        s += partial[c * partial.stride(0) + r * partial.stride(1) + o];
+    }
+    s
+}
+
+/// The gated epilogues' activation of a gate value.
+#[cube]
+fn activate(gate: f32, #[comptime] epilogue: u32) -> f32 {
+    if comptime!(epilogue == EPILOGUE_SILU) {
+        gate / (1.0 + (-gate).exp())
+    } else {
+        // sqrt(2 / pi)
+        let inner = 0.797_884_6f32 * (gate + 0.044_715f32 * gate * gate * gate);
+        0.5 * gate * (1.0 + inner.tanh())
+    }
+}
+
+/// acc[j] += xv * field j of `packed` (a word of 32 / bits signed fields).
+#[cube]
+fn accumulate_word(acc: &mut Array<f32>, packed: u32, xv: f32, #[comptime] bits: u32) {
+    let per_word = comptime!(32 / bits);
+    #[unroll]
+    for j in 0..per_word {
+        acc[j as usize] += xv * field_value(packed, j, bits);
+    }
+}
+
+/// Field j of a packed word, a two's-complement integer of `bits` bits, as f32.
+#[cube]
+fn field_value(packed: u32, j: u32, #[comptime] bits: u32) -> f32 {
+    let mask = comptime!((1u32 << bits) - 1);
+    let half = comptime!(1u32 << (bits - 1));
+    let full = comptime!((1u32 << bits) as f32);
+    let field = (packed >> (j * bits)) & mask;
+    if field >= half {
+        f32::cast_from(field) - full
+    } else {
+        f32::cast_from(field)
+    }
+}
+
+/// Rows of k a thread of the single-row kernel loads at once.
+const ROW_UNROLL: u32 = 4;
+/// Most k the single-row kernel takes: its cubes cover only the output's words, so over a longer k (the down
+/// projection's 18944) too few threads stream too many rows each; the chunked kernels split k across cubes.
+const ROW_MAX_K: usize = 6144;
+
+/// Words (of per_word outputs each) one cube of the single-row kernel owns, and the slices of k its threads split.
+const ROW_WORDS: u32 = 8;
+const ROW_SLICES: u32 = 32;
+
+/// y = x W for a single row x, epilogue included, in one launch: the cube's 256 threads split k into ROW_SLICES
+/// interleaved slices for ROW_WORDS adjacent words (a warp reads 4 rows x 32 contiguous bytes) and add the slices
+/// up in shared memory, so no partial sums leave the cube. For the gated forms half of a cube's words are gate
+/// words and half the matching up words.
+#[cube(launch)]
+fn qmatvec_row_kernel(
+    x: &Tensor<f32>,
+    words: &Tensor<u32>,
+    scales: &Tensor<f32>,
+    bias: &Tensor<f32>,
+    residual: &Tensor<f32>,
+    y: &mut Tensor<f32>,
+    #[comptime] bits: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] epilogue: u32,
+) {
+    let per_word = comptime!(32 / bits);
+    let gated = comptime!(epilogue == EPILOGUE_SILU || epilogue == EPILOGUE_GELU_TANH);
+    let lw = UNIT_POS_X % ROW_WORDS;
+    let slice = UNIT_POS_X / ROW_WORDS;
+    // Words per cube along y: all ROW_WORDS, or half of them for the gated forms (each with its up word).
+    let own = comptime!(if gated { ROW_WORDS / 2 } else { ROW_WORDS });
+    let y_words = y.shape(1) / per_word as usize;
+    let first = (CUBE_POS_X * own) as usize + (lw % own) as usize;
+    let word = if lw < own { first } else { first + y_words };
+    let valid = first < y_words;
+    let k_dim = words.shape(0);
+    let mut acc = Array::<f32>::new(comptime!(per_word as usize));
+    #[unroll]
+    for j in 0..per_word {
+        acc[j as usize] = 0.0;
+    }
+    if valid {
+        let scale_col = word * per_word as usize / 32;
+        let (ws, ss) = (words.stride(0), scales.stride(0));
+        // ROW_UNROLL rows per round, their loads issued together: a thread's loads overlap instead of each
+        // waiting out the memory latency alone.
+        let mut k = slice as usize;
+        let round = (ROW_SLICES * ROW_UNROLL) as usize;
+        while k + round <= k_dim {
+            let mut packed = Array::<u32>::new(comptime!(ROW_UNROLL as usize));
+            let mut xv = Array::<f32>::new(comptime!(ROW_UNROLL as usize));
+            #[unroll]
+            for u in 0..ROW_UNROLL {
+                let row = k + (u * ROW_SLICES) as usize;
+                packed[u as usize] = words[row * ws + word];
+                xv[u as usize] = x[row] * scales[row * ss + scale_col];
+            }
+            #[unroll]
+            for u in 0..ROW_UNROLL {
+                accumulate_word(&mut acc, packed[u as usize], xv[u as usize], bits);
+            }
+            k += round;
+        }
+        while k < k_dim {
+            accumulate_word(
+                &mut acc,
+                words[k * ws + word],
+                x[k] * scales[k * ss + scale_col],
+                bits,
+            );
+            k += ROW_SLICES as usize;
+        }
+    }
+    let mut sums =
+        Shared::<[f32]>::new_slice(comptime!((ROW_SLICES * ROW_WORDS * per_word) as usize));
+    let mine = ((slice * ROW_WORDS + lw) * per_word) as usize;
+    #[unroll]
+    for j in 0..per_word {
+        sums[mine + j as usize] = acc[j as usize];
+    }
+    sync_cube();
+    // Halved each round; taken from the cube size (a runtime value) so that it can change.
+    let mut step = CUBE_DIM_X / (2 * ROW_WORDS);
+    while step > 0 {
+        if slice < step {
+            let other = mine + (step * ROW_WORDS * per_word) as usize;
+            #[unroll]
+            for j in 0..per_word {
+                let v = sums[mine + j as usize] + sums[other + j as usize];
+                sums[mine + j as usize] = v;
+            }
+        }
+        sync_cube();
+        step /= 2;
+    }
+    // One thread per output of this cube finishes it.
+    let t = UNIT_POS_X;
+    if t < own * per_word {
+        let (w, j) = (t / per_word, t % per_word);
+        let word = (CUBE_POS_X * own + w) as usize;
+        if word < y_words {
+            let o = word * per_word as usize + j as usize;
+            let mut v = sums[(w * per_word + j) as usize];
+            if has_bias {
+                v += bias[o];
+            }
+            if comptime!(epilogue == EPILOGUE_RESIDUAL) {
+                v += residual[o];
+            }
+            if gated {
+                let mut up = sums[((w + own) * per_word + j) as usize];
+                if has_bias {
+                    up += bias[o + y.shape(1)];
+                }
+                v = activate(v, epilogue) * up;
+            }
+            y[o] = v;
+        }
+    }
+}
+
+/// y[r, o] = sum over chunks of partial[c, r, o] (+ bias[o]), then the epilogue: + residual[r, o], or for
+/// the gated forms act(gate) * up with up at column o + y's width.
 #[cube(launch)]
 fn sum_chunks_kernel(
     partial: &Tensor<f32>,
     bias: &Tensor<f32>,
+    residual: &Tensor<f32>,
     y: &mut Tensor<f32>,
-    row0: u32,
     #[comptime] has_bias: bool,
+    #[comptime] epilogue: u32,
 ) {
     let out = y.shape(1);
     let i = ABSOLUTE_POS;
     if i >= partial.shape(1) * out {
         terminate!();
     }
-    let (r, o) = (i / out, i % out);
-    let mut s = 0.0f32;
-    for c in 0..partial.shape(0) {
-        s += partial[c * partial.stride(0) + r * partial.stride(1) + o];
-    }
+    let (row, o) = (i / out, i % out);
+    let mut s = chunk_sum(partial, row, o);
     if has_bias {
         s += bias[o];
     }
-    let ys = y.stride(0);
-    y[(row0 as usize + r) * ys + o] = s;
+    if comptime!(epilogue == EPILOGUE_RESIDUAL) {
+        s += residual[row * residual.stride(0) + o];
+    }
+    if comptime!(epilogue == EPILOGUE_SILU || epilogue == EPILOGUE_GELU_TANH) {
+        let mut up = chunk_sum(partial, row, o + out);
+        if has_bias {
+            up += bias[o + out];
+        }
+        s = activate(s, epilogue) * up;
+    }
+    let at = row * y.stride(0) + o;
+    y[at] = s;
 }
 
 /// A block-quantized [k, out] weight as the kernels bind it.
@@ -162,13 +368,30 @@ impl QuantizedWeight {
         })
     }
 
-    /// x W (+ bias) for x [rows, k] with rows <= MAX_ROWS (in tiles of 8 rows); `None` when x is not an f32 tensor
-    /// on the weight's device or has more rows (the caller takes its generic path).
-    pub fn matvec(&self, x: &BurnTensor<2>, bias: Option<&BurnTensor<1>>) -> Option<BurnTensor<2>> {
+    /// x W (+ bias), then the epilogue, for x [rows, k] with rows <= MAX_ROWS (in tiles of 8 rows); `None` when x
+    /// is not an f32 tensor on the weight's device, has more rows, or the epilogue does not fit the shapes (the
+    /// caller takes its generic path).
+    pub fn matvec(
+        &self,
+        x: &BurnTensor<2>,
+        bias: Option<&BurnTensor<1>>,
+        epilogue: Epilogue<'_>,
+    ) -> Option<BurnTensor<2>> {
         let [rows, k] = x.dims();
         if rows == 0 || rows > MAX_ROWS || k != self.k || x.dtype() != DType::F32 {
             return None;
         }
+        let (out, residual, epilogue) = match epilogue {
+            Epilogue::None => (self.out, None, EPILOGUE_NONE),
+            Epilogue::Residual(r) if r.dims() == [rows, self.out] && r.dtype() == DType::F32 => {
+                (self.out, Some(to_cube(r)?), EPILOGUE_RESIDUAL)
+            }
+            Epilogue::Residual(_) => return None,
+            // Gate and up halves of whole blocks (a word never straddles the two).
+            Epilogue::Gated(_) if self.out % (2 * BLOCK) != 0 => return None,
+            Epilogue::Gated(Activation::Silu) => (self.out / 2, None, EPILOGUE_SILU),
+            Epilogue::Gated(Activation::GeluTanh) => (self.out / 2, None, EPILOGUE_GELU_TANH),
+        };
         let xc = into_contiguous(to_cube(x)?);
         let bias = match bias {
             Some(b) => Some(to_cube(b)?),
@@ -176,14 +399,44 @@ impl QuantizedWeight {
         };
         let client = xc.client.clone();
         let n_words = self.words.meta.shape()[1];
+        if rows == 1 && self.k <= ROW_MAX_K {
+            let y = empty_device_contiguous_dtype(
+                client.clone(),
+                xc.device.clone(),
+                [1, out].into(),
+                DType::F32,
+            );
+            let own = if out == self.out {
+                ROW_WORDS
+            } else {
+                ROW_WORDS / 2
+            };
+            let cubes = (out / (32 / self.bits as usize)).div_ceil(own as usize);
+            // Absent bias and residual bind a stand-in buffer the kernel never reads.
+            qmatvec_row_kernel::launch(
+                &client,
+                CubeCount::Static(cubes as u32, 1, 1),
+                CubeDim::new_1d(ROW_WORDS * ROW_SLICES),
+                xc.clone().into_tensor_arg(),
+                self.words.clone().into_tensor_arg(),
+                self.scales.clone().into_tensor_arg(),
+                bias.clone().unwrap_or(xc.clone()).into_tensor_arg(),
+                residual.clone().unwrap_or(xc.clone()).into_tensor_arg(),
+                y.clone().into_tensor_arg(),
+                self.bits,
+                bias.is_some(),
+                epilogue,
+            );
+            return Some(from_cube(y));
+        }
         let tile = rows.min(TILE_ROWS);
         // Enough chunks to fill the device, few enough that the partial sums (written and read back: 8 bytes a
         // value) stay within half the weight's bytes.
         let weight_bytes =
             self.k * self.out * self.bits as usize / 8 + self.k * self.out / BLOCK * 4;
         let chunks = TARGET_THREADS
-            .div_ceil(n_words)
-            .min(weight_bytes / (2 * 8 * tile * self.out))
+            .div_ceil(n_words * rows.div_ceil(tile))
+            .min(weight_bytes / (2 * 8 * rows * self.out))
             .min(self.k / 32)
             .max(1);
         let chunk_len = self.k.div_ceil(chunks);
@@ -191,52 +444,48 @@ impl QuantizedWeight {
         let y = empty_device_contiguous_dtype(
             client.clone(),
             xc.device.clone(),
-            [rows, self.out].into(),
+            [rows, out].into(),
             DType::F32,
         );
         let partial = empty_device_contiguous_dtype(
             client.clone(),
             xc.device.clone(),
-            [chunks, tile, self.out].into(),
+            [chunks, rows, self.out].into(),
             DType::F32,
         );
-        for row0 in (0..rows).step_by(tile) {
-            let n = tile.min(rows - row0);
-            let partial = if n == tile {
-                partial.clone()
-            } else {
-                empty_device_contiguous_dtype(
-                    client.clone(),
-                    xc.device.clone(),
-                    [chunks, n, self.out].into(),
-                    DType::F32,
-                )
-            };
-            qmatvec_kernel::launch(
-                &client,
-                CubeCount::Static(n_words.div_ceil(THREADS as usize) as u32, chunks as u32, 1),
-                CubeDim::new_1d(THREADS),
-                xc.clone().into_tensor_arg(),
-                self.words.clone().into_tensor_arg(),
-                self.scales.clone().into_tensor_arg(),
-                partial.clone().into_tensor_arg(),
-                row0 as u32,
-                chunk_len as u32,
-                self.bits,
-                n as u32,
-            );
-            let dim = CubeDim::new_1d(THREADS);
-            sum_chunks_kernel::launch(
-                &client,
-                calculate_cube_count_elemwise(&client, n * self.out, dim),
-                dim,
-                partial.clone().into_tensor_arg(),
-                bias.clone().unwrap_or(partial).into_tensor_arg(),
-                y.clone().into_tensor_arg(),
-                row0 as u32,
-                bias.is_some(),
-            );
-        }
+        // Every tile of rows in one launch (the grid's third axis), then every row's chunks summed in one more.
+        qmatvec_kernel::launch(
+            &client,
+            CubeCount::Static(
+                n_words.div_ceil(THREADS as usize) as u32,
+                chunks as u32,
+                rows.div_ceil(tile) as u32,
+            ),
+            CubeDim::new_1d(THREADS),
+            xc.clone().into_tensor_arg(),
+            self.words.clone().into_tensor_arg(),
+            self.scales.clone().into_tensor_arg(),
+            partial.clone().into_tensor_arg(),
+            chunk_len as u32,
+            self.bits,
+            tile as u32,
+        );
+        let dim = CubeDim::new_1d(THREADS);
+        // Absent bias and residual bind a stand-in buffer the kernel never reads.
+        sum_chunks_kernel::launch(
+            &client,
+            calculate_cube_count_elemwise(&client, rows * out, dim),
+            dim,
+            partial.clone().into_tensor_arg(),
+            bias.clone().unwrap_or(partial.clone()).into_tensor_arg(),
+            residual
+                .clone()
+                .unwrap_or(partial.clone())
+                .into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            bias.is_some(),
+            epilogue,
+        );
         Some(from_cube(y))
     }
 }

@@ -2,9 +2,11 @@
 //! projection's output) to [b, heads, t, hd] contiguous, in one launch instead of about six.
 
 use crate::cube::{from_cube, to_cube};
+use burn::backend::{BackendTensor, DispatchTensorKind};
 use burn::tensor::{DType, Tensor as BurnTensor};
 use burn_cubecl::cubecl;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
 use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
 
@@ -23,17 +25,33 @@ fn rope_kernel(x: &Tensor<f32>, cos: &Tensor<f32>, sin: &Tensor<f32>, y: &mut Te
     let rest = rest / t;
     let h = rest % n;
     let b = rest / n;
-    let half = hd / 2;
     let x0 = b * x.stride(0) + p * x.stride(1) + h * x.stride(2);
-    let xs = x.stride(3);
-    let v = x[x0 + d * xs];
+    y[i] = rotated_at(x, x0, x.stride(3), d, hd, cos, sin, b, p);
+}
+
+/// Element d of one head's rotate-half RoPE at position p of row b: x * cos + rotate_half(x) * sin, the head's
+/// values at x[x0 + j * xs].
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn rotated_at(
+    x: &Tensor<f32>,
+    x0: usize,
+    xs: usize,
+    d: usize,
+    hd: usize,
+    cos: &Tensor<f32>,
+    sin: &Tensor<f32>,
+    b: usize,
+    p: usize,
+) -> f32 {
+    let half = hd / 2;
     let rotated = if d < half {
         -x[x0 + (d + half) * xs]
     } else {
         x[x0 + (d - half) * xs]
     };
     let c = b * cos.stride(0) + p * cos.stride(2) + d * cos.stride(3);
-    y[i] = v * cos[c] + rotated * sin[c];
+    x[x0 + d * xs] * cos[c] + rotated * sin[c]
 }
 
 /// x * cos + rotate_half(x) * sin for `x` [b, t, heads, hd] with tables [b, 1, t, hd], returned as
@@ -61,4 +79,143 @@ pub fn rope(x: &BurnTensor<4>, cos: &BurnTensor<4>, sin: &BurnTensor<4>) -> Opti
         y.clone().into_tensor_arg(),
     );
     Some(from_cube(y))
+}
+
+/// One decoding step's q/k/v post-processing in one launch: from the fused projection's output qkv [b, t, q | k | v]
+/// (q of `heads` heads, k and v of `kv_heads`), q rotated into q_out [b, heads, t, hd], k rotated and v copied
+/// into the caches [b, kv_heads, capacity, hd] at positions at..at + t. Three parts of one index space: q's
+/// elements, then k's, then v's.
+#[cube(launch)]
+fn rope_into_cache_kernel(
+    qkv: &Tensor<f32>,
+    cos: &Tensor<f32>,
+    sin: &Tensor<f32>,
+    q_out: &mut Tensor<f32>,
+    keys: &mut Tensor<f32>,
+    values: &mut Tensor<f32>,
+    at: u32,
+) {
+    let (b_dim, heads, t, hd) = (
+        q_out.shape(0),
+        q_out.shape(1),
+        q_out.shape(2),
+        q_out.shape(3),
+    );
+    let kv_heads = keys.shape(1);
+    let n_q = b_dim * heads * t * hd;
+    let n_kv = b_dim * kv_heads * t * hd;
+    let mut i = ABSOLUTE_POS;
+    if i >= n_q + 2 * n_kv {
+        terminate!();
+    }
+    // part 0: q, 1: k, 2: v; `n` heads in the part, starting at column `col0` of qkv.
+    let mut part = 0u32;
+    let mut n = heads;
+    let mut col0 = 0;
+    if i >= n_q {
+        i -= n_q;
+        part = 1;
+        n = kv_heads;
+        col0 = heads * hd;
+        if i >= n_kv {
+            i -= n_kv;
+            part = 2;
+            col0 = (heads + kv_heads) * hd;
+        }
+    }
+    let d = i % hd;
+    let rest = i / hd;
+    let p = rest % t;
+    let rest = rest / t;
+    let h = rest % n;
+    let b = rest / n;
+    let x0 = b * qkv.stride(0) + p * qkv.stride(1) + (col0 + h * hd) * qkv.stride(2);
+    let xs = qkv.stride(2);
+    let mut value = qkv[x0 + d * xs];
+    if part < 2 {
+        value = rotated_at(qkv, x0, xs, d, hd, cos, sin, b, p);
+    }
+    if part == 0 {
+        q_out[i] = value;
+    } else {
+        let pos = at as usize + p;
+        if part == 1 {
+            let o =
+                b * keys.stride(0) + h * keys.stride(1) + pos * keys.stride(2) + d * keys.stride(3);
+            keys[o] = value;
+        } else {
+            let o = b * values.stride(0)
+                + h * values.stride(1)
+                + pos * values.stride(2)
+                + d * values.stride(3);
+            values[o] = value;
+        }
+    }
+}
+
+/// The CubeCL tensor under `t`, by value (so that a cache buffer nothing else holds can be written in place).
+fn into_cube<const D: usize>(t: BurnTensor<D>) -> Option<CubeTensor> {
+    match t.into_dispatch().kind {
+        DispatchTensorKind::Cube(BackendTensor::Float(c)) => Some(c),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// q/k/v of one step from the fused projection's output `qkv` [b, t, (heads + 2 kv_heads) hd]: q rotated and
+/// returned as [b, heads, t, hd]; k rotated and v copied into `keys` and `values` [b, kv_heads, capacity, hd] at
+/// positions at..at + t, in place. Returns (q, keys, values); q is `None`, and the caches come back untouched,
+/// when the kernel does not apply (another backend, shapes that do not fit, or a cache buffer shared with another
+/// tensor).
+pub fn rope_into_cache(
+    qkv: &BurnTensor<3>,
+    cos: &BurnTensor<4>,
+    sin: &BurnTensor<4>,
+    heads: usize,
+    keys: BurnTensor<4>,
+    values: BurnTensor<4>,
+    at: usize,
+) -> (Option<BurnTensor<4>>, BurnTensor<4>, BurnTensor<4>) {
+    let [b, t, width] = qkv.dims();
+    let [kb, kv_heads, capacity, hd] = keys.dims();
+    let fits = qkv.dtype() == DType::F32
+        && keys.dtype() == DType::F32
+        && values.dims() == keys.dims()
+        && kb == b
+        && hd % 2 == 0
+        && width == (heads + 2 * kv_heads) * hd
+        && at + t <= capacity
+        && cos.dims() == [b, 1, t, hd];
+    if !fits {
+        return (None, keys, values);
+    }
+    let (Some(qc), Some(cc), Some(sc)) = (to_cube(qkv), to_cube(cos), to_cube(sin)) else {
+        return (None, keys, values);
+    };
+    let (Some(kc), Some(vc)) = (into_cube(keys), into_cube(values)) else {
+        unreachable!("the caches live where qkv does");
+    };
+    if !(kc.can_mut() && vc.can_mut()) {
+        return (None, from_cube(kc), from_cube(vc));
+    }
+    let q = empty_device_contiguous_dtype(
+        qc.client.clone(),
+        qc.device.clone(),
+        [b, heads, t, hd].into(),
+        DType::F32,
+    );
+    let dim = CubeDim::new_1d(THREADS);
+    rope_into_cache_kernel::launch(
+        &q.client,
+        calculate_cube_count_elemwise(&q.client, b * (heads + 2 * kv_heads) * t * hd, dim),
+        dim,
+        qc.into_tensor_arg(),
+        cc.into_tensor_arg(),
+        sc.into_tensor_arg(),
+        q.clone().into_tensor_arg(),
+        kc.clone().into_tensor_arg(),
+        vc.clone().into_tensor_arg(),
+        at as u32,
+    );
+    (Some(from_cube(q)), from_cube(kc), from_cube(vc))
 }

@@ -1,12 +1,13 @@
 //! Each kernel against burn's generic tensor ops on the same device, on fresh random inputs: the quantized matvec
 //! against a matmul with the dequantized weight (8- and 4-bit; one tile of rows and several; with and without
-//! bias; a k that does not divide into chunks), RMSNorm, and decode attention with left padding, grouped heads, a
+//! bias; a k that does not divide into chunks; with the residual and gated-MLP epilogues), RMSNorm, RoPE (alone
+//! and fused with the KV-cache writes), and decode attention with left padding, grouped heads, a
 //! sliding window and soft-capping against the masked-softmax formulation. Runs on wgpu (Mesa lavapipe in CI, a
 //! real GPU through Vulkan on the GPU machine):
 //! `cargo test -p avb-runtime -p avb-shaders --features avb-runtime/wgpu,avb-shaders/wgpu --test kernels`.
 #![cfg(feature = "wgpu")]
 
-use avb_shaders::{decode_attention, rms_norm, QuantizedWeight};
+use avb_shaders::{decode_attention, rms_norm, Activation, Epilogue, QuantizedWeight};
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
 use burn::tensor::{activation, Bool, Device, Distribution, Int, Tensor, TensorData};
 
@@ -53,7 +54,9 @@ fn quantized_matvec_equals_dequantized_matmul() {
                 let x: Tensor<2> = Tensor::random([rows, k], Distribution::Normal(0.0, 1.0), &dev);
                 for with_bias in [false, true] {
                     let b = with_bias.then_some(&bias);
-                    let ours = packed.matvec(&x, b).expect("the kernel applies");
+                    let ours = packed
+                        .matvec(&x, b, Epilogue::None)
+                        .expect("the kernel applies");
                     let mut reference = x.clone().matmul(reference_w.clone());
                     if let Some(b) = b {
                         reference = reference + b.clone().unsqueeze::<2>();
@@ -65,12 +68,60 @@ fn quantized_matvec_equals_dequantized_matmul() {
             }
             // More rows than the tiles take: the caller's generic path.
             let x: Tensor<2> = Tensor::random([65, k], Distribution::Default, &dev);
-            assert!(packed.matvec(&x, None).is_none());
+            assert!(packed.matvec(&x, None, Epilogue::None).is_none());
         }
     }
     // A float weight is not a packed one.
     let w: Tensor<2> = Tensor::random([64, 64], Distribution::Default, &dev);
     assert!(QuantizedWeight::from_tensor(&w).is_none());
+}
+
+#[test]
+fn matvec_epilogues_equal_generic_ops() {
+    let dev = device();
+    dev.seed(4);
+    let (k, half) = (1000, 320);
+    let w: Tensor<2> = Tensor::random([k, 2 * half], Distribution::Normal(0.0, 0.05), &dev);
+    let wq = w.quantize_dynamic(&scheme(QuantValue::Q4S));
+    let packed = QuantizedWeight::from_tensor(&wq).expect("a packed quantized weight");
+    let reference_w = wq.dequantize();
+    for rows in [1, 3, 8, 21] {
+        let x: Tensor<2> = Tensor::random([rows, k], Distribution::Normal(0.0, 1.0), &dev);
+        let product = x.clone().matmul(reference_w.clone());
+        let residual: Tensor<2> = Tensor::random([rows, 2 * half], Distribution::Default, &dev);
+        let ours = packed
+            .matvec(&x, None, Epilogue::Residual(&residual))
+            .expect("the kernel applies");
+        let err = rel_err(&host(ours), &host(product.clone() + residual));
+        println!("residual, rows {rows}: relative error {err:.2e}");
+        assert!(err < 1e-5, "residual, rows {rows}: {err}");
+        let gate = product.clone().narrow(1, 0, half);
+        let up = product.narrow(1, half, half);
+        for (act, reference) in [
+            (
+                Activation::Silu,
+                activation::silu(gate.clone()) * up.clone(),
+            ),
+            (
+                Activation::GeluTanh,
+                activation::gelu_approximate(gate.clone()) * up.clone(),
+            ),
+        ] {
+            let ours = packed
+                .matvec(&x, None, Epilogue::Gated(act))
+                .expect("the kernel applies");
+            assert_eq!(ours.dims(), [rows, half]);
+            let err = rel_err(&host(ours), &host(reference));
+            println!("{act:?}, rows {rows}: relative error {err:.2e}");
+            assert!(err < 1e-5, "{act:?}, rows {rows}: {err}");
+        }
+    }
+    // A residual of another shape is refused (the caller adds it).
+    let x: Tensor<2> = Tensor::random([2, k], Distribution::Default, &dev);
+    let wrong: Tensor<2> = Tensor::zeros([2, half], &dev);
+    assert!(packed
+        .matvec(&x, None, Epilogue::Residual(&wrong))
+        .is_none());
 }
 
 #[test]
@@ -187,26 +238,35 @@ fn decode_attention_equals_masked_softmax() {
     }
 }
 
+/// Rotate-half RoPE of x [b, t, heads, hd] into [b, heads, t, hd] with generic ops.
+fn generic_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let hd = x.dims()[3];
+    let xs = x.swap_dims(1, 2);
+    let half = hd / 2;
+    let rotated = Tensor::cat(
+        vec![
+            xs.clone().narrow(3, half, half).neg(),
+            xs.clone().narrow(3, 0, half),
+        ],
+        3,
+    );
+    xs * cos.clone() + rotated * sin.clone()
+}
+
+fn rope_tables(b: usize, t: usize, hd: usize, dev: &Device) -> (Tensor<4>, Tensor<4>) {
+    let angles: Tensor<4> = Tensor::random([b, 1, t, hd], Distribution::Uniform(-3.0, 3.0), dev);
+    (angles.clone().cos(), angles.sin())
+}
+
 #[test]
 fn rope_equals_generic_ops() {
     let dev = device();
     dev.seed(13);
     for (b, t, n, hd) in [(1, 1, 28, 128), (2, 7, 4, 256), (3, 5, 9, 64)] {
         let x: Tensor<4> = Tensor::random([b, t, n, hd], Distribution::Normal(0.0, 1.0), &dev);
-        let angles: Tensor<4> =
-            Tensor::random([b, 1, t, hd], Distribution::Uniform(-3.0, 3.0), &dev);
-        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let (cos, sin) = rope_tables(b, t, hd, &dev);
         let ours = avb_shaders::rope(&x, &cos, &sin).expect("the kernel applies");
-        let xs = x.swap_dims(1, 2);
-        let half = hd / 2;
-        let rotated = Tensor::cat(
-            vec![
-                xs.clone().narrow(3, half, half).neg(),
-                xs.clone().narrow(3, 0, half),
-            ],
-            3,
-        );
-        let reference = xs * cos + rotated * sin;
+        let reference = generic_rope(x, &cos, &sin);
         let err = rel_err(
             &host(ours.reshape([b * n * t, hd])),
             &host(reference.reshape([b * n * t, hd])),
@@ -214,4 +274,73 @@ fn rope_equals_generic_ops() {
         println!("rope b {b} t {t} heads {n} hd {hd}: relative error {err:.2e}");
         assert!(err < 1e-6, "{err}");
     }
+}
+
+#[test]
+fn rope_into_cache_equals_rope_and_cache_writes() {
+    let dev = device();
+    dev.seed(17);
+    // One decoding step and a prefill, into a cache already holding other positions.
+    for (b, t, heads, kv_heads, hd, capacity, at) in
+        [(1, 1, 28, 4, 128, 64, 9), (2, 5, 4, 2, 64, 16, 3)]
+    {
+        let width = (heads + 2 * kv_heads) * hd;
+        let qkv: Tensor<3> = Tensor::random([b, t, width], Distribution::Normal(0.0, 1.0), &dev);
+        let (cos, sin) = rope_tables(b, t, hd, &dev);
+        let cache_shape = [b, kv_heads, capacity, hd];
+        let keys: Tensor<4> = Tensor::random(cache_shape, Distribution::Default, &dev);
+        let values: Tensor<4> = Tensor::random(cache_shape, Distribution::Default, &dev);
+        let part = |from: usize, n: usize| {
+            qkv.clone()
+                .narrow(2, from * hd, n * hd)
+                .reshape([b, t, n, hd])
+        };
+        let slot = [0..b, 0..kv_heads, at..at + t, 0..hd];
+        let q_ref = generic_rope(part(0, heads), &cos, &sin);
+        let k_ref = keys.clone().slice_assign(
+            slot.clone(),
+            generic_rope(part(heads, kv_heads), &cos, &sin),
+        );
+        let v_ref = values
+            .clone()
+            .slice_assign(slot, part(heads + kv_heads, kv_heads).swap_dims(1, 2));
+        // The kernel writes the caches in place: hand it copies nothing else holds.
+        let (keys, values) = (keys.clone().add_scalar(0.0), values.clone().add_scalar(0.0));
+        let (Some(q), k, v) =
+            avb_shaders::rope_into_cache(&qkv, &cos, &sin, heads, keys, values, at)
+        else {
+            panic!("the kernel applies");
+        };
+        for (name, ours, reference) in [("q", q, q_ref), ("keys", k, k_ref), ("values", v, v_ref)] {
+            let n = ours.dims().iter().product::<usize>();
+            let err = rel_err(
+                &host(ours.reshape([1, n])),
+                &host(reference.reshape([1, n])),
+            );
+            println!("rope into cache t {t} {name}: relative error {err:.2e}");
+            assert!(err < 1e-6, "{name}: {err}");
+        }
+    }
+    // A cache buffer another tensor still holds is given back untouched.
+    let (b, t, heads, kv_heads, hd) = (1, 1, 2, 1, 64);
+    let qkv: Tensor<3> = Tensor::random(
+        [b, t, (heads + 2 * kv_heads) * hd],
+        Distribution::Default,
+        &dev,
+    );
+    let (cos, sin) = rope_tables(b, t, hd, &dev);
+    let keys: Tensor<4> = Tensor::zeros([b, kv_heads, 8, hd], &dev);
+    let held = keys.clone();
+    let (q, back, _) = avb_shaders::rope_into_cache(
+        &qkv,
+        &cos,
+        &sin,
+        heads,
+        keys,
+        held.clone().add_scalar(0.0),
+        0,
+    );
+    assert!(q.is_none(), "a shared cache buffer must not be written");
+    assert_eq!(host(back.reshape([1, 8 * hd])), vec![0.0; 8 * hd]);
+    drop(held);
 }

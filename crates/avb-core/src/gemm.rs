@@ -67,9 +67,16 @@ impl<'a> Shifted<'a> {
     /// The shifted values as a column-major matrix, copied in tiles so that reads and writes both stay within
     /// a few cache lines whatever the layout of m.
     pub fn to_mat(&self) -> Mat<f32> {
+        let mut out = Mat::<f32>::zeros(self.m.nrows(), self.m.ncols());
+        self.write_to(out.as_mut());
+        out
+    }
+
+    /// Write the shifted values into `out` (same shape, any layout), in tiles.
+    pub fn write_to(&self, mut out: MatMut<'_, f32>) {
         const TILE: usize = 64;
         let (r, c) = (self.m.nrows(), self.m.ncols());
-        let mut out = Mat::<f32>::zeros(r, c);
+        assert_eq!((out.nrows(), out.ncols()), (r, c), "same shape");
         for j0 in (0..c).step_by(TILE) {
             for i0 in (0..r).step_by(TILE) {
                 for j in j0..(j0 + TILE).min(c) {
@@ -79,7 +86,6 @@ impl<'a> Shifted<'a> {
                 }
             }
         }
-        out
     }
 
     fn value(&self, i: usize, j: usize) -> f32 {
@@ -98,6 +104,22 @@ pub fn product<'a, 'b>(a: impl Into<Shifted<'a>>, b: impl Into<Shifted<'b>>) -> 
     let mut c = Mat::<f32>::zeros(a.m.nrows(), b.m.ncols());
     add_product(c.as_mut(), false, a, b, 1.0);
     c
+}
+
+/// c = a b, written into caller-owned storage (any shape-matching layout; the kernel serves column-major c).
+pub fn product_into<'a, 'b>(
+    mut c: MatMut<'_, f32>,
+    a: impl Into<Shifted<'a>>,
+    b: impl Into<Shifted<'b>>,
+) {
+    let (a, b) = (a.into(), b.into());
+    assert_eq!(
+        (c.nrows(), c.ncols()),
+        (a.m.nrows(), b.m.ncols()),
+        "output shape"
+    );
+    c.fill(0.0);
+    add_product(c, false, a, b, 1.0);
 }
 
 /// The lower triangle of the symmetric product a b (b = a^T, passed separately so either layout can be used):

@@ -12,7 +12,7 @@ use crate::error::{AvbError, Result};
 use crate::gemm::{self, Shifted};
 use crate::matrix::{cosine, Matrix};
 use faer::linalg::solvers::Solve;
-use faer::{Mat, MatRef, Side};
+use faer::{Mat, MatMut, MatRef, Side};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Form {
@@ -65,8 +65,13 @@ impl AffineMap {
                 "use a map fitted FROM the space these vectors live in (check the source model and layer)",
             ));
         }
-        let out = gemm::product(row_major(x), row_major(&self.weight));
-        let mut m = to_row_major(out.as_ref());
+        // (x W)^T = W^T x^T, column-major, is x W's row-major storage.
+        let mut m = Matrix::new(x.rows, self.d_tgt(), vec![0f32; x.rows * self.d_tgt()]);
+        gemm::product_into(
+            MatMut::from_column_major_slice_mut(&mut m.data, self.d_tgt(), x.rows),
+            row_major(&self.weight).transpose(),
+            row_major(x).transpose(),
+        );
         if affine {
             for i in 0..m.rows {
                 for (v, b) in m.row_mut(i).iter_mut().zip(&self.bias) {
@@ -239,38 +244,64 @@ pub fn fit_ridge(
     let xc = Shifted::minus_row(row_major(x), &xm32);
     let (xct, yc) = (xc.transpose(), Shifted::minus_row(row_major(y), &ym32));
     let n = x.rows as f64;
-    let (w, f32_solve): (Mat<f32>, Option<f64>) = match form {
+    let (weight, f32_solve): (Matrix, Option<f64>) = match form {
         Form::Primal | Form::Auto => {
             let mut g = gemm::lower_product(xct, xc);
-            let b = gemm::product(xct, yc);
             if fit_intercept {
                 add_ridge(&mut g, lambda);
-                let predict = |v: MatRef<'_, f32>| gemm::product(xc, v);
-                solve_spd(g, b, &predict).ok_or_else(|| singular(form, lambda))?
+                let mut w = Mat::<f32>::zeros(x.cols, y.cols);
+                let f32_solve = solve_spd(
+                    g,
+                    w.as_mut(),
+                    &|b| gemm::product_into(b, xct, yc),
+                    &|_, v| gemm::product(xc, v),
+                )
+                .ok_or_else(|| singular(form, lambda))?;
+                (to_row_major(w.as_ref()), f32_solve)
             } else {
                 // Without an intercept the Gram carries n xm xm^T and is ill-conditioned by construction: f64.
+                let b = gemm::product(xct, yc);
                 let (mut g, mut b) = (to_f64(g.as_ref()), to_f64(b.as_ref()));
                 add_outer(&mut g, n, &xm, &xm);
                 add_outer(&mut b, n, &xm, &ym);
                 for k in 0..g.nrows() {
                     g[(k, k)] += lambda;
                 }
-                (
-                    solve_spd_f64(&g, &b).ok_or_else(|| singular(form, lambda))?,
-                    None,
-                )
+                let w = solve_spd_f64(&g, &b).ok_or_else(|| singular(form, lambda))?;
+                (to_row_major(w.as_ref()), None)
             }
         }
         Form::Dual => {
             let mut k = gemm::lower_product(xc, xct);
             if fit_intercept {
                 add_ridge(&mut k, lambda);
-                // Predictions are Xc Xc^T A: solution columns v map to Xc (Xc^T v).
-                let predict =
-                    |v: MatRef<'_, f32>| gemm::product(xc, gemm::product(xct, v).as_ref());
-                let (a, f32_solve) =
-                    solve_spd(k, yc.to_mat(), &predict).ok_or_else(|| singular(form, lambda))?;
-                (gemm::product(xct, a.as_ref()), f32_solve)
+                // A = K^-1 Yc in row-major storage, so that A^T is column-major for W^T = A^T Xc, whose
+                // column-major storage is W row-major: neither Yc nor W is ever transposed.
+                let mut a = vec![0f32; x.rows * y.cols];
+                // Predictions are Xc Xc^T A = (K - lambda I) A.
+                let predict = |k: &Mat<f32>, v: MatRef<'_, f32>| {
+                    let mut p = sym_lower_times(k.as_ref(), to_f64(v).as_ref());
+                    for j in 0..p.ncols() {
+                        for i in 0..p.nrows() {
+                            p[(i, j)] -= lambda * v[(i, j)] as f64;
+                        }
+                    }
+                    to_f32(p.as_ref())
+                };
+                let f32_solve = solve_spd(
+                    k,
+                    MatMut::from_row_major_slice_mut(&mut a, x.rows, y.cols),
+                    &|b| yc.write_to(b),
+                    &predict,
+                )
+                .ok_or_else(|| singular(form, lambda))?;
+                let mut w = vec![0f32; x.cols * y.cols];
+                gemm::product_into(
+                    MatMut::from_column_major_slice_mut(&mut w, y.cols, x.cols),
+                    MatRef::from_column_major_slice(&a, y.cols, x.rows),
+                    xc,
+                );
+                (Matrix::new(x.cols, y.cols, w), f32_solve)
             } else {
                 // X X^T = Xc Xc^T + v 1^T + 1 v^T + |xm|^2 1 1^T with v = Xc xm; the targets are uncentred.
                 let mut k = to_f64(k.as_ref());
@@ -297,11 +328,10 @@ pub fn fit_ridge(
                         w[(j, t)] += (m * col_sum) as f32;
                     }
                 }
-                (w, None)
+                (to_row_major(w.as_ref()), None)
             }
         }
     };
-    let weight = to_row_major(w.as_ref());
     check_solution(&weight, form, lambda)?;
     let bias = if fit_intercept {
         intercept(&xm, &ym, &weight)
@@ -334,67 +364,51 @@ fn solve_spd_f64(g: &Mat<f64>, b: &Mat<f64>) -> Option<Mat<f32>> {
     Some(to_f32(g.llt(Side::Lower).ok()?.solve(b).as_ref()))
 }
 
-/// Solve G W = B for symmetric positive definite G (only its lower triangle is read), both f32, first entirely
-/// in f32 (Cholesky and the two triangular solves, 2 r^2 c flops, the costly part), then checked a posteriori:
-/// for random probe vectors s, e = G^-1 (B s - G W s) with the residual in f64 estimates the error of W s, and
-/// `predict` maps the columns [e | W s] to what the map outputs (Xc e for the primal form), so the check measures
-/// the error of predictions rather than of W along directions the data never visits. Above F32_SOLVE_TOL
-/// everything is redone in f64. Returns None when G is not positive definite, else the solution and, when the
-/// f32 path was kept, its estimated error.
+/// What a map outputs for solution columns v, given the regularised Gram G: Xc v (primal), (G - lambda I) v (dual).
+type Predict<'a> = dyn Fn(&Mat<f32>, MatRef<'_, f32>) -> Mat<f32> + 'a;
+
+/// Solve G W = B for symmetric positive definite G (only its lower triangle is read) in place: `fill_b` writes B
+/// into `w` (any layout), which then becomes W. First entirely in f32 (Cholesky and the two triangular solves,
+/// 2 r^2 c flops, the costly part), then checked a posteriori: for random probe vectors s, e = G^-1 (B s - G W s)
+/// with the residual in f64 estimates the error of W s, and `predict(G, .)` maps the columns [e | W s] to what
+/// the map outputs (Xc e for the primal form), so the check measures the error of predictions rather than of W
+/// along directions the data never visits. Above F32_SOLVE_TOL B is written again and everything is redone in
+/// f64. Returns None when G is not positive definite, else, when the f32 path was kept, its estimated error.
 fn solve_spd(
     g: Mat<f32>,
-    b: Mat<f32>,
-    predict: &dyn Fn(MatRef<'_, f32>) -> Mat<f32>,
-) -> Option<(Mat<f32>, Option<f64>)> {
-    let Ok(llt32) = g.llt(Side::Lower) else {
-        return solve_spd_f64(&to_f64(g.as_ref()), &to_f64(b.as_ref())).map(|w| (w, None));
+    mut w: MatMut<'_, f32>,
+    fill_b: &dyn Fn(MatMut<'_, f32>),
+    predict: &Predict,
+) -> Option<Option<f64>> {
+    let solve_f64 = |g: &Mat<f32>, mut w: MatMut<'_, f32>| {
+        fill_b(w.as_mut());
+        let sol = solve_spd_f64(&to_f64(g.as_ref()), &to_f64(w.as_ref()))?;
+        w.copy_from(sol);
+        Some(None)
     };
-    let mut w = b.clone();
+    let Ok(llt32) = g.llt(Side::Lower) else {
+        return solve_f64(&g, w);
+    };
+    fill_b(w.as_mut());
+    const PROBES: usize = 3;
+    let mut rng = crate::rng::SplitMix64::new(0x5EED);
+    let probes = Mat::<f64>::from_fn(w.ncols(), PROBES, |_, _| rng.normal());
+    // B s before B is overwritten by W.
+    let bs = times_f64(w.as_ref(), probes.as_ref());
     let l32 = llt32.L();
     l32.solve_lower_triangular_in_place(w.as_mut());
     l32.transpose().solve_upper_triangular_in_place(w.as_mut());
-    const PROBES: usize = 3;
-    let mut rng = crate::rng::SplitMix64::new(0x5EED);
-    let (r, c) = (b.nrows(), b.ncols());
-    let probes: Vec<[f64; PROBES]> = (0..c)
-        .map(|_| [rng.normal(), rng.normal(), rng.normal()])
-        .collect();
-    // B s and W s in f64 arithmetic, column by column (contiguous reads).
-    let (mut bs, mut ws) = (vec![[0f64; PROBES]; r], vec![[0f64; PROBES]; r]);
-    for (j, p) in probes.iter().enumerate() {
-        let (bcol, wcol) = (b.col(j), w.col(j));
-        for i in 0..r {
-            let (bv, wv) = (bcol[i] as f64, wcol[i] as f64);
-            for k in 0..PROBES {
-                bs[i][k] += bv * p[k];
-                ws[i][k] += wv * p[k];
-            }
-        }
-    }
-    // residual = B s - G (W s), with G symmetric from its lower triangle
-    let mut res = Mat::<f64>::from_fn(r, PROBES, |i, k| bs[i][k]);
-    for j in 0..r {
-        let gcol = g.col(j);
-        for k in 0..PROBES {
-            res[(j, k)] -= gcol[j] as f64 * ws[j][k];
-        }
-        for i in j + 1..r {
-            let gij = gcol[i] as f64;
-            for k in 0..PROBES {
-                res[(i, k)] -= gij * ws[j][k];
-                res[(j, k)] -= gij * ws[i][k];
-            }
-        }
-    }
+    let ws = times_f64(w.as_ref(), probes.as_ref());
+    let res = bs - sym_lower_times(g.as_ref(), ws.as_ref());
     let err = llt32.solve(to_f32(res.as_ref()));
-    let both = Mat::<f32>::from_fn(r, 2 * PROBES, |i, k| {
+    let both = Mat::<f32>::from_fn(w.nrows(), 2 * PROBES, |i, k| {
         if k < PROBES {
             err[(i, k)]
         } else {
-            ws[i][k - PROBES] as f32
+            ws[(i, k - PROBES)] as f32
         }
     });
-    let pred = predict(both.as_ref());
+    let pred = predict(&g, both.as_ref());
     let col_norm = |k: usize| {
         (0..pred.nrows())
             .map(|i| (pred[(i, k)] as f64).powi(2))
@@ -412,10 +426,53 @@ fn solve_spd(
         })
         .fold(0f64, f64::max);
     if worst.is_finite() && worst <= F32_SOLVE_TOL {
-        Some((w, Some(worst)))
+        Some(Some(worst))
     } else {
-        solve_spd_f64(&to_f64(g.as_ref()), &to_f64(b.as_ref())).map(|w| (w, None))
+        solve_f64(&g, w)
     }
+}
+
+/// m s in f64 arithmetic for a few columns s, reading m in its storage order.
+fn times_f64(m: MatRef<'_, f32>, s: MatRef<'_, f64>) -> Mat<f64> {
+    let mut out = Mat::<f64>::zeros(m.nrows(), s.ncols());
+    if m.row_stride() == 1 {
+        for j in 0..m.ncols() {
+            for i in 0..m.nrows() {
+                let v = m[(i, j)] as f64;
+                for k in 0..s.ncols() {
+                    out[(i, k)] += v * s[(j, k)];
+                }
+            }
+        }
+    } else {
+        for i in 0..m.nrows() {
+            for j in 0..m.ncols() {
+                let v = m[(i, j)] as f64;
+                for k in 0..s.ncols() {
+                    out[(i, k)] += v * s[(j, k)];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// G v in f64 for symmetric G given by its lower triangle.
+fn sym_lower_times(g: MatRef<'_, f32>, v: MatRef<'_, f64>) -> Mat<f64> {
+    let mut out = Mat::<f64>::zeros(g.nrows(), v.ncols());
+    for j in 0..g.ncols() {
+        for k in 0..v.ncols() {
+            out[(j, k)] += g[(j, j)] as f64 * v[(j, k)];
+        }
+        for i in j + 1..g.nrows() {
+            let gij = g[(i, j)] as f64;
+            for k in 0..v.ncols() {
+                out[(i, k)] += gij * v[(j, k)];
+                out[(j, k)] += gij * v[(i, k)];
+            }
+        }
+    }
+    out
 }
 
 /// a v for an f32 operand and an f64 vector, through the f32 product.

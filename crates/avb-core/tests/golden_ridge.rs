@@ -144,29 +144,28 @@ fn uncentred_fit_solves_in_f64() {
     assert!(e < 1e-4, "f64 fallback rel err {e:e}");
 }
 
-#[test]
-fn well_conditioned_solve_stays_in_f32_and_solves_the_normal_equations() {
-    let (n, d, t) = (400, 16, 8);
-    let mut r = rng::SplitMix64::new(3);
-    let x = avb_core::Matrix::new(n, d, (0..n * d).map(|_| r.normal() as f32).collect());
-    let y = avb_core::Matrix::new(n, t, (0..n * t).map(|_| r.normal() as f32).collect());
-    let lambda = 1.0;
-    let fit = ridge::fit_ridge(&x, &y, lambda, Form::Primal, true).unwrap();
-    assert!(
-        fit.f32_solve.is_some_and(|e| e <= 1e-5),
-        "{:?}",
-        fit.f32_solve
-    );
-    // (Xc^T Xc + lambda I) W = Xc^T Yc with centred data, checked in f64.
+fn normal_rows(n: usize, d: usize, seed: u64) -> avb_core::Matrix {
+    let mut r = rng::SplitMix64::new(seed);
+    avb_core::Matrix::new(n, d, (0..n * d).map(|_| r.normal() as f32).collect())
+}
+
+/// Largest relative residual of (Xc^T Xc + lambda I) W = Xc^T Yc with centred data, in f64: the equations both
+/// forms solve.
+fn normal_equation_residual(
+    x: &avb_core::Matrix,
+    y: &avb_core::Matrix,
+    w: &avb_core::Matrix,
+    lambda: f64,
+) -> f64 {
+    let (n, d, t) = (x.rows, x.cols, y.cols);
     let mean =
         |m: &avb_core::Matrix, j: usize| (0..n).map(|i| m.row(i)[j] as f64).sum::<f64>() / n as f64;
     let (mx, my): (Vec<f64>, Vec<f64>) = (
-        (0..d).map(|j| mean(&x, j)).collect(),
-        (0..t).map(|j| mean(&y, j)).collect(),
+        (0..d).map(|j| mean(x, j)).collect(),
+        (0..t).map(|j| mean(y, j)).collect(),
     );
     let xc = |i: usize, j: usize| x.row(i)[j] as f64 - mx[j];
     let yc = |i: usize, j: usize| y.row(i)[j] as f64 - my[j];
-    let w = &fit.map.weight;
     let mut worst = 0f64;
     for a in 0..d {
         for b in 0..t {
@@ -181,7 +180,51 @@ fn well_conditioned_solve_stays_in_f32_and_solves_the_normal_equations() {
             worst = worst.max((lhs - rhs).abs() / rhs.abs().max(1.0));
         }
     }
-    assert!(worst < 1e-4, "normal-equation residual {worst:e}");
+    worst
+}
+
+#[test]
+fn well_conditioned_solve_stays_in_f32_and_solves_the_normal_equations() {
+    for (form, n, d) in [(Form::Primal, 400, 16), (Form::Dual, 24, 64)] {
+        let (x, y) = (normal_rows(n, d, 3), normal_rows(n, 8, 4));
+        let fit = ridge::fit_ridge(&x, &y, 1.0, form, true).unwrap();
+        assert!(
+            fit.f32_solve.is_some_and(|e| e <= 1e-5),
+            "{form:?}: {:?}",
+            fit.f32_solve
+        );
+        let worst = normal_equation_residual(&x, &y, &fit.map.weight, 1.0);
+        assert!(worst < 1e-4, "{form:?}: normal-equation residual {worst:e}");
+    }
+}
+
+#[test]
+fn ill_conditioned_solve_falls_back_to_f64_with_the_right_hand_side_written_again() {
+    // Pairs of nearly equal rows make X X^T + lambda I nearly singular at a small lambda: the f32 solve fails its
+    // a-posteriori check, the solve's storage (which by then holds the f32 solution) is refilled with Yc and
+    // solved in f64. That must equal the f64 solve of the same system: the fit without an intercept (always
+    // f64) on data centred beforehand.
+    let (mut x, y) = (normal_rows(40, 64, 5), normal_rows(40, 8, 6));
+    for i in (0..40).step_by(2) {
+        let twin: Vec<f32> = x.row(i).iter().map(|v| v * 1.0001).collect();
+        x.row_mut(i + 1).copy_from_slice(&twin);
+    }
+    let lambda = 1e-2;
+    let fit = ridge::fit_ridge(&x, &y, lambda, Form::Dual, true).unwrap();
+    assert!(fit.f32_solve.is_none(), "{:?}", fit.f32_solve);
+    let centred = |m: &avb_core::Matrix| {
+        let mean = ridge::target_mean(m);
+        let mut c = m.clone();
+        for i in 0..c.rows {
+            for (v, mu) in c.row_mut(i).iter_mut().zip(&mean) {
+                *v = (*v as f64 - mu) as f32;
+            }
+        }
+        c
+    };
+    let f64_fit = ridge::fit_ridge(&centred(&x), &centred(&y), lambda, Form::Dual, false).unwrap();
+    let e = rel_err(&fit.map.weight.data, &f64_fit.map.weight.data);
+    assert!(e < 1e-3, "fallback differs from the f64 solve by {e:e}");
 }
 
 #[test]

@@ -22,22 +22,73 @@ impl KernelWeight {
         KernelWeight {}
     }
 
-    /// x W (+ bias) for x [b, t, in] through the quantized matvec kernel when it applies (few rows), else `None`.
+    /// x W (+ bias), then the epilogue, for x [b, t, in] through the quantized matvec kernel when it applies (few
+    /// rows), else `None`.
     #[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
-    pub(crate) fn matvec(&self, x: &Tensor<3>, bias: Option<&Tensor<1>>) -> Option<Tensor<3>> {
+    pub(crate) fn matvec(
+        &self,
+        x: &Tensor<3>,
+        bias: Option<&Tensor<1>>,
+        epilogue: Epilogue<'_>,
+    ) -> Option<Tensor<3>> {
+        use avb_shaders::Epilogue as Fused;
         let [b, t, k] = x.dims();
+        let residual = match epilogue {
+            Epilogue::Residual(r) => Some(r.clone().reshape([b * t, r.dims()[2]])),
+            _ => None,
+        };
+        let fused = match (epilogue, &residual) {
+            (Epilogue::None, _) => Fused::None,
+            (Epilogue::Residual(_), Some(r)) => Fused::Residual(r),
+            (Epilogue::Residual(_), None) => return None,
+            (Epilogue::Gated(Activation::Silu), _) => Fused::Gated(avb_shaders::Activation::Silu),
+            (Epilogue::Gated(Activation::GeluTanh), _) => {
+                Fused::Gated(avb_shaders::Activation::GeluTanh)
+            }
+        };
         let y = self
             .packed
             .as_ref()?
-            .matvec(&x.clone().reshape([b * t, k]), bias)?;
+            .matvec(&x.clone().reshape([b * t, k]), bias, fused)?;
         let out = y.dims()[1];
         Some(y.reshape([b, t, out]))
     }
 
     #[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
-    pub(crate) fn matvec(&self, _x: &Tensor<3>, _bias: Option<&Tensor<1>>) -> Option<Tensor<3>> {
+    pub(crate) fn matvec(
+        &self,
+        _x: &Tensor<3>,
+        _bias: Option<&Tensor<1>>,
+        _epilogue: Epilogue<'_>,
+    ) -> Option<Tensor<3>> {
         None
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Activation {
+    Silu,
+    /// GELU with the tanh approximation (Gemma's gelu_pytorch_tanh).
+    GeluTanh,
+}
+
+impl Activation {
+    pub(crate) fn apply<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+        match self {
+            Activation::Silu => burn::tensor::activation::silu(x),
+            Activation::GeluTanh => burn::tensor::activation::gelu_approximate(x),
+        }
+    }
+}
+
+/// What follows a projection, done by the matvec kernel's final pass on GPUs and by tensor ops elsewhere.
+#[derive(Clone, Copy)]
+pub(crate) enum Epilogue<'a> {
+    None,
+    /// + the residual stream, [b, t, out].
+    Residual(&'a Tensor<3>),
+    /// The weight holds [gate | up]: act(gate) * up, half as wide.
+    Gated(Activation),
 }
 
 /// RMSNorm in one kernel when `x` lives on a CubeCL device, else `None`.
@@ -111,4 +162,31 @@ pub(crate) fn rope(x: &Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Option<Te
 #[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
 pub(crate) fn rope(_x: &Tensor<4>, _cos: &Tensor<4>, _sin: &Tensor<4>) -> Option<Tensor<4>> {
     None
+}
+
+/// A step's q rotated, and k rotated and v written into the KV cache at `at`, from the fused projection's output,
+/// in one kernel (see avb_shaders::rope_into_cache): (q, keys, values), q `None` and the caches untouched when it
+/// does not apply.
+#[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
+pub(crate) fn rope_into_cache(
+    qkv: &Tensor<3>,
+    rope_tables: &(Tensor<4>, Tensor<4>),
+    heads: usize,
+    keys: Tensor<4>,
+    values: Tensor<4>,
+    at: usize,
+) -> (Option<Tensor<4>>, Tensor<4>, Tensor<4>) {
+    avb_shaders::rope_into_cache(qkv, &rope_tables.0, &rope_tables.1, heads, keys, values, at)
+}
+
+#[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+pub(crate) fn rope_into_cache(
+    _qkv: &Tensor<3>,
+    _rope_tables: &(Tensor<4>, Tensor<4>),
+    _heads: usize,
+    keys: Tensor<4>,
+    values: Tensor<4>,
+    _at: usize,
+) -> (Option<Tensor<4>>, Tensor<4>, Tensor<4>) {
+    (None, keys, values)
 }

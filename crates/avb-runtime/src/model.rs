@@ -6,7 +6,7 @@
 //! any block (the forward pass stops there) and input embeddings can be replaced at given positions.
 
 use crate::config::{Family, ModelConfig};
-use crate::kernels::KernelWeight;
+use crate::kernels::{Activation, Epilogue, KernelWeight};
 use crate::weights::{LayerTensor, TensorId, WeightSource};
 use avb_core::matrix::transpose;
 use avb_core::{AvbError, Result};
@@ -111,9 +111,9 @@ impl Linear {
         }
     }
 
-    fn forward(&self, x: Tensor<3>, kernels: bool) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, kernels: bool, epilogue: Epilogue<'_>) -> Tensor<3> {
         if kernels {
-            if let Some(y) = self.kernel.matvec(&x, self.bias.as_ref()) {
+            if let Some(y) = self.kernel.matvec(&x, self.bias.as_ref(), epilogue) {
                 return y;
             }
         }
@@ -122,7 +122,59 @@ impl Linear {
         } else {
             self.weight.clone()
         };
-        module::linear(x, weight, self.bias.clone())
+        let y = module::linear(x, weight, self.bias.clone());
+        match epilogue {
+            Epilogue::None => y,
+            Epilogue::Residual(r) => y + r.clone(),
+            Epilogue::Gated(act) => {
+                let half = y.dims()[2] / 2;
+                act.apply(y.clone().narrow(2, 0, half)) * y.narrow(2, half, half)
+            }
+        }
+    }
+}
+
+/// Projections of one input (q, k, v; gate, up): side by side in one weight, so that decoding runs one matvec
+/// for all of them, when that weight fits one WebGPU storage binding; else separate.
+enum Projections {
+    Fused {
+        linear: Box<Linear>,
+        widths: Vec<usize>,
+    },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    /// Each projection of x, in order.
+    fn split(&self, x: Tensor<3>, kernels: bool) -> Vec<Tensor<3>> {
+        match self {
+            Projections::Fused { linear, widths } => {
+                let y = linear.forward(x, kernels, Epilogue::None);
+                let mut at = 0;
+                widths
+                    .iter()
+                    .map(|w| {
+                        at += w;
+                        y.clone().narrow(2, at - w, *w)
+                    })
+                    .collect()
+            }
+            Projections::Separate(parts) => parts
+                .iter()
+                .map(|p| p.forward(x.clone(), kernels, Epilogue::None))
+                .collect(),
+        }
+    }
+
+    /// act(gate x) * (up x) for the projections [gate, up].
+    fn gated(&self, x: Tensor<3>, act: Activation, kernels: bool) -> Tensor<3> {
+        match self {
+            Projections::Fused { linear, .. } => linear.forward(x, kernels, Epilogue::Gated(act)),
+            Projections::Separate(parts) => {
+                act.apply(parts[0].forward(x.clone(), kernels, Epilogue::None))
+                    * parts[1].forward(x, kernels, Epilogue::None)
+            }
+        }
     }
 }
 
@@ -191,17 +243,16 @@ impl VocabTable {
 
 struct Block {
     attn_norm: Tensor<1>,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// [q, k, v]
+    qkv: Projections,
     o: Linear,
     q_norm: Option<Tensor<1>>,
     k_norm: Option<Tensor<1>>,
     post_attn_norm: Option<Tensor<1>>,
     ffn_norm: Tensor<1>,
     post_ffn_norm: Option<Tensor<1>>,
-    gate: Linear,
-    up: Linear,
+    /// [gate, up]
+    gate_up: Projections,
     down: Linear,
     window: Option<usize>,
 }
@@ -423,15 +474,77 @@ impl Model {
                 dequantize,
             ))
         };
+        // Bytes of an [in, out] projection as stored on the device.
+        let stored_bytes = |inp: usize, out: usize| match precision.bits() {
+            Some(Bits::Q8) => inp * out,
+            Some(Bits::Q4) => inp * out / 2,
+            None => inp * out * 4,
+        };
+        // Parts (weight, bias, out) of one input side by side: [in, sum of outs], one row of every part after
+        // another. Quantization blocks (32 along out) straddle two parts only where a width is no multiple of 32.
+        let projections = |l: usize,
+                           parts: &[(LayerTensor, Option<LayerTensor>, usize)],
+                           inp: usize|
+         -> Result<Projections> {
+            let total: usize = parts.iter().map(|p| p.2).sum();
+            if stored_bytes(inp, total) > VOCAB_PART_BYTES {
+                return parts
+                    .iter()
+                    .map(|(t, b, out)| linear(l, *t, *b, [*out, inp]))
+                    .collect::<Result<_>>()
+                    .map(Projections::Separate);
+            }
+            let weight = match init {
+                Init::Checkpoint(src) => {
+                    let mut w = vec![0f32; inp * total];
+                    let mut col = 0;
+                    for (t, _, out) in parts {
+                        let part = src.read_transposed(c, TensorId::Layer(l, *t), [*out, inp])?;
+                        for (row, part_row) in
+                            w.chunks_exact_mut(total).zip(part.chunks_exact(*out))
+                        {
+                            row[col..col + out].copy_from_slice(part_row);
+                        }
+                        col += out;
+                    }
+                    compact(w, [inp, total])
+                }
+                Init::Random => compact_random([inp, total])?,
+            };
+            let bias = match parts
+                .iter()
+                .map(|p| p.1.map(|b| (b, p.2)))
+                .collect::<Option<Vec<_>>>()
+            {
+                Some(biases) => {
+                    let mut v = Vec::with_capacity(total);
+                    for (b, n) in biases {
+                        v.extend(read_vector(TensorId::Layer(l, b), n)?);
+                    }
+                    Some(tensor1(v, device))
+                }
+                None => None,
+            };
+            Ok(Projections::Fused {
+                linear: Box::new(Linear::new(weight, bias, dequantize)),
+                widths: parts.iter().map(|p| p.2).collect(),
+            })
+        };
         let mut blocks = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let qkv_bias = |b: LayerTensor| c.qkv_bias.then_some(b);
             let norm = |t: LayerTensor, n: usize| read_norm(TensorId::Layer(l, t), n);
             blocks.push(Block {
                 attn_norm: norm(LayerTensor::AttnNorm, d)?,
-                q: linear(l, LayerTensor::Q, qkv_bias(LayerTensor::QBias), [q_out, d])?,
-                k: linear(l, LayerTensor::K, qkv_bias(LayerTensor::KBias), [kv_out, d])?,
-                v: linear(l, LayerTensor::V, qkv_bias(LayerTensor::VBias), [kv_out, d])?,
+                qkv: projections(
+                    l,
+                    &[
+                        (LayerTensor::Q, qkv_bias(LayerTensor::QBias), q_out),
+                        (LayerTensor::K, qkv_bias(LayerTensor::KBias), kv_out),
+                        (LayerTensor::V, qkv_bias(LayerTensor::VBias), kv_out),
+                    ],
+                    d,
+                )?,
                 o: linear(l, LayerTensor::O, None, [d, q_out])?,
                 q_norm: gemma.then(|| norm(LayerTensor::QNorm, hd)).transpose()?,
                 k_norm: gemma.then(|| norm(LayerTensor::KNorm, hd)).transpose()?,
@@ -442,8 +555,14 @@ impl Model {
                 post_ffn_norm: gemma
                     .then(|| norm(LayerTensor::PostFfnNorm, d))
                     .transpose()?,
-                gate: linear(l, LayerTensor::Gate, None, [c.intermediate_size, d])?,
-                up: linear(l, LayerTensor::Up, None, [c.intermediate_size, d])?,
+                gate_up: projections(
+                    l,
+                    &[
+                        (LayerTensor::Gate, None, c.intermediate_size),
+                        (LayerTensor::Up, None, c.intermediate_size),
+                    ],
+                    d,
+                )?,
                 down: linear(l, LayerTensor::Down, None, [d, c.intermediate_size])?,
                 window: c.windows[l],
             });
@@ -686,15 +805,13 @@ impl Model {
         Tensor::from_data(TensorData::new(m, [pads.len(), 1, seq, keys]), &self.device)
     }
 
-    fn attention(
+    /// q, k and v of the new positions: q and k rotated, [b, heads, t, hd] each.
+    fn new_qkv(
         &self,
         block: &Block,
-        layer: usize,
         x: Tensor<3>,
         rope_tables: &(Tensor<4>, Tensor<4>),
-        mask: Option<Tensor<4, Bool>>,
-        cache: &mut Option<&mut KvCache>,
-    ) -> Tensor<3> {
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let c = &self.config;
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -712,27 +829,62 @@ impl Model {
             }
             rope(y.swap_dims(1, 2), &rope_tables.0, &rope_tables.1)
         };
-        let on = self.kernels;
-        let q = heads(block.q.forward(x.clone(), on), h, &block.q_norm);
-        let mut k = heads(block.k.forward(x.clone(), on), kvh, &block.k_norm);
-        let mut v = block
-            .v
-            .forward(x, on)
-            .reshape([b, t, kvh, hd])
-            .swap_dims(1, 2);
-        if let Some(cache) = cache.as_deref_mut() {
-            let (ck, cv) = cache.layers[layer].take().unwrap_or_else(|| {
-                let shape = [b, kvh, cache.capacity, hd];
-                (
-                    Tensor::zeros(shape, &self.device),
-                    Tensor::zeros(shape, &self.device),
-                )
-            });
-            let at = [0..b, 0..kvh, cache.len..cache.len + t, 0..hd];
-            k = ck.slice_assign(at.clone(), k);
-            v = cv.slice_assign(at, v);
-            cache.layers[layer] = Some((k.clone(), v.clone()));
-        }
+        let [q, k, v]: [Tensor<3>; 3] = block
+            .qkv
+            .split(x, self.kernels)
+            .try_into()
+            .expect("three projections");
+        (
+            heads(q, h, &block.q_norm),
+            heads(k, kvh, &block.k_norm),
+            v.reshape([b, t, kvh, hd]).swap_dims(1, 2),
+        )
+    }
+
+    /// Self-attention of the new positions up to, not including, the output projection: [b, t, heads * hd].
+    fn attention(
+        &self,
+        block: &Block,
+        layer: usize,
+        x: Tensor<3>,
+        rope_tables: &(Tensor<4>, Tensor<4>),
+        mask: Option<Tensor<4, Bool>>,
+        cache: &mut Option<&mut KvCache>,
+    ) -> Tensor<3> {
+        let c = &self.config;
+        let [b, t, _] = x.dims();
+        let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let (q, k, v) = match cache.as_deref_mut() {
+            Some(cache) => {
+                let (ck, cv) = cache.layers[layer].take().unwrap_or_else(|| {
+                    let shape = [b, kvh, cache.capacity, hd];
+                    (
+                        Tensor::zeros(shape, &self.device),
+                        Tensor::zeros(shape, &self.device),
+                    )
+                });
+                // With the kernels, q/k/v fused and no per-head norms: one launch rotates q and k and writes k
+                // and v into the cache.
+                let (q, ck, cv) = match (&block.qkv, &block.q_norm) {
+                    (Projections::Fused { linear, .. }, None) if self.kernels => {
+                        let qkv = linear.forward(x.clone(), true, Epilogue::None);
+                        crate::kernels::rope_into_cache(&qkv, rope_tables, h, ck, cv, cache.len)
+                    }
+                    _ => (None, ck, cv),
+                };
+                let (q, k, v) = match q {
+                    Some(q) => (q, ck, cv),
+                    None => {
+                        let (q, k, v) = self.new_qkv(block, x, rope_tables);
+                        let at = [0..b, 0..kvh, cache.len..cache.len + t, 0..hd];
+                        (q, ck.slice_assign(at.clone(), k), cv.slice_assign(at, v))
+                    }
+                };
+                cache.layers[layer] = Some((k.clone(), v.clone()));
+                (q, k, v)
+            }
+            None => self.new_qkv(block, x, rope_tables),
+        };
         let total = k.dims()[2];
         let mask = match (mask, cache.as_deref()) {
             (Some(m), _) => m,
@@ -750,8 +902,12 @@ impl Model {
                         c.attn_softcap,
                     );
                     if let Some(out) = fused {
-                        let out = out.swap_dims(1, 2).reshape([b, t, h * hd]);
-                        return block.o.forward(out, on);
+                        // [b, h, 1, hd] is already [b, 1, h * hd] in memory: no transposing copy.
+                        return if t == 1 {
+                            out.reshape([b, t, h * hd])
+                        } else {
+                            out.swap_dims(1, 2).reshape([b, t, h * hd])
+                        };
                     }
                 }
                 self.mask(&cache.pads, cache.len, t, total, block.window)
@@ -769,7 +925,7 @@ impl Model {
             .reshape([b, kvh, g * t, total]);
         let probs = activation::softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3);
         let out = probs.matmul(v).reshape([b, h, t, hd]).swap_dims(1, 2);
-        block.o.forward(out.reshape([b, t, h * hd]), on)
+        out.reshape([b, t, h * hd])
     }
 
     fn block(
@@ -784,22 +940,22 @@ impl Model {
         let eps = self.config.rms_eps as f32;
         let on = self.kernels;
         let attn_in = rms_norm(x.clone(), &block.attn_norm, eps, on);
-        let mut attn = self.attention(block, layer, attn_in, tables, mask, cache);
-        if let Some(w) = &block.post_attn_norm {
-            attn = rms_norm(attn, w, eps, on);
-        }
-        let x = x + attn;
-        let ffn_in = rms_norm(x.clone(), &block.ffn_norm, eps, on);
-        let gate = block.gate.forward(ffn_in.clone(), on);
-        let gate = match self.config.family {
-            Family::Gemma3 => activation::gelu_approximate(gate),
-            Family::Qwen2 | Family::Llama => activation::silu(gate),
+        let attn = self.attention(block, layer, attn_in, tables, mask, cache);
+        // Without a post-norm the residual add rides on the projection's final pass.
+        let x = match &block.post_attn_norm {
+            Some(w) => x + rms_norm(block.o.forward(attn, on, Epilogue::None), w, eps, on),
+            None => block.o.forward(attn, on, Epilogue::Residual(&x)),
         };
-        let mut ffn = block.down.forward(gate * block.up.forward(ffn_in, on), on);
-        if let Some(w) = &block.post_ffn_norm {
-            ffn = rms_norm(ffn, w, eps, on);
+        let ffn_in = rms_norm(x.clone(), &block.ffn_norm, eps, on);
+        let act = match self.config.family {
+            Family::Gemma3 => Activation::GeluTanh,
+            Family::Qwen2 | Family::Llama => Activation::Silu,
+        };
+        let hidden = block.gate_up.gated(ffn_in, act, on);
+        match &block.post_ffn_norm {
+            Some(w) => x + rms_norm(block.down.forward(hidden, on, Epilogue::None), w, eps, on),
+            None => block.down.forward(hidden, on, Epilogue::Residual(&x)),
         }
-        x + ffn
     }
 
     /// Run blocks 0..=last on new positions of `inputs` (appending to `cache` if given) and return the residual
@@ -950,7 +1106,7 @@ impl Model {
         let mut parts: Vec<Tensor<3>> = self
             .head
             .iter()
-            .map(|h| h.forward(x.clone(), self.kernels))
+            .map(|h| h.forward(x.clone(), self.kernels, Epilogue::None))
             .collect();
         let logits = match parts.len() {
             1 => parts.remove(0),
