@@ -274,20 +274,21 @@ fn qmatvec_row_kernel(
         let word = (CUBE_POS_X * own + w) as usize;
         if word < y_words {
             let o = word * per_word as usize + j as usize;
-            let mut v = sums[(w * per_word + j) as usize];
-            if has_bias {
-                v += bias[o];
-            }
-            if comptime!(epilogue == EPILOGUE_RESIDUAL) {
-                v += residual[o];
-            }
+            let mut up = 0.0f32;
             if gated {
-                let mut up = sums[((w + own) * per_word + j) as usize];
-                if has_bias {
-                    up += bias[o + y.shape(1)];
-                }
-                v = activate(v, epilogue) * up;
+                up = sums[((w + own) * per_word + j) as usize];
             }
+            let v = finish_output(
+                sums[(w * per_word + j) as usize],
+                up,
+                bias,
+                residual,
+                0,
+                o,
+                y.shape(1),
+                has_bias,
+                epilogue,
+            );
             y[o] = v;
         }
     }
@@ -310,22 +311,55 @@ fn sum_chunks_kernel(
         terminate!();
     }
     let (row, o) = (i / out, i % out);
-    let mut s = chunk_sum(partial, row, o);
-    if has_bias {
-        s += bias[o];
-    }
-    if comptime!(epilogue == EPILOGUE_RESIDUAL) {
-        s += residual[row * residual.stride(0) + o];
-    }
+    let mut up = 0.0f32;
     if comptime!(epilogue == EPILOGUE_SILU || epilogue == EPILOGUE_GELU_TANH) {
-        let mut up = chunk_sum(partial, row, o + out);
-        if has_bias {
-            up += bias[o + out];
-        }
-        s = activate(s, epilogue) * up;
+        up = chunk_sum(partial, row, o + out);
     }
+    let s = finish_output(
+        chunk_sum(partial, row, o),
+        up,
+        bias,
+        residual,
+        row,
+        o,
+        out,
+        has_bias,
+        epilogue,
+    );
     let at = row * y.stride(0) + o;
     y[at] = s;
+}
+
+/// Output o of row `row` from its product `s` (and, for the gated forms, the matching up product at column
+/// o + width): the bias, then the epilogue.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn finish_output(
+    s: f32,
+    up: f32,
+    bias: &Tensor<f32>,
+    residual: &Tensor<f32>,
+    row: usize,
+    o: usize,
+    width: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] epilogue: u32,
+) -> f32 {
+    let mut v = s;
+    if has_bias {
+        v += bias[o];
+    }
+    if comptime!(epilogue == EPILOGUE_RESIDUAL) {
+        v += residual[row * residual.stride(0) + o];
+    }
+    if comptime!(epilogue == EPILOGUE_SILU || epilogue == EPILOGUE_GELU_TANH) {
+        let mut u = up;
+        if has_bias {
+            u += bias[o + width];
+        }
+        v = activate(v, epilogue) * u;
+    }
+    v
 }
 
 /// A block-quantized [k, out] weight as the kernels bind it.
@@ -399,13 +433,13 @@ impl QuantizedWeight {
         };
         let client = xc.client.clone();
         let n_words = self.words.meta.shape()[1];
+        let y = empty_device_contiguous_dtype(
+            client.clone(),
+            xc.device.clone(),
+            [rows, out].into(),
+            DType::F32,
+        );
         if rows == 1 && self.k <= ROW_MAX_K {
-            let y = empty_device_contiguous_dtype(
-                client.clone(),
-                xc.device.clone(),
-                [1, out].into(),
-                DType::F32,
-            );
             let own = if out == self.out {
                 ROW_WORDS
             } else {
@@ -441,12 +475,6 @@ impl QuantizedWeight {
             .max(1);
         let chunk_len = self.k.div_ceil(chunks);
         let chunks = self.k.div_ceil(chunk_len);
-        let y = empty_device_contiguous_dtype(
-            client.clone(),
-            xc.device.clone(),
-            [rows, out].into(),
-            DType::F32,
-        );
         let partial = empty_device_contiguous_dtype(
             client.clone(),
             xc.device.clone(),

@@ -134,6 +134,23 @@ impl Linear {
     }
 }
 
+/// The side-by-side parts of a fused projection's output [b, t, sum of widths], as views.
+fn narrow_parts(y: Tensor<3>, widths: &[usize]) -> Vec<Tensor<3>> {
+    let mut at = 0;
+    widths
+        .iter()
+        .map(|w| {
+            at += w;
+            y.clone().narrow(2, at - w, *w)
+        })
+        .collect()
+}
+
+/// q, k and v from the projections of the attention input.
+fn three(parts: Vec<Tensor<3>>) -> [Tensor<3>; 3] {
+    parts.try_into().expect("three projections: q, k, v")
+}
+
 /// Projections of one input (q, k, v; gate, up): side by side in one weight, so that decoding runs one matvec
 /// for all of them, when that weight fits one WebGPU storage binding; else separate.
 enum Projections {
@@ -149,15 +166,7 @@ impl Projections {
     fn split(&self, x: Tensor<3>, kernels: bool) -> Vec<Tensor<3>> {
         match self {
             Projections::Fused { linear, widths } => {
-                let y = linear.forward(x, kernels, Epilogue::None);
-                let mut at = 0;
-                widths
-                    .iter()
-                    .map(|w| {
-                        at += w;
-                        y.clone().narrow(2, at - w, *w)
-                    })
-                    .collect()
+                narrow_parts(linear.forward(x, kernels, Epilogue::None), widths)
             }
             Projections::Separate(parts) => parts
                 .iter()
@@ -809,11 +818,11 @@ impl Model {
     fn new_qkv(
         &self,
         block: &Block,
-        x: Tensor<3>,
+        [q, k, v]: [Tensor<3>; 3],
         rope_tables: &(Tensor<4>, Tensor<4>),
     ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let c = &self.config;
-        let [b, t, _] = x.dims();
+        let [b, t, _] = q.dims();
         let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let eps = c.rms_eps as f32;
         let heads = |y: Tensor<3>, n: usize, norm: &Option<Tensor<1>>| {
@@ -829,11 +838,6 @@ impl Model {
             }
             rope(y.swap_dims(1, 2), &rope_tables.0, &rope_tables.1)
         };
-        let [q, k, v]: [Tensor<3>; 3] = block
-            .qkv
-            .split(x, self.kernels)
-            .try_into()
-            .expect("three projections");
         (
             heads(q, h, &block.q_norm),
             heads(k, kvh, &block.k_norm),
@@ -865,17 +869,28 @@ impl Model {
                 });
                 // With the kernels, q/k/v fused and no per-head norms: one launch rotates q and k and writes k
                 // and v into the cache.
-                let (q, ck, cv) = match (&block.qkv, &block.q_norm) {
-                    (Projections::Fused { linear, .. }, None) if self.kernels => {
-                        let qkv = linear.forward(x.clone(), true, Epilogue::None);
-                        crate::kernels::rope_into_cache(&qkv, rope_tables, h, ck, cv, cache.len)
+                let (q, ck, cv, parts) = match (&block.qkv, &block.q_norm) {
+                    (Projections::Fused { linear, widths }, None) if self.kernels => {
+                        let qkv = linear.forward(x, true, Epilogue::None);
+                        let (q, ck, cv) = crate::kernels::rope_into_cache(
+                            &qkv,
+                            rope_tables,
+                            h,
+                            ck,
+                            cv,
+                            cache.len,
+                        );
+                        // Where the kernel does not apply, the same product serves the generic path.
+                        let parts = q.is_none().then(|| narrow_parts(qkv, widths));
+                        (q, ck, cv, parts)
                     }
-                    _ => (None, ck, cv),
+                    _ => (None, ck, cv, Some(block.qkv.split(x, self.kernels))),
                 };
-                let (q, k, v) = match q {
-                    Some(q) => (q, ck, cv),
-                    None => {
-                        let (q, k, v) = self.new_qkv(block, x, rope_tables);
+                let (q, k, v) = match (q, parts) {
+                    (Some(q), _) => (q, ck, cv),
+                    (None, parts) => {
+                        let parts = parts.expect("projections when the kernel did not run");
+                        let (q, k, v) = self.new_qkv(block, three(parts), rope_tables);
                         let at = [0..b, 0..kvh, cache.len..cache.len + t, 0..hd];
                         (q, ck.slice_assign(at.clone(), k), cv.slice_assign(at, v))
                     }
@@ -883,7 +898,7 @@ impl Model {
                 cache.layers[layer] = Some((k.clone(), v.clone()));
                 (q, k, v)
             }
-            None => self.new_qkv(block, x, rope_tables),
+            None => self.new_qkv(block, three(block.qkv.split(x, self.kernels)), rope_tables),
         };
         let total = k.dims()[2];
         let mask = match (mask, cache.as_deref()) {
