@@ -47,6 +47,10 @@ pub struct DecodeBenchArgs {
     /// The reference's weight dtype: bf16 (the GPU anchor) or f32 (the CPU one).
     #[arg(long)]
     pub reference_dtype: Option<String>,
+    /// Also explain 4 x batch sequences whose lengths vary (uniform in new/4..=new, as explanations end at
+    /// their own stop) for each batch size of at least 2: in fixed chunks, then with finished rows refilled.
+    #[arg(long)]
+    pub varied: bool,
     /// Also write the table, with the command and the machine, to this Markdown file.
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -131,6 +135,7 @@ fn time_batch(model: &Model, inputs: &[Input], new: usize, warm_up: bool) -> Res
         sampling: Sampling::Greedy,
         stop_ids: Vec::new(),
         row_seeds: None,
+        max_batch: None,
     };
     // The warm-up compiles every kernel shape of the run (same cache capacity) but stops after a few tokens.
     let mut seen = 0usize;
@@ -148,6 +153,75 @@ fn time_batch(model: &Model, inputs: &[Input], new: usize, warm_up: bool) -> Res
         prefill_s,
         generate_s: t.elapsed().as_secs_f64(),
     })
+}
+
+/// Generate `inputs`, sequence i stopping after lengths[i] tokens, `batch` at a time: in fixed chunks (the next
+/// chunk starts when the whole chunk is done) or with rows refilled as sequences finish. Returns seconds.
+fn time_varied(
+    model: &Model,
+    inputs: &[Input],
+    lengths: &[usize],
+    (batch, budget): (usize, usize),
+    refill: bool,
+) -> Result<f64> {
+    let opts = GenerateOptions {
+        max_new_tokens: budget,
+        sampling: Sampling::Greedy,
+        stop_ids: Vec::new(),
+        row_seeds: None,
+        max_batch: refill.then_some(batch),
+    };
+    let t = Instant::now();
+    let chunk = if refill { inputs.len() } else { batch };
+    for (c, part) in inputs.chunks(chunk).enumerate() {
+        let mut counts = vec![0usize; part.len()];
+        generate(model, part, &opts, &mut |i, _| {
+            counts[i] += 1;
+            if counts[i] >= lengths[c * chunk + i] {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        })?;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// The `--varied` table: explanations/s of fixed chunks and of refilled rows on the same sequences.
+fn varied_table(
+    a: &DecodeBenchArgs,
+    model: &Model,
+    prompts: &mut dyn FnMut(usize) -> Vec<Input>,
+) -> Result<String> {
+    let mut rng = SplitMix64::new(2);
+    let mut table = String::from(
+        "| batch | sequences | tokens | chunked s | refilled s | chunked explanations/s | refilled explanations/s | speed-up |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for &b in a.batch.iter().filter(|b| **b >= 2) {
+        let n = 4 * b;
+        let inputs = prompts(n);
+        let lengths: Vec<usize> = (0..n)
+            .map(|_| a.new / 4 + rng.below(a.new - a.new / 4 + 1))
+            .map(|l| l.max(1))
+            .collect();
+        // Warm-up: the same cache capacity and prefill shapes of one to `b` rows, a few tokens each.
+        let short: Vec<usize> = lengths.iter().map(|l| 1 + l % 3).collect();
+        let shape = (b, a.new);
+        eprintln!("varied lengths, batch {b}: warm-up");
+        time_varied(model, &inputs[..b], &short[..b], shape, false)?;
+        time_varied(model, &inputs, &short, shape, true)?;
+        let chunked = time_varied(model, &inputs, &lengths, shape, false)?;
+        let refilled = time_varied(model, &inputs, &lengths, shape, true)?;
+        eprintln!("varied lengths, batch {b}: chunked {chunked:.2} s, refilled {refilled:.2} s");
+        table.push_str(&format!(
+            "| {b} | {n} | {} | {chunked:.2} | {refilled:.2} | {:.3} | {:.3} | {:.2}x |\n",
+            lengths.iter().sum::<usize>(),
+            n as f64 / chunked,
+            n as f64 / refilled,
+            chunked / refilled
+        ));
+    }
+    Ok(table)
 }
 
 fn reference(
@@ -221,9 +295,8 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
     );
     let bits = a.precision.bits();
     let mut rng = SplitMix64::new(1);
-    let mut ours = Vec::new();
-    for &b in &a.batch {
-        let inputs: Vec<Input> = (0..b)
+    let mut prompts = |n: usize| -> Vec<Input> {
+        (0..n)
             .map(|_| {
                 Input::ids(
                     (0..a.prompt)
@@ -231,7 +304,11 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
                         .collect(),
                 )
             })
-            .collect();
+            .collect()
+    };
+    let mut ours = Vec::new();
+    for &b in &a.batch {
+        let inputs = prompts(b);
         eprintln!("batch {b}: warm-up");
         time_batch(&model, &inputs, a.new, true)?;
         let mut runs = Vec::new();
@@ -247,6 +324,10 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
         let generate = median(runs.iter().map(|r| r.generate_s).collect());
         ours.push((b, prefill, generate));
     }
+    let varied = match a.varied {
+        true => Some(varied_table(&a, &model, &mut prompts)?),
+        false => None,
+    };
     let dir = std::env::temp_dir().join(format!("avb-bench-decode-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| AvbError::io(&dir, e))?;
     let theirs = reference(&a, &body, &dir);
@@ -308,6 +389,17 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
         bandwidth / 1e9,
         weight_bytes(&config, bits) / 1e9,
     );
+    let doc = match varied {
+        Some(t) => format!(
+            "{doc}\nThe same model explaining 4 x batch sequences whose lengths vary uniformly in {}..={} tokens (`--varied`): in \
+             fixed chunks of `batch`, each chunk as slow as its longest sequence, and with a finished sequence's row \
+             refilled by the next prompt at once (its prompt prefilled alone and spliced into the running KV cache); \
+             one run each after a warm-up.\n\n{t}",
+            (a.new / 4).max(1),
+            a.new
+        ),
+        None => doc,
+    };
     println!("{doc}");
     if let Some(p) = &a.output {
         let text = format!(

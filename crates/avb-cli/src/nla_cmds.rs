@@ -365,6 +365,7 @@ pub struct ExplainArgs {
     /// Default: the sidecar's (200 for trained AVs).
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
+    /// Explanations decoded at once; a finished one's row takes the next vector straight away.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
@@ -1113,6 +1114,7 @@ pub struct ExperimentArgs {
     /// Concept directions explained (the first N labelled groups).
     #[arg(long, default_value_t = 45)]
     pub n_features: usize,
+    /// Explanations decoded at once (finished rows refilled straight away).
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]

@@ -271,6 +271,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
         sampling,
         stop_ids: lm.tokenizer.eos.into_iter().collect(),
         row_seeds: None,
+        max_batch: None,
     };
     let mut stream = avb_model::tokenizer::StreamDecoder::new(&lm.tokenizer);
     let mut text = String::new();

@@ -102,13 +102,13 @@ impl<'a> Shifted<'a> {
 pub fn product<'a, 'b>(a: impl Into<Shifted<'a>>, b: impl Into<Shifted<'b>>) -> Mat<f32> {
     let (a, b) = (a.into(), b.into());
     let mut c = Mat::<f32>::zeros(a.m.nrows(), b.m.ncols());
-    add_product(c.as_mut(), false, a, b, 1.0);
+    add_product(c.as_mut(), false, a, b, 1.0, Accum::Replace);
     c
 }
 
 /// c = a b, written into caller-owned storage (any shape-matching layout; the kernel serves column-major c).
 pub fn product_into<'a, 'b>(
-    mut c: MatMut<'_, f32>,
+    c: MatMut<'_, f32>,
     a: impl Into<Shifted<'a>>,
     b: impl Into<Shifted<'b>>,
 ) {
@@ -118,8 +118,22 @@ pub fn product_into<'a, 'b>(
         (a.m.nrows(), b.m.ncols()),
         "output shape"
     );
-    c.fill(0.0);
-    add_product(c, false, a, b, 1.0);
+    add_product(c, false, a, b, 1.0, Accum::Replace);
+}
+
+/// c -= a b, in place (c in any layout; the kernel serves column-major c).
+pub fn sub_product<'a, 'b>(
+    c: MatMut<'_, f32>,
+    a: impl Into<Shifted<'a>>,
+    b: impl Into<Shifted<'b>>,
+) {
+    let (a, b) = (a.into(), b.into());
+    assert_eq!(
+        (c.nrows(), c.ncols()),
+        (a.m.nrows(), b.m.ncols()),
+        "output shape"
+    );
+    add_product(c, false, a, b, -1.0, Accum::Add);
 }
 
 /// The lower triangle of the symmetric product a b (b = a^T, passed separately so either layout can be used):
@@ -127,7 +141,7 @@ pub fn product_into<'a, 'b>(
 pub fn lower_product<'a, 'b>(a: impl Into<Shifted<'a>>, b: impl Into<Shifted<'b>>) -> Mat<f32> {
     let (a, b) = (a.into(), b.into());
     let mut c = Mat::<f32>::zeros(a.m.nrows(), b.m.ncols());
-    add_product(c.as_mut(), true, a, b, 1.0);
+    add_product(c.as_mut(), true, a, b, 1.0, Accum::Replace);
     zero_upper(c.as_mut());
     c
 }
@@ -141,12 +155,20 @@ fn zero_upper(mut c: MatMut<'_, f32>) {
     }
 }
 
-/// c += alpha a b; with `lower`, only entries on or below the diagonal are required (others may change).
-fn add_product(c: MatMut<'_, f32>, lower: bool, a: Shifted<'_>, b: Shifted<'_>, alpha: f32) {
+/// c = alpha a b (Replace) or c += alpha a b (Add); with `lower`, only entries on or below the diagonal are
+/// required (others may change or keep what they held).
+fn add_product(
+    c: MatMut<'_, f32>,
+    lower: bool,
+    a: Shifted<'_>,
+    b: Shifted<'_>,
+    alpha: f32,
+    accum: Accum,
+) {
     #[cfg(target_arch = "x86_64")]
     if use_kernel(&c, &a.m, &b.m) {
         // SAFETY: AVX2 and FMA were detected, and c is column-major (row stride 1).
-        unsafe { avx2::add_product(c, lower, a, b, alpha) };
+        unsafe { avx2::add_product(c, lower, a, b, alpha, accum) };
         return;
     }
     let shifted = |o: &Shifted<'_>| match o.shift {
@@ -161,7 +183,7 @@ fn add_product(c: MatMut<'_, f32>, lower: bool, a: Shifted<'_>, b: Shifted<'_>, 
         triangular::matmul(
             c,
             BlockStructure::TriangularLower,
-            Accum::Add,
+            accum,
             a,
             BlockStructure::Rectangular,
             b,
@@ -170,7 +192,7 @@ fn add_product(c: MatMut<'_, f32>, lower: bool, a: Shifted<'_>, b: Shifted<'_>, 
             par,
         );
     } else {
-        faer::linalg::matmul::matmul(c, Accum::Add, a, b, alpha, par);
+        faer::linalg::matmul::matmul(c, accum, a, b, alpha, par);
     }
 }
 
@@ -188,7 +210,7 @@ fn use_kernel(c: &MatMut<'_, f32>, a: &MatRef<'_, f32>, b: &MatRef<'_, f32>) -> 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Shift, Shifted};
-    use faer::MatMut;
+    use faer::{Accum, MatMut};
     use std::arch::x86_64::*;
 
     /// Register tile: MR rows (two 8-lane vectors along C's contiguous columns) by NR columns; 12 accumulators.
@@ -281,17 +303,32 @@ mod avx2 {
     unsafe impl Send for Dst {}
     unsafe impl Sync for Dst {}
 
-    /// c += alpha a b (with `lower`, tiles strictly above the diagonal are skipped).
+    /// How a tile's product enters C: c = alpha p, or c += alpha p.
+    #[derive(Clone, Copy)]
+    struct Write {
+        alpha: f32,
+        add: bool,
+    }
+
+    /// c = alpha a b or c += alpha a b (with `lower`, tiles strictly above the diagonal are skipped). A replacing
+    /// product stores its first K slice without reading C: one pass over C fewer, and no zeroing beforehand.
     ///
     /// SAFETY: the CPU has AVX2 and FMA; c has row stride 1 and the shapes agree.
     pub(super) unsafe fn add_product(
-        c: MatMut<'_, f32>,
+        mut c: MatMut<'_, f32>,
         lower: bool,
         a: Shifted<'_>,
         b: Shifted<'_>,
         alpha: f32,
+        accum: Accum,
     ) {
         let (m, n, k) = (a.m.nrows(), b.m.ncols(), a.m.ncols());
+        if k == 0 {
+            if accum == Accum::Replace {
+                c.fill(0.0);
+            }
+            return;
+        }
         let dst = Dst {
             ptr: c.as_ptr_mut(),
             ldc: c.col_stride() as usize,
@@ -306,8 +343,13 @@ mod avx2 {
         let packed_a = packed_a.as_mut_slice();
         for ic in (0..m).step_by(MC) {
             let mc = MC.min(m - ic);
+            let bounds = block_bounds(n_panels, blocks, lower.then_some((ic, mc)));
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
+                let write = Write {
+                    alpha,
+                    add: pc > 0 || accum == Accum::Add,
+                };
                 pack_a(
                     &mut packed_a[..kc * mc.div_ceil(MR) * MR],
                     sa,
@@ -317,9 +359,8 @@ mod avx2 {
                     kc,
                 );
                 let packed_a = &packed_a[..];
-                for_each_block(blocks, kc, |packed_b, block| {
-                    let q0 = block * n_panels / blocks;
-                    let q1 = (block + 1) * n_panels / blocks;
+                for_each_block(bounds.len() - 1, kc, |packed_b, block| {
+                    let (q0, q1) = (bounds[block], bounds[block + 1]);
                     let (jc, nc) = (q0 * NR, (q1 * NR).min(n) - q0 * NR);
                     if lower && jc >= ic + mc {
                         return;
@@ -327,11 +368,42 @@ mod avx2 {
                     pack_b(packed_b, sb, pc, jc, kc, nc);
                     // SAFETY: the caller's CPU features; the block's columns are this thread's alone.
                     unsafe {
-                        block_product(dst, lower, packed_a, packed_b, ic, mc, jc, nc, kc, alpha)
+                        block_product(dst, lower, packed_a, packed_b, ic, mc, jc, nc, kc, write)
                     };
                 });
             }
         }
+    }
+
+    /// Column blocks as panel ranges: `blocks` equal ones, or for a lower-triangle product against the rows
+    /// ic..ic + mc, ranges of about equal work (a panel left of the diagonal meets more row tiles than one on its
+    /// right), so that no thread is left with a heavy block at the end of a slice. No block exceeds NB_PANELS.
+    fn block_bounds(n_panels: usize, blocks: usize, lower: Option<(usize, usize)>) -> Vec<usize> {
+        let Some((ic, mc)) = lower else {
+            return (0..=blocks).map(|b| b * n_panels / blocks).collect();
+        };
+        let tiles = |q: usize| {
+            let first = (q * NR).saturating_sub(ic) / MR;
+            mc.div_ceil(MR).saturating_sub(first)
+        };
+        let target = (0..n_panels)
+            .map(tiles)
+            .sum::<usize>()
+            .div_ceil(blocks)
+            .max(1);
+        let mut bounds = vec![0];
+        let mut work = 0;
+        for q in 0..n_panels {
+            work += tiles(q);
+            if work >= target || q + 1 - bounds[bounds.len() - 1] == NB_PANELS {
+                bounds.push(q + 1);
+                work = 0;
+            }
+        }
+        if bounds[bounds.len() - 1] != n_panels {
+            bounds.push(n_panels);
+        }
+        bounds
     }
 
     fn threads() -> usize {
@@ -448,7 +520,7 @@ mod avx2 {
         jc: usize,
         nc: usize,
         kc: usize,
-        alpha: f32,
+        write: Write,
     ) {
         for p in 0..mc.div_ceil(MR) {
             let (i0, rows) = (ic + p * MR, MR.min(mc - p * MR));
@@ -470,13 +542,13 @@ mod avx2 {
                     c.ldc,
                     rows,
                     cols,
-                    alpha,
+                    write,
                 );
             }
         }
     }
 
-    /// C[0..rows, 0..cols] += alpha * (packed A panel) (packed B panel), accumulated in registers.
+    /// C[0..rows, 0..cols] (+)= alpha * (packed A panel) (packed B panel), accumulated in registers.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -488,7 +560,7 @@ mod avx2 {
         ldc: usize,
         rows: usize,
         cols: usize,
-        alpha: f32,
+        write: Write,
     ) {
         // Pointer steps wrap rather than add: identical code, but test builds (debug assertions on) would check
         // every step of this loop. C's tile is touched once per KC slice and usually not in cache: fetch it
@@ -510,13 +582,18 @@ mod avx2 {
             pa = pa.wrapping_add(MR);
             pb = pb.wrapping_add(NR);
         }
-        let va = _mm256_set1_ps(alpha);
+        let va = _mm256_set1_ps(write.alpha);
         if rows == MR && cols == NR {
             for (j, acc_j) in acc.iter().enumerate() {
-                let cj = c.wrapping_add(j * ldc);
-                _mm256_storeu_ps(cj, _mm256_fmadd_ps(acc_j[0], va, _mm256_loadu_ps(cj)));
-                let cj8 = cj.wrapping_add(8);
-                _mm256_storeu_ps(cj8, _mm256_fmadd_ps(acc_j[1], va, _mm256_loadu_ps(cj8)));
+                for (half, acc_half) in acc_j.iter().enumerate() {
+                    let cj = c.wrapping_add(j * ldc + 8 * half);
+                    let v = if write.add {
+                        _mm256_fmadd_ps(*acc_half, va, _mm256_loadu_ps(cj))
+                    } else {
+                        _mm256_mul_ps(*acc_half, va)
+                    };
+                    _mm256_storeu_ps(cj, v);
+                }
             }
         } else {
             let mut spill = [0f32; MR * NR];
@@ -526,7 +603,8 @@ mod avx2 {
             }
             for j in 0..cols {
                 for i in 0..rows {
-                    *c.wrapping_add(i + j * ldc) += alpha * spill[j * MR + i];
+                    let (cij, v) = (c.wrapping_add(i + j * ldc), write.alpha * spill[j * MR + i]);
+                    *cij = if write.add { *cij + v } else { v };
                 }
             }
         }

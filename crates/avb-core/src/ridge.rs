@@ -9,9 +9,9 @@
 
 use crate::artifact::FitMetrics;
 use crate::error::{AvbError, Result};
-use crate::gemm::{self, Shifted};
+use crate::gemm::{self, Shift, Shifted};
 use crate::matrix::{cosine, Matrix};
-use faer::linalg::solvers::Solve;
+use faer::linalg::solvers::{Llt, Solve};
 use faer::{Mat, MatMut, MatRef, Side};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,13 +250,9 @@ pub fn fit_ridge(
             if fit_intercept {
                 add_ridge(&mut g, lambda);
                 let mut w = Mat::<f32>::zeros(x.cols, y.cols);
-                let f32_solve = solve_spd(
-                    g,
-                    w.as_mut(),
-                    &|b| gemm::product_into(b, xct, yc),
-                    &|_, v| gemm::product(xc, v),
-                )
-                .ok_or_else(|| singular(form, lambda))?;
+                let f32_solve =
+                    solve_spd(g, lambda, w.as_mut(), &|b| gemm::product_into(b, xct, yc))
+                        .ok_or_else(|| singular(form, lambda))?;
                 (to_row_major(w.as_ref()), f32_solve)
             } else {
                 // Without an intercept the Gram carries n xm xm^T and is ill-conditioned by construction: f64.
@@ -275,33 +271,7 @@ pub fn fit_ridge(
             let mut k = gemm::lower_product(xc, xct);
             if fit_intercept {
                 add_ridge(&mut k, lambda);
-                // A = K^-1 Yc in row-major storage, so that A^T is column-major for W^T = A^T Xc, whose
-                // column-major storage is W row-major: neither Yc nor W is ever transposed.
-                let mut a = vec![0f32; x.rows * y.cols];
-                // Predictions are Xc Xc^T A = (K - lambda I) A.
-                let predict = |k: &Mat<f32>, v: MatRef<'_, f32>| {
-                    let mut p = sym_lower_times(k.as_ref(), to_f64(v).as_ref());
-                    for j in 0..p.ncols() {
-                        for i in 0..p.nrows() {
-                            p[(i, j)] -= lambda * v[(i, j)] as f64;
-                        }
-                    }
-                    to_f32(p.as_ref())
-                };
-                let f32_solve = solve_spd(
-                    k,
-                    MatMut::from_row_major_slice_mut(&mut a, x.rows, y.cols),
-                    &|b| yc.write_to(b),
-                    &predict,
-                )
-                .ok_or_else(|| singular(form, lambda))?;
-                let mut w = vec![0f32; x.cols * y.cols];
-                gemm::product_into(
-                    MatMut::from_column_major_slice_mut(&mut w, y.cols, x.cols),
-                    MatRef::from_column_major_slice(&a, y.cols, x.rows),
-                    xc,
-                );
-                (Matrix::new(x.cols, y.cols, w), f32_solve)
+                dual_weight(&k, xc, yc, lambda).ok_or_else(|| singular(form, lambda))?
             } else {
                 // X X^T = Xc Xc^T + v 1^T + 1 v^T + |xm|^2 1 1^T with v = Xc xm; the targets are uncentred.
                 let mut k = to_f64(k.as_ref());
@@ -364,21 +334,19 @@ fn solve_spd_f64(g: &Mat<f64>, b: &Mat<f64>) -> Option<Mat<f32>> {
     Some(to_f32(g.llt(Side::Lower).ok()?.solve(b).as_ref()))
 }
 
-/// What a map outputs for solution columns v, given the regularised Gram G: Xc v (primal), (G - lambda I) v (dual).
-type Predict<'a> = dyn Fn(&Mat<f32>, MatRef<'_, f32>) -> Mat<f32> + 'a;
-
 /// Solve G W = B for symmetric positive definite G (only its lower triangle is read) in place: `fill_b` writes B
 /// into `w` (any layout), which then becomes W. First entirely in f32 (Cholesky and the two triangular solves,
 /// 2 r^2 c flops, the costly part), then checked a posteriori: for random probe vectors s, e = G^-1 (B s - G W s)
-/// with the residual in f64 estimates the error of W s, and `predict(G, .)` maps the columns [e | W s] to what
-/// the map outputs (Xc e for the primal form), so the check measures the error of predictions rather than of W
-/// along directions the data never visits. Above F32_SOLVE_TOL B is written again and everything is redone in
-/// f64. Returns None when G is not positive definite, else, when the f32 path was kept, its estimated error.
+/// with the residual in f64 estimates the error of W s, and the check compares the map's outputs on the training
+/// rows, ||Xc e|| against ||Xc W s||, rather than W along directions the data never visits. Those norms come from
+/// G = Xc^T Xc + lambda I itself: ||Xc v||^2 = v^T (G - lambda I) v. Above F32_SOLVE_TOL B is written again and
+/// everything is redone in f64. Returns None when G is not positive definite, else, when the f32 path was kept,
+/// its estimated error.
 fn solve_spd(
     g: Mat<f32>,
+    lambda: f64,
     mut w: MatMut<'_, f32>,
     fill_b: &dyn Fn(MatMut<'_, f32>),
-    predict: &Predict,
 ) -> Option<Option<f64>> {
     let solve_f64 = |g: &Mat<f32>, mut w: MatMut<'_, f32>| {
         fill_b(w.as_mut());
@@ -390,41 +358,25 @@ fn solve_spd(
         return solve_f64(&g, w);
     };
     fill_b(w.as_mut());
-    const PROBES: usize = 3;
-    let mut rng = crate::rng::SplitMix64::new(0x5EED);
-    let probes = Mat::<f64>::from_fn(w.ncols(), PROBES, |_, _| rng.normal());
+    let probes = random_probes(w.ncols());
     // B s before B is overwritten by W.
-    let bs = times_f64(w.as_ref(), probes.as_ref());
-    let l32 = llt32.L();
-    l32.solve_lower_triangular_in_place(w.as_mut());
-    l32.transpose().solve_upper_triangular_in_place(w.as_mut());
-    let ws = times_f64(w.as_ref(), probes.as_ref());
+    let bs = times_f64(w.as_ref().into(), probes.as_ref());
+    cholesky_solve_in_place(llt32.L(), w.as_mut());
+    let ws = times_f64(w.as_ref().into(), probes.as_ref());
     let res = bs - sym_lower_times(g.as_ref(), ws.as_ref());
-    let err = llt32.solve(to_f32(res.as_ref()));
-    let both = Mat::<f32>::from_fn(w.nrows(), 2 * PROBES, |i, k| {
-        if k < PROBES {
-            err[(i, k)]
-        } else {
-            ws[(i, k - PROBES)] as f32
-        }
-    });
-    let pred = predict(&g, both.as_ref());
-    let col_norm = |k: usize| {
-        (0..pred.nrows())
-            .map(|i| (pred[(i, k)] as f64).powi(2))
-            .sum::<f64>()
-            .sqrt()
+    let err = to_f64(llt32.solve(to_f32(res.as_ref())).as_ref());
+    let output_norms = |v: &Mat<f64>| -> Vec<f64> {
+        let gv = sym_lower_times(g.as_ref(), v.as_ref());
+        (0..v.ncols())
+            .map(|k| {
+                let q: f64 = (0..v.nrows())
+                    .map(|i| v[(i, k)] * (gv[(i, k)] - lambda * v[(i, k)]))
+                    .sum();
+                q.max(0.0).sqrt()
+            })
+            .collect()
     };
-    let worst = (0..PROBES)
-        .map(|k| {
-            let (en, sn) = (col_norm(k), col_norm(k + PROBES));
-            if sn > 0.0 {
-                en / sn
-            } else {
-                en
-            }
-        })
-        .fold(0f64, f64::max);
+    let worst = worst_ratio(&output_norms(&err), &output_norms(&ws));
     if worst.is_finite() && worst <= F32_SOLVE_TOL {
         Some(Some(worst))
     } else {
@@ -432,29 +384,178 @@ fn solve_spd(
     }
 }
 
-/// m s in f64 arithmetic for a few columns s, reading m in its storage order.
-fn times_f64(m: MatRef<'_, f32>, s: MatRef<'_, f64>) -> Mat<f64> {
-    let mut out = Mat::<f64>::zeros(m.nrows(), s.ncols());
-    if m.row_stride() == 1 {
-        for j in 0..m.ncols() {
-            for i in 0..m.nrows() {
-                let v = m[(i, j)] as f64;
-                for k in 0..s.ncols() {
-                    out[(i, k)] += v * s[(j, k)];
-                }
+/// Solve L L^T W = B in place for lower-triangular L: forward then backward substitution by blocks of rows,
+/// each block solved against its diagonal block and then subtracted from the remaining rows by the GEMM kernel,
+/// which so does all but a block's width over the dimension of the flops (faer's triangular solves with thousands
+/// of right-hand sides ran at about 80% of its rate).
+fn cholesky_solve_in_place(l: MatRef<'_, f32>, mut w: MatMut<'_, f32>) {
+    const BLOCK: usize = 256;
+    let d = l.nrows();
+    let blocks: Vec<(usize, usize)> = (0..d)
+        .step_by(BLOCK)
+        .map(|k0| (k0, BLOCK.min(d - k0)))
+        .collect();
+    for &(k0, nb) in &blocks {
+        let diag = l.submatrix(k0, k0, nb, nb);
+        diag.solve_lower_triangular_in_place(w.as_mut().subrows_mut(k0, nb));
+        let (solved, rest) = w.as_mut().split_at_row_mut(k0 + nb);
+        let below = l.submatrix(k0 + nb, k0, d - k0 - nb, nb);
+        gemm::sub_product(rest, below, solved.as_ref().subrows(k0, nb));
+    }
+    for &(k0, nb) in blocks.iter().rev() {
+        let diag = l.submatrix(k0, k0, nb, nb);
+        diag.transpose()
+            .solve_upper_triangular_in_place(w.as_mut().subrows_mut(k0, nb));
+        let (before, solved) = w.as_mut().split_at_row_mut(k0);
+        let left = l.submatrix(k0, 0, nb, k0).transpose();
+        gemm::sub_product(before, left, solved.as_ref().subrows(0, nb));
+    }
+}
+
+/// W = Xc^T K^-1 Yc for the regularised kernel K = Xc Xc^T + lambda I (lower triangle), row-major. With n < d the
+/// cost is the products: Z = K^-1 Xc is solved for the narrower side (d_src right-hand sides rather than d_tgt)
+/// by the blocked substitution, and W^T = Yc^T Z follows. The f32 result is checked end to end
+/// (`dual_prediction_error`); above F32_SOLVE_TOL, or when K is not positive definite in f32, W comes from an
+/// f64 factorisation. None when K is not positive definite in f64.
+fn dual_weight(
+    k: &Mat<f32>,
+    xc: Shifted<'_>,
+    yc: Shifted<'_>,
+    lambda: f64,
+) -> Option<(Matrix, Option<f64>)> {
+    if let Ok(llt) = k.llt(Side::Lower) {
+        let mut z = xc.to_mat();
+        cholesky_solve_in_place(llt.L(), z.as_mut());
+        let w = product_row_major(z.transpose().into(), yc);
+        let err = dual_prediction_error(&llt, k, xc, yc, &w, lambda);
+        if err.is_finite() && err <= F32_SOLVE_TOL {
+            return Some((w, Some(err)));
+        }
+    }
+    let a = solve_spd_f64(&to_f64(k.as_ref()), &to_f64(yc.to_mat().as_ref()))?;
+    Some((product_row_major(xc.transpose(), a.as_ref().into()), None))
+}
+
+/// a b as a row-major Matrix: b^T a^T written column-major is a b's row-major storage, so nothing is transposed.
+fn product_row_major(a: Shifted<'_>, b: Shifted<'_>) -> Matrix {
+    let (rows, cols) = (a.m.nrows(), b.m.ncols());
+    let mut out = vec![0f32; rows * cols];
+    gemm::product_into(
+        MatMut::from_column_major_slice_mut(&mut out, cols, rows),
+        b.transpose(),
+        a.transpose(),
+    );
+    Matrix::new(rows, cols, out)
+}
+
+/// Relative error of the dual W's predictions on the training rows, Xc W s, for random probes s against a
+/// reference in f64: a = K^-1 Yc s from the f32 factor with one step of iterative refinement (residual in f64),
+/// whose predictions are Xc Xc^T a = (K - lambda I) a. It measures everything the f32 path did (factor,
+/// inverse, both products) where the map is used, not along directions the data never visits.
+fn dual_prediction_error(
+    llt: &Llt<f32>,
+    k: &Mat<f32>,
+    xc: Shifted<'_>,
+    yc: Shifted<'_>,
+    w: &Matrix,
+    lambda: f64,
+) -> f64 {
+    let probes = random_probes(yc.m.ncols());
+    let r = times_f64(yc, probes.as_ref());
+    let a0 = to_f64(llt.solve(to_f32(r.as_ref())).as_ref());
+    let res = &r - sym_lower_times(k.as_ref(), a0.as_ref());
+    let a = &a0 + to_f64(llt.solve(to_f32(res.as_ref())).as_ref());
+    let reference = sym_lower_times(k.as_ref(), a.as_ref()) - &a * faer::Scale(lambda);
+    let ws = times_f64(row_major(w).into(), probes.as_ref());
+    let ours = times_f64(xc, ws.as_ref());
+    worst_ratio(
+        &col_norms((&ours - &reference).as_ref()),
+        &col_norms(reference.as_ref()),
+    )
+}
+
+/// Random probe directions for the a-posteriori checks: a few suffice, since a solve that lost accuracy loses it
+/// along almost every direction.
+const PROBES: usize = 3;
+
+fn random_probes(dim: usize) -> Mat<f64> {
+    let mut rng = crate::rng::SplitMix64::new(0x5EED);
+    Mat::from_fn(dim, PROBES, |_, _| rng.normal())
+}
+
+/// Largest ratio of norms, error over reference (the error's own norm where the reference is zero).
+fn worst_ratio(err: &[f64], reference: &[f64]) -> f64 {
+    err.iter()
+        .zip(reference)
+        .map(|(e, r)| if *r > 0.0 { e / r } else { *e })
+        .fold(0f64, f64::max)
+}
+
+fn col_norms(m: MatRef<'_, f64>) -> Vec<f64> {
+    (0..m.ncols()).map(|k| m.col(k).norm_l2()).collect()
+}
+
+/// m s in f64 arithmetic for a few columns s, reading m along its contiguous axis. The shift enters as a
+/// rank-one correction: (m - 1 c^T) s = m s - 1 (c^T s) and (m - r 1^T) s = m s - r (1^T s).
+fn times_f64(m: Shifted<'_>, s: MatRef<'_, f64>) -> Mat<f64> {
+    let (rows, cols, p) = (m.m.nrows(), m.m.ncols(), s.ncols());
+    let mut out = Mat::<f64>::zeros(rows, p);
+    let probes: Vec<Vec<f64>> = (0..p).map(|k| s.col(k).iter().copied().collect()).collect();
+    if m.m.col_stride() == 1 {
+        for i in 0..rows {
+            let row = m.m.row(i).try_as_row_major().expect("row-major").as_slice();
+            for (k, probe) in probes.iter().enumerate() {
+                out[(i, k)] = dot_f64(row, probe);
             }
         }
     } else {
-        for i in 0..m.nrows() {
-            for j in 0..m.ncols() {
-                let v = m[(i, j)] as f64;
-                for k in 0..s.ncols() {
-                    out[(i, k)] += v * s[(j, k)];
+        for j in 0..cols {
+            let col = m.m.col(j);
+            for (k, probe) in probes.iter().enumerate() {
+                let (sjk, out_k) = (probe[j], out.col_mut(k).try_as_col_major_mut());
+                let out_k = out_k
+                    .expect("owned matrices are column-major")
+                    .as_slice_mut();
+                for (o, v) in out_k.iter_mut().zip(col.iter()) {
+                    *o += *v as f64 * sjk;
                 }
             }
         }
     }
+    match m.shift {
+        Shift::None => {}
+        Shift::Cols(c) => {
+            for (k, probe) in probes.iter().enumerate() {
+                let correction: f64 = c.iter().zip(probe).map(|(c, s)| *c as f64 * s).sum();
+                (0..rows).for_each(|i| out[(i, k)] -= correction);
+            }
+        }
+        Shift::Rows(r) => {
+            for (k, probe) in probes.iter().enumerate() {
+                let sum: f64 = probe.iter().sum();
+                (0..rows).for_each(|i| out[(i, k)] -= r[i] as f64 * sum);
+            }
+        }
+    }
     out
+}
+
+/// An f32 row against an f64 vector, in eight independent lanes so that the sum vectorises.
+fn dot_f64(a: &[f32], b: &[f64]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| *x as f64 * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            lanes[l] += x[l] as f64 * y[l];
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// G v in f64 for symmetric G given by its lower triangle.

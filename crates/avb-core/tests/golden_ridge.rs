@@ -166,15 +166,14 @@ fn normal_equation_residual(
     );
     let xc = |i: usize, j: usize| x.row(i)[j] as f64 - mx[j];
     let yc = |i: usize, j: usize| y.row(i)[j] as f64 - my[j];
+    let gram: Vec<f64> = (0..d * d)
+        .map(|ak| (0..n).map(|i| xc(i, ak / d) * xc(i, ak % d)).sum())
+        .collect();
     let mut worst = 0f64;
     for a in 0..d {
         for b in 0..t {
             let lhs: f64 = (0..d)
-                .map(|k| {
-                    let g: f64 = (0..n).map(|i| xc(i, a) * xc(i, k)).sum::<f64>()
-                        + if k == a { lambda } else { 0.0 };
-                    g * w.row(k)[b] as f64
-                })
+                .map(|k| (gram[a * d + k] + if k == a { lambda } else { 0.0 }) * w.row(k)[b] as f64)
                 .sum();
             let rhs: f64 = (0..n).map(|i| xc(i, a) * yc(i, b)).sum();
             worst = worst.max((lhs - rhs).abs() / rhs.abs().max(1.0));
@@ -198,12 +197,38 @@ fn well_conditioned_solve_stays_in_f32_and_solves_the_normal_equations() {
     }
 }
 
+/// x - its column means.
+fn centred(m: &avb_core::Matrix) -> avb_core::Matrix {
+    let mean = ridge::target_mean(m);
+    let mut c = m.clone();
+    for i in 0..c.rows {
+        for (v, mu) in c.row_mut(i).iter_mut().zip(&mean) {
+            *v = (*v as f64 - mu) as f32;
+        }
+    }
+    c
+}
+
 #[test]
-fn ill_conditioned_solve_falls_back_to_f64_with_the_right_hand_side_written_again() {
-    // Pairs of nearly equal rows make X X^T + lambda I nearly singular at a small lambda: the f32 solve fails its
-    // a-posteriori check, the solve's storage (which by then holds the f32 solution) is refilled with Yc and
-    // solved in f64. That must equal the f64 solve of the same system: the fit without an intercept (always
-    // f64) on data centred beforehand.
+fn gemm_kernel_paths_equal_the_f64_solve() {
+    // Shapes large enough for the GEMM kernel: three row blocks in the blocked triangular solves and Gram
+    // column blocks of unequal width (primal), Z = K^-1 Xc by the same solves (dual). The reference is the f64
+    // solve of the same system (the fit without an intercept, always f64, on data centred beforehand).
+    for (form, n, d) in [(Form::Primal, 1200, 600), (Form::Dual, 300, 600)] {
+        let (x, y) = (normal_rows(n, d, 8), normal_rows(n, 40, 9));
+        let fit = ridge::fit_ridge(&x, &y, 1.0, form, true).unwrap();
+        assert!(fit.f32_solve.is_some(), "{form:?} stays in f32");
+        let f64_fit = ridge::fit_ridge(&centred(&x), &centred(&y), 1.0, form, false).unwrap();
+        let e = rel_err(&fit.map.weight.data, &f64_fit.map.weight.data);
+        assert!(e < 1e-4, "{form:?}: differs from the f64 solve by {e:e}");
+    }
+}
+
+#[test]
+fn ill_conditioned_dual_solve_falls_back_to_f64() {
+    // Pairs of nearly equal rows make X X^T + lambda I nearly singular at a small lambda: the f32 path fails its
+    // end-to-end check and W is solved again in f64. That must equal the f64 solve of the same system: the fit
+    // without an intercept (always f64) on data centred beforehand.
     let (mut x, y) = (normal_rows(40, 64, 5), normal_rows(40, 8, 6));
     for i in (0..40).step_by(2) {
         let twin: Vec<f32> = x.row(i).iter().map(|v| v * 1.0001).collect();
@@ -212,17 +237,31 @@ fn ill_conditioned_solve_falls_back_to_f64_with_the_right_hand_side_written_agai
     let lambda = 1e-2;
     let fit = ridge::fit_ridge(&x, &y, lambda, Form::Dual, true).unwrap();
     assert!(fit.f32_solve.is_none(), "{:?}", fit.f32_solve);
-    let centred = |m: &avb_core::Matrix| {
-        let mean = ridge::target_mean(m);
-        let mut c = m.clone();
-        for i in 0..c.rows {
-            for (v, mu) in c.row_mut(i).iter_mut().zip(&mean) {
-                *v = (*v as f64 - mu) as f32;
-            }
-        }
-        c
-    };
     let f64_fit = ridge::fit_ridge(&centred(&x), &centred(&y), lambda, Form::Dual, false).unwrap();
+    let e = rel_err(&fit.map.weight.data, &f64_fit.map.weight.data);
+    assert!(e < 1e-3, "fallback differs from the f64 solve by {e:e}");
+}
+
+#[test]
+fn ill_conditioned_primal_solve_refills_and_solves_in_f64() {
+    // Twin columns x_2k+1 = x_2k + 0.005 z_k leave X^T X one small eigenvalue per pair, and targets y_k = z_k live
+    // in those directions alone, at lambda of the same size: the f32 solve's error there is large next to the
+    // predictions and fails the check. The solve's storage, which by then holds the f32 solution, is refilled
+    // with B and solved in f64, equal to the f64 solve of the same system.
+    let (n, d, t) = (200, 40, 8);
+    let (mut x, y) = (normal_rows(n, d, 5), normal_rows(n, t, 6));
+    for i in 0..n {
+        let z = y.row(i).to_vec();
+        let row = x.row_mut(i);
+        for j in (0..d).step_by(2) {
+            row[j + 1] = row[j] + 0.005 * z[(j / 2) % t];
+        }
+    }
+    let lambda = 0.005;
+    let fit = ridge::fit_ridge(&x, &y, lambda, Form::Primal, true).unwrap();
+    assert!(fit.f32_solve.is_none(), "{:?}", fit.f32_solve);
+    let f64_fit =
+        ridge::fit_ridge(&centred(&x), &centred(&y), lambda, Form::Primal, false).unwrap();
     let e = rel_err(&fit.map.weight.data, &f64_fit.map.weight.data);
     assert!(e < 1e-3, "fallback differs from the f64 solve by {e:e}");
 }

@@ -11,8 +11,8 @@ use avb_model::registry;
 use avb_model::tokenizer::StreamDecoder;
 use avb_runtime::loader::{self, LoadedModel};
 use avb_runtime::{
-    generate, generate_async, Control, Device, Finish, GenerateOptions, Generation, Injection,
-    Input, Precision, Sampling,
+    Control, Decoder, Device, Finish, GenerateOptions, Generation, Injection, Input, Precision,
+    Sampling,
 };
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -245,41 +245,40 @@ impl Verbalizer {
         Ok(())
     }
 
-    /// The batch of vectors `first..first + chunk.len()`: its inputs, generation options and streaming state.
-    fn batch(
+    /// Every vector's input, the generation options (`batch_size` rows at once, refilled as they finish) and
+    /// the streaming state.
+    fn decoding(
         &self,
-        chunk: &[Vec<f32>],
-        first: usize,
+        vectors: &[Vec<f32>],
         opts: &ExplainOptions,
-    ) -> Result<(Vec<Input>, GenerateOptions, BatchStream<'_>)> {
+    ) -> Result<(Vec<Input>, GenerateOptions, Streams<'_>)> {
         let gen = GenerateOptions {
             max_new_tokens: opts.max_new_tokens,
             sampling: opts.sampling.clone(),
             stop_ids: self.lm.tokenizer.end_of_turn_ids(),
-            row_seeds: opts
-                .seeds
-                .as_ref()
-                .map(|s| s[first..first + chunk.len()].to_vec()),
+            row_seeds: opts.seeds.clone(),
+            max_batch: Some(opts.batch_size.max(1)),
         };
-        let inputs = chunk
+        let inputs = vectors
             .iter()
             .map(|v| self.input(v))
             .collect::<Result<Vec<_>>>()?;
-        let stream = BatchStream {
+        let streams = Streams {
             verbalizer: self,
             stops: self.meta.stop_strings(),
             stop_ids: gen.stop_ids.clone(),
-            decoders: chunk
+            decoders: vectors
                 .iter()
                 .map(|_| StreamDecoder::new(&self.lm.tokenizer))
                 .collect(),
-            texts: vec![String::new(); chunk.len()],
+            texts: vec![String::new(); vectors.len()],
             failure: None,
         };
-        Ok((inputs, gen, stream))
+        Ok((inputs, gen, streams))
     }
 
-    /// Explain every vector; `on_done(index, explanation)` runs as each batch finishes (for resumable output).
+    /// Explain every vector, `batch_size` at a time, a finished row taking the next vector at once;
+    /// `on_done(index, explanation)` runs as each explanation finishes (for resumable output).
     pub fn explain(
         &self,
         vectors: &[Vec<f32>],
@@ -287,20 +286,18 @@ impl Verbalizer {
         on_done: &mut dyn FnMut(usize, &Explanation) -> Result<()>,
     ) -> Result<Vec<Explanation>> {
         self.check_request(vectors, opts)?;
-        let batch = opts.batch_size.max(1);
-        let mut out = Vec::with_capacity(vectors.len());
-        for (chunk_index, chunk) in vectors.chunks(batch).enumerate() {
-            let first = chunk_index * batch;
-            let (inputs, gen, mut stream) = self.batch(chunk, first, opts)?;
-            let gens = generate(&self.lm.model, &inputs, &gen, &mut |row, id| {
-                stream.on_token(row, id)
-            })?;
-            for (row, e) in stream.finish(&gens)?.into_iter().enumerate() {
-                on_done(first + row, &e)?;
-                out.push(e);
+        let (inputs, gen, mut streams) = self.decoding(vectors, opts)?;
+        let mut out = vec![None; vectors.len()];
+        let mut decoder = Decoder::new(&self.lm.model, &inputs, &gen)?;
+        while let Some(readback) = decoder.readback() {
+            decoder.advance(readback.read()?, &mut |i, id| streams.on_token(i, id))?;
+            for (i, g) in decoder.take_finished() {
+                let e = streams.finish(i, &g)?;
+                on_done(i, &e)?;
+                out[i] = Some(e);
             }
         }
-        Ok(out)
+        collect_all(out)
     }
 
     /// `explain` with asynchronous device reads (the browser's path). `on_text(index, text)` sees each vector's
@@ -312,36 +309,46 @@ impl Verbalizer {
         on_text: &mut dyn FnMut(usize, &str) -> Control,
     ) -> Result<Vec<Explanation>> {
         self.check_request(vectors, opts)?;
-        let batch = opts.batch_size.max(1);
-        let mut out = Vec::with_capacity(vectors.len());
-        for (chunk_index, chunk) in vectors.chunks(batch).enumerate() {
-            let first = chunk_index * batch;
-            let (inputs, gen, mut stream) = self.batch(chunk, first, opts)?;
-            let mut cancelled = vec![false; chunk.len()];
-            let gens = generate_async(&self.lm.model, &inputs, &gen, &mut |row, id| match stream
-                .on_token(row, id)
+        let (inputs, gen, mut streams) = self.decoding(vectors, opts)?;
+        let mut out = vec![None; vectors.len()];
+        let mut cancelled = vec![false; vectors.len()];
+        let mut decoder = Decoder::new(&self.lm.model, &inputs, &gen)?;
+        while let Some(readback) = decoder.readback() {
+            decoder.advance(readback.read_async().await?, &mut |i, id| match streams
+                .on_token(i, id)
             {
                 Control::Continue => {
-                    let control = on_text(first + row, stream.text(row));
-                    cancelled[row] = control == Control::Stop;
+                    let control = on_text(i, streams.text(i));
+                    cancelled[i] = control == Control::Stop;
                     control
                 }
                 Control::Stop => Control::Stop,
-            })
-            .await?;
-            for (mut e, cancelled) in stream.finish(&gens)?.into_iter().zip(cancelled) {
-                if cancelled {
+            })?;
+            for (i, g) in decoder.take_finished() {
+                let mut e = streams.finish(i, &g)?;
+                if cancelled[i] {
                     e.finish = "cancelled";
                 }
-                out.push(e);
+                out[i] = Some(e);
             }
         }
-        Ok(out)
+        collect_all(out)
     }
 }
 
-/// The streaming state of one batch: incremental detokenization and stop strings per row.
-struct BatchStream<'v> {
+/// Every vector's explanation, once decoding is over (every input finishes before it ends).
+fn collect_all(out: Vec<Option<Explanation>>) -> Result<Vec<Explanation>> {
+    out.into_iter()
+        .map(|e| {
+            e.ok_or_else(|| {
+                AvbError::Invalid("decoding ended before every vector was explained".into())
+            })
+        })
+        .collect()
+}
+
+/// The streaming state of every vector: incremental detokenization and stop strings.
+struct Streams<'v> {
     verbalizer: &'v Verbalizer,
     stops: Vec<String>,
     stop_ids: Vec<u32>,
@@ -350,24 +357,24 @@ struct BatchStream<'v> {
     failure: Option<AvbError>,
 }
 
-impl BatchStream<'_> {
-    /// Append a row's new token to its text; stop the row at a stop string (the text keeps it).
-    fn on_token(&mut self, row: usize, id: u32) -> Control {
+impl Streams<'_> {
+    /// Append vector i's new token to its text; stop it at a stop string (the text keeps it).
+    fn on_token(&mut self, i: usize, id: u32) -> Control {
         if self.stop_ids.contains(&id) {
             return Control::Continue;
         }
-        match self.decoders[row].push(id) {
-            Ok(piece) => self.texts[row].push_str(&piece),
+        match self.decoders[i].push(id) {
+            Ok(piece) => self.texts[i].push_str(&piece),
             Err(e) => {
                 self.failure = Some(e);
                 return Control::Stop;
             }
         }
-        let text = &mut self.texts[row];
+        let text = &mut self.texts[i];
         match self
             .stops
             .iter()
-            .filter_map(|s| text.find(s.as_str()).map(|i| i + s.len()))
+            .filter_map(|s| text.find(s.as_str()).map(|at| at + s.len()))
             .min()
         {
             Some(end) => {
@@ -378,37 +385,33 @@ impl BatchStream<'_> {
         }
     }
 
-    fn text(&self, row: usize) -> &str {
-        &self.texts[row]
+    fn text(&self, i: usize) -> &str {
+        &self.texts[i]
     }
 
-    /// The explanations of the finished batch.
-    fn finish(mut self, gens: &[Generation]) -> Result<Vec<Explanation>> {
+    /// The explanation of a finished vector (its text moves into it).
+    fn finish(&mut self, i: usize, g: &Generation) -> Result<Explanation> {
         if let Some(e) = self.failure.take() {
             return Err(e);
         }
-        let tags = self.verbalizer.meta.explanation_tags();
-        let mut out = Vec::with_capacity(gens.len());
-        for (row, g) in gens.iter().enumerate() {
-            if g.finish != Finish::Callback {
-                let tail = self.decoders[row].finish()?;
-                self.texts[row].push_str(&tail);
-            }
-            let raw = std::mem::take(&mut self.texts[row]);
-            let (explanation, parse) = protocol::parse_explanation(&raw, tags);
-            out.push(Explanation {
-                last_paragraph: protocol::last_paragraph(&explanation),
-                explanation,
-                raw,
-                parse,
-                tokens: g.ids.len(),
-                finish: match g.finish {
-                    Finish::StopToken => "stop_token",
-                    Finish::Length => "length",
-                    Finish::Callback => "stop_string",
-                },
-            });
+        if g.finish != Finish::Callback {
+            let tail = self.decoders[i].finish()?;
+            self.texts[i].push_str(&tail);
         }
-        Ok(out)
+        let raw = std::mem::take(&mut self.texts[i]);
+        let (explanation, parse) =
+            protocol::parse_explanation(&raw, self.verbalizer.meta.explanation_tags());
+        Ok(Explanation {
+            last_paragraph: protocol::last_paragraph(&explanation),
+            explanation,
+            raw,
+            parse,
+            tokens: g.ids.len(),
+            finish: match g.finish {
+                Finish::StopToken => "stop_token",
+                Finish::Length => "length",
+                Finish::Callback => "stop_string",
+            },
+        })
     }
 }

@@ -73,6 +73,7 @@ fn check_av(name: &str) {
         sampling: Sampling::Greedy,
         stop_ids: vec![],
         row_seeds: None,
+        max_batch: None,
     };
     let got = generate(
         &av.lm.model,
@@ -131,11 +132,28 @@ fn async_explanations_equal_the_blocking_ones() {
             Control::Continue
         }))
         .unwrap();
-    for (i, (a, b)) in blocking.iter().zip(&streaming).enumerate() {
+    // Two rows for three vectors: the third takes the first finished row (continuous batching) and must read
+    // as it does explained alone.
+    let mut alone_opts = opts.clone();
+    alone_opts.batch_size = 1;
+    let mut order = Vec::new();
+    let alone = av
+        .explain(&vectors, &alone_opts, &mut |i, _| {
+            order.push(i);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(order, [0, 1, 2], "one row finishes vectors in order");
+    for (i, ((a, b), c)) in blocking.iter().zip(&streaming).zip(&alone).enumerate() {
         assert_eq!(
             (&a.raw, a.tokens, a.finish),
             (&b.raw, b.tokens, b.finish),
             "vector {i}"
+        );
+        assert_eq!(
+            (&a.raw, a.tokens),
+            (&c.raw, c.tokens),
+            "vector {i} refilled vs alone"
         );
         assert!(
             a.raw.starts_with(streamed[i].as_str()),

@@ -1,6 +1,8 @@
 //! Batched generation with a KV cache: sequences of different lengths (left-padded), greedy or
 //! temperature + top-p sampling with a seed, stop tokens, a token budget, and a per-token callback that streams
-//! and can stop a row (stop strings are checked there, on decoded text).
+//! and can stop a sequence (stop strings are checked there, on decoded text). With a batch smaller than the
+//! inputs, a finished sequence's row is refilled with the next waiting input at once (continuous batching): its
+//! prompt is prefilled on its own and spliced into the running KV cache.
 
 use crate::model::{Input, KvCache, Model};
 use avb_core::rng::SplitMix64;
@@ -26,9 +28,12 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// Token ids that end a sequence (EOS, end of turn); the stop token is kept in the output.
     pub stop_ids: Vec<u32>,
-    /// Per-row sampling seeds (one per input) in place of `seed` and the row index: a row's draws then do not
-    /// depend on the batch it lands in.
+    /// Per-input sampling seeds in place of `seed` and the input's index: an input's draws then do not depend
+    /// on the batch it lands in.
     pub row_seeds: Option<Vec<u64>>,
+    /// Most sequences decoded at once (None: every input in one batch). Finished sequences make room for
+    /// waiting inputs as they finish.
+    pub max_batch: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,22 +113,32 @@ impl Readback {
 
 /// Batched decoding as a state machine, so that one implementation serves the blocking driver (`generate`) and
 /// the asynchronous one (`generate_async`, the browser's): `readback` gives the device values the next choice
-/// needs, `advance` consumes them, feeds the chosen tokens and says whether to go on.
+/// needs, `advance` consumes them, feeds the chosen tokens, refills finished rows and says whether to go on.
+/// Callbacks and results are indexed by input, whatever row an input decodes in.
 pub struct Decoder<'m> {
     model: &'m Model,
     opts: GenerateOptions,
+    inputs: &'m [Input],
+    /// The first input not yet started.
+    next_input: usize,
+    /// The input each batch row decodes; None once it finished and nothing was waiting.
+    rows: Vec<Option<usize>>,
     rngs: Vec<SplitMix64>,
-    active: Vec<bool>,
     cache: KvCache,
     out: Vec<Generation>,
-    /// Hidden states of the last forward pass; None once decoding is over.
+    /// Inputs finished since the last `take_finished`.
+    finished: Vec<usize>,
+    /// Hidden state of every row's last position, [rows, 1, hidden]; None once decoding is over.
     hidden: Option<Tensor<3>>,
-    step: usize,
 }
 
 impl<'m> Decoder<'m> {
-    /// Check the options and run the prompt (prefill).
-    pub fn new(model: &'m Model, inputs: &[Input], opts: &GenerateOptions) -> Result<Decoder<'m>> {
+    /// Check the options and run the first batch's prompts (prefill).
+    pub fn new(
+        model: &'m Model,
+        inputs: &'m [Input],
+        opts: &GenerateOptions,
+    ) -> Result<Decoder<'m>> {
         if let Sampling::TopP {
             temperature, top_p, ..
         } = opts.sampling
@@ -134,16 +149,19 @@ impl<'m> Decoder<'m> {
                 )));
             }
         }
-        let b = inputs.len();
+        let n = inputs.len();
         if let Some(seeds) = &opts.row_seeds {
-            if seeds.len() != b {
+            if seeds.len() != n {
                 return Err(AvbError::Invalid(format!(
-                    "{} row seeds for {b} inputs",
+                    "{} row seeds for {n} inputs",
                     seeds.len()
                 )));
             }
         }
-        let rngs = (0..b)
+        if opts.max_batch == Some(0) {
+            return Err(AvbError::Invalid("a batch of 0 sequences".into()));
+        }
+        let rngs = (0..n)
             .map(|r| match (&opts.row_seeds, &opts.sampling) {
                 (Some(seeds), _) => SplitMix64::new(seeds[r]),
                 (None, Sampling::TopP { seed, .. }) => {
@@ -152,51 +170,57 @@ impl<'m> Decoder<'m> {
                 (None, Sampling::Greedy) => SplitMix64::new(0),
             })
             .collect();
+        let batch = opts.max_batch.unwrap_or(n).min(n);
         let prompt = inputs.iter().map(|i| i.ids.len()).max().unwrap_or(0);
-        let mut cache = model.new_cache(prompt + opts.max_new_tokens);
-        let hidden = if opts.max_new_tokens == 0 {
+        // Refilled rows start where the running ones are: room for a whole budget beyond any prompt and a
+        // running row's remaining budget keeps shifts (KvCache::splice) rare and always sufficient.
+        let budget = if batch < n { 2 } else { 1 } * opts.max_new_tokens;
+        let mut cache = model.new_cache(prompt + budget);
+        let hidden = if opts.max_new_tokens == 0 || n == 0 {
             None
         } else {
-            Some(model.forward_to(inputs, model.config.num_layers - 1, Some(&mut cache))?)
+            Some(last_position(model.forward_to(
+                &inputs[..batch],
+                model.config.num_layers - 1,
+                Some(&mut cache),
+            )?))
         };
         Ok(Decoder {
             model,
             opts: opts.clone(),
+            inputs,
+            next_input: batch,
+            rows: (0..batch).map(Some).collect(),
             rngs,
-            active: vec![true; b],
             cache,
-            out: (0..b)
+            out: (0..n)
                 .map(|_| Generation {
                     ids: Vec::new(),
                     finish: Finish::Length,
                 })
                 .collect(),
+            finished: Vec::new(),
             hidden,
-            step: 0,
         })
     }
 
     /// What to read from the device for the next tokens; None when decoding is over.
     pub fn readback(&self) -> Option<Readback> {
-        let h = self.hidden.as_ref()?;
-        let t = h.dims()[1];
-        let logits = self
-            .model
-            .head(h.clone().narrow(1, t - 1, 1))
-            .squeeze_dim::<2>(1);
+        let logits = self.model.head(self.hidden.clone()?).squeeze_dim::<2>(1);
         Some(match self.opts.sampling {
             Sampling::Greedy => Readback::Ids(logits.argmax(1)),
             Sampling::TopP { .. } => Readback::Logits(logits),
         })
     }
 
-    /// Choose the next token of every row from `host`, report it through `on_token(row, id)`, and run the next
-    /// step unless every row is done or the budget is spent.
+    /// Choose the next token of every running sequence from `host`, report it through `on_token(input, id)`,
+    /// run the next step and start waiting inputs in the rows that finished.
     pub fn advance(
         &mut self,
         host: HostValues,
         on_token: &mut dyn FnMut(usize, u32) -> Control,
     ) -> Result<()> {
+        let n_rows = self.rows.len();
         let next: Vec<u32> = match (host, &self.opts.sampling) {
             (HostValues::Ids(ids), _) => ids.into_iter().map(|i| i as u32).collect(),
             (
@@ -205,10 +229,13 @@ impl<'m> Decoder<'m> {
                     temperature, top_p, ..
                 },
             ) => {
-                let v = host.len() / self.out.len().max(1);
+                let v = host.len() / n_rows.max(1);
                 host.chunks(v)
-                    .zip(self.rngs.iter_mut())
-                    .map(|(row, rng)| sample_top_p(row, *temperature, *top_p, rng))
+                    .zip(&self.rows)
+                    .map(|(logits, input)| match input {
+                        Some(i) => sample_top_p(logits, *temperature, *top_p, &mut self.rngs[*i]),
+                        None => 0,
+                    })
                     .collect()
             }
             (HostValues::Logits(_), Sampling::Greedy) => {
@@ -217,37 +244,92 @@ impl<'m> Decoder<'m> {
                 ))
             }
         };
-        let mut feed = Vec::with_capacity(next.len());
         for (row, &id) in next.iter().enumerate() {
-            if self.active[row] {
-                self.out[row].ids.push(id);
-                if self.opts.stop_ids.contains(&id) {
-                    self.out[row].finish = Finish::StopToken;
-                    self.active[row] = false;
+            let Some(i) = self.rows[row] else { continue };
+            let out = &mut self.out[i];
+            out.ids.push(id);
+            let finish = if self.opts.stop_ids.contains(&id) {
+                Some(Finish::StopToken)
+            } else {
+                None
+            };
+            let finish = match on_token(i, id) {
+                Control::Stop if finish.is_none() => Some(Finish::Callback),
+                _ if finish.is_none() && out.ids.len() == self.opts.max_new_tokens => {
+                    Some(Finish::Length)
                 }
-                if on_token(row, id) == Control::Stop && self.active[row] {
-                    self.out[row].finish = Finish::Callback;
-                    self.active[row] = false;
-                }
+                _ => finish,
+            };
+            if let Some(f) = finish {
+                self.out[i].finish = f;
+                self.finished.push(i);
+                self.rows[row] = None;
             }
-            feed.push(Input::ids(vec![id]));
         }
-        self.step += 1;
-        self.hidden = if !self.active.iter().any(|a| *a) || self.step == self.opts.max_new_tokens {
-            None
-        } else {
-            let last = self.model.config.num_layers - 1;
-            Some(self.model.forward_to(&feed, last, Some(&mut self.cache))?)
+        let last = self.model.config.num_layers - 1;
+        let Some(mut hidden) = self.hidden.take() else {
+            return Err(AvbError::Invalid(
+                "decoding is over: nothing to advance".into(),
+            ));
         };
+        if self.rows.iter().any(Option::is_some) {
+            let feed: Vec<Input> = next.iter().map(|id| Input::ids(vec![*id])).collect();
+            hidden = self.model.forward_to(&feed, last, Some(&mut self.cache))?;
+        }
+        let free: Vec<usize> = (0..n_rows).filter(|r| self.rows[*r].is_none()).collect();
+        let start = self.next_input;
+        let starting = free.len().min(self.inputs.len() - start);
+        if starting > 0 {
+            let prompts = &self.inputs[start..start + starting];
+            let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+            let mut part = self.model.new_cache(longest);
+            let started = last_position(self.model.forward_to(prompts, last, Some(&mut part))?);
+            let live: Vec<usize> = (0..n_rows).filter(|r| self.rows[*r].is_some()).collect();
+            // A row feeds at most max_new_tokens - 1 more tokens (the last one chosen is not fed).
+            let room = self.opts.max_new_tokens.saturating_sub(1);
+            let rows = &free[..starting];
+            self.cache.splice(rows, &part, &live, room)?;
+            let d = started.dims()[2];
+            for (j, &row) in rows.iter().enumerate() {
+                let one = started.clone().narrow(0, j, 1);
+                hidden = hidden.slice_assign([row..row + 1, 0..1, 0..d], one);
+                self.rows[row] = Some(start + j);
+            }
+            self.next_input += starting;
+        }
+        self.hidden = Some(hidden).filter(|_| self.rows.iter().any(Option::is_some));
         Ok(())
     }
 
+    /// The inputs that finished since the last call, with their generations (taken: `finish` then holds empty
+    /// generations for them).
+    pub fn take_finished(&mut self) -> Vec<(usize, Generation)> {
+        self.finished
+            .drain(..)
+            .map(|i| {
+                let empty = Generation {
+                    ids: Vec::new(),
+                    finish: Finish::Length,
+                };
+                (i, std::mem::replace(&mut self.out[i], empty))
+            })
+            .collect()
+    }
+
+    /// Every input's generation, in input order.
     pub fn finish(self) -> Vec<Generation> {
         self.out
     }
 }
 
-/// Generate for every input at once. `on_token(row, id)` sees each new token as soon as it is chosen.
+/// [b, t, d] -> the last position, [b, 1, d].
+fn last_position(h: Tensor<3>) -> Tensor<3> {
+    let t = h.dims()[1];
+    h.narrow(1, t - 1, 1)
+}
+
+/// Generate for every input (`opts.max_batch` at a time, refilled as they finish). `on_token(input, id)` sees
+/// each new token as soon as it is chosen.
 pub fn generate(
     model: &Model,
     inputs: &[Input],

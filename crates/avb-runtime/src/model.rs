@@ -291,6 +291,115 @@ impl KvCache {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+    /// Each row's left padding: its first cache index that attention reads.
+    pub fn pads(&self) -> &[usize] {
+        &self.pads
+    }
+
+    fn set_pads(&mut self, pads: Vec<usize>, device: &Device) {
+        let ids: Vec<i32> = pads.iter().map(|p| *p as i32).collect();
+        self.device_pads = Some(Tensor::from_data(
+            TensorData::new(ids, [pads.len()]),
+            device,
+        ));
+        self.pads = pads;
+    }
+
+    /// Put `part`, the cache of one prefill of `rows.len()` new sequences, into rows `rows` (finished sequences'
+    /// rows) so that its entries end at this cache's current length, while the other rows go on decoding
+    /// (continuous batching). A new row's positions still count from its own first token: its padding becomes
+    /// the cache indices before it. Room is made first: every row's entries move right when the new prompts
+    /// are longer than the current length, and left, over padding that no `live` row reads, when the `room`
+    /// positions every row may still write would not fit.
+    pub fn splice(
+        &mut self,
+        rows: &[usize],
+        part: &KvCache,
+        live: &[usize],
+        room: usize,
+    ) -> Result<()> {
+        let p = part.len;
+        if part.pads.len() != rows.len() || rows.iter().any(|r| *r >= self.pads.len()) {
+            return Err(AvbError::Invalid(format!(
+                "cannot splice a cache of {} rows into rows {rows:?} of a cache of {}",
+                part.pads.len(),
+                self.pads.len()
+            )));
+        }
+        let Some(device) = self.layers.iter().flatten().next().map(|(k, _)| k.device()) else {
+            return Err(AvbError::Invalid(
+                "a cache must hold a prefill before sequences are spliced into it".into(),
+            ));
+        };
+        if p > self.len {
+            self.shift((p - self.len) as isize, &device);
+        }
+        if self.len + room > self.capacity {
+            let free = live
+                .iter()
+                .map(|r| self.pads[*r])
+                .fold(self.len - p, usize::min);
+            self.shift(-(free as isize), &device);
+        }
+        if self.len + room > self.capacity {
+            return Err(AvbError::Invalid(format!(
+                "the KV cache of {} positions cannot hold {} + {room}: make it for the longest prompt and twice the token budget",
+                self.capacity, self.len
+            )));
+        }
+        let at = self.len - p;
+        for (layer, part_layer) in self.layers.iter_mut().zip(&part.layers) {
+            let (Some((k, v)), Some((pk, pv))) = (layer.take(), part_layer) else {
+                return Err(AvbError::Invalid(
+                    "spliced caches must hold every layer".into(),
+                ));
+            };
+            let [_, kvh, _, hd] = k.dims();
+            let (mut k, mut v) = (k, v);
+            for (j, &r) in rows.iter().enumerate() {
+                let to = [r..r + 1, 0..kvh, at..self.len, 0..hd];
+                k = k.slice_assign(to.clone(), pk.clone().narrow(0, j, 1).narrow(2, 0, p));
+                v = v.slice_assign(to, pv.clone().narrow(0, j, 1).narrow(2, 0, p));
+            }
+            *layer = Some((k, v));
+        }
+        let mut pads = self.pads.clone();
+        for (&r, part_pad) in rows.iter().zip(&part.pads) {
+            pads[r] = at + part_pad;
+        }
+        self.set_pads(pads, &device);
+        Ok(())
+    }
+
+    /// Move every row's entries `delta` positions towards the end (delta > 0) or the start (delta < 0, dropping
+    /// the first -delta, which must be padding of every row still read), keeping positions and padding consistent.
+    fn shift(&mut self, delta: isize, device: &Device) {
+        let (capacity, by) = (self.capacity, delta.unsigned_abs());
+        if by == 0 {
+            return;
+        }
+        for layer in self.layers.iter_mut() {
+            if let Some((k, v)) = layer.take() {
+                let moved = |t: Tensor<4>| {
+                    let [b, kvh, _, hd] = t.dims();
+                    let zeros = Tensor::zeros([b, kvh, by, hd], device);
+                    if delta > 0 {
+                        Tensor::cat(vec![zeros, t.narrow(2, 0, capacity - by)], 2)
+                    } else {
+                        Tensor::cat(vec![t.narrow(2, by, capacity - by), zeros], 2)
+                    }
+                };
+                *layer = Some((moved(k), moved(v)));
+            }
+        }
+        let pads = self
+            .pads
+            .iter()
+            .map(|p| p.saturating_add_signed(delta))
+            .collect();
+        self.len = self.len.saturating_add_signed(delta);
+        self.set_pads(pads, device);
+    }
 }
 
 pub struct Model {
@@ -1012,12 +1121,7 @@ impl Model {
             _ => {
                 let (rows, pads) = self.pad(inputs)?;
                 if let Some(c) = cache.as_deref_mut() {
-                    c.pads = pads.clone();
-                    let ids: Vec<i32> = pads.iter().map(|p| *p as i32).collect();
-                    c.device_pads = Some(Tensor::from_data(
-                        TensorData::new(ids, [pads.len()]),
-                        &self.device,
-                    ));
+                    c.set_pads(pads.clone(), &self.device);
                 }
                 (rows, pads)
             }

@@ -79,6 +79,7 @@ fn check(name: &str) {
         sampling: Sampling::Greedy,
         stop_ids: Vec::new(),
         row_seeds: None,
+        max_batch: None,
     };
     let outs = generate(&model, &prompts, &opts, &mut |_, _| Control::Continue).unwrap();
     for (i, out) in outs.iter().enumerate() {

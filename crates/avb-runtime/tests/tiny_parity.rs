@@ -5,7 +5,7 @@
 mod common;
 
 use avb_runtime::model::to_vec;
-use avb_runtime::{generate, Control, GenerateOptions, Injection, Input, Model, Sampling};
+use avb_runtime::{generate, Control, Finish, GenerateOptions, Injection, Input, Model, Sampling};
 use common::{row_errors, Golden};
 use std::path::PathBuf;
 
@@ -110,6 +110,7 @@ fn check_family(family: &str) {
         sampling: Sampling::Greedy,
         stop_ids: Vec::new(),
         row_seeds: None,
+        max_batch: None,
     };
     let mut streamed = vec![Vec::new(); n_prompts];
     let outs = generate(&model, &prompts, &opts, &mut |row, id| {
@@ -131,6 +132,68 @@ fn check_family(family: &str) {
         assert_eq!(streamed[i], want, "{family} streamed tokens of prompt {i}");
     }
     println!("{family}: {n_prompts} batched greedy continuations of {n_new} tokens identical");
+
+    // Continuous batching: 24 sequences (each prompt 8 times) through 3 rows, each stopped by the callback after
+    // its own number of tokens, so rows finish at different steps and are refilled mid-run; 70-odd steps in a
+    // cache of 64 positions force its entries to shift left as well. Every sequence must still be
+    // transformers' continuation.
+    let many: Vec<Input> = (0..24).map(|j| prompts[j % n_prompts].clone()).collect();
+    let stop_after = |j: usize| (6 + j % 7).min(n_new);
+    let refill = GenerateOptions {
+        max_batch: Some(3),
+        ..opts.clone()
+    };
+    let mut counts = vec![0; many.len()];
+    let outs = generate(&model, &many, &refill, &mut |i, _| {
+        counts[i] += 1;
+        if counts[i] == stop_after(i) {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    })
+    .unwrap();
+    for (j, out) in outs.iter().enumerate() {
+        let want = g.ids(&format!("greedy_{}", j % n_prompts));
+        assert_eq!(
+            out.ids,
+            want[..stop_after(j)],
+            "{family}: sequence {j} decoded with refills"
+        );
+        assert_eq!(out.finish, Finish::Callback, "{family}: sequence {j}");
+    }
+    println!("{family}: 24 sequences through 3 refilled rows identical");
+
+    // One row: the shortest prompt stops after one token and the longest (17 > 4 + 1 positions) takes its row,
+    // so the cache's entries first move right to make room for the longer prompt.
+    let by_length = |longest: bool| {
+        let lens = prompts.iter().map(|p| p.ids.len()).enumerate();
+        if longest {
+            lens.max_by_key(|(_, n)| *n).unwrap().0
+        } else {
+            lens.min_by_key(|(_, n)| *n).unwrap().0
+        }
+    };
+    let (short, long) = (by_length(false), by_length(true));
+    let pair = [prompts[short].clone(), prompts[long].clone()];
+    let one_row = GenerateOptions {
+        max_batch: Some(1),
+        ..opts.clone()
+    };
+    let outs = generate(&model, &pair, &one_row, &mut |i, _| {
+        if i == 0 {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    })
+    .unwrap();
+    assert_eq!(outs[0].ids, g.ids(&format!("greedy_{short}"))[..1]);
+    assert_eq!(
+        outs[1].ids,
+        g.ids(&format!("greedy_{long}")),
+        "{family}: a longer prompt refilled into a shorter cache"
+    );
 }
 
 #[test]

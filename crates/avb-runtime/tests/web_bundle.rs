@@ -36,6 +36,7 @@ fn greedy(m: &LoadedModel, ids: Vec<u32>, n: usize) -> Vec<u32> {
         sampling: Sampling::Greedy,
         stop_ids: Vec::new(),
         row_seeds: None,
+        max_batch: None,
     };
     let out = generate(&m.model, &[Input::ids(ids)], &opts, &mut |_, _| {
         Control::Continue

@@ -256,6 +256,7 @@ impl WebVerbalizer {
             sampling: Sampling::Greedy,
             stop_ids: lm.tokenizer.eos.into_iter().collect(),
             row_seeds: None,
+            max_batch: None,
         };
         let out = generate_async(&lm.model, &[Input::ids(ids)], &opts, &mut |_, id| {
             control(on_token.call1(&JsValue::NULL, &JsValue::from(id)))
