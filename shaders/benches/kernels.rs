@@ -2,7 +2,7 @@
 //! bandwidth measured in the same run: what one launch costs, and how close the quantized matvec gets to the
 //! memory bus at the real AV shapes (Qwen2.5-7B's projections).
 //!   cargo bench -p avb-shaders --features wgpu --bench kernels
-use avb_shaders::{decode_attention, rms_norm, Epilogue, QuantizedWeight};
+use avb_shaders::{argmax, decode_attention, rms_norm, Epilogue, QuantizedWeight};
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use std::time::Instant;
@@ -51,7 +51,7 @@ fn main() {
             let wq = w.quantize_dynamic(&scheme);
             let packed = QuantizedWeight::from_tensor(&wq).expect("packed weight");
             let bytes = (k * out) as f64 * (bits as f64 / 8.0 + 4.0 / 32.0);
-            for rows in [1usize, 4, 8, 64] {
+            for rows in [1usize, 4, 8, 16, 64] {
                 let x: Tensor<2> = Tensor::random([rows, k], Distribution::Default, &device);
                 // Past the kernel's rows (a prefill or a large batch) only the generic path runs.
                 let ours = packed
@@ -120,6 +120,17 @@ fn main() {
         });
         println!(
             "| decode attention | 28/4 heads x 128, cache 256 | {b} | {:.1} | - | - | matmul, softmax, matmul (unmasked) | {:.1} | {:.1}x |",
+            ours * 1e6,
+            generic * 1e6,
+            generic / ours
+        );
+    }
+    for b in [1usize, 16, 64] {
+        let logits: Tensor<2> = Tensor::random([b, 152_064], Distribution::Default, &device);
+        let ours = time(&device, || argmax(&logits).expect("kernel"));
+        let generic = time(&device, || logits.clone().argmax(1));
+        println!(
+            "| argmax | vocab 152064 | {b} | {:.1} | - | - | burn argmax | {:.1} | {:.1}x |",
             ours * 1e6,
             generic * 1e6,
             generic / ours

@@ -22,6 +22,14 @@ pub(crate) fn from_cube<const D: usize>(c: CubeTensor) -> Tensor<D> {
     })
 }
 
+/// An integer CubeCL tensor as a burn tensor.
+pub(crate) fn from_cube_int<const D: usize>(c: CubeTensor) -> Tensor<D, Int> {
+    Tensor::from_dispatch(DispatchTensor {
+        kind: DispatchTensorKind::Cube(BackendTensor::Int(c)),
+        autodiff: DispatchAutodiffContext::Disabled,
+    })
+}
+
 /// The CubeCL tensor under an integer tensor.
 pub(crate) fn to_cube_int<const D: usize>(t: &Tensor<D, Int>) -> Option<CubeTensor> {
     match t.clone().into_dispatch().kind {

@@ -50,7 +50,7 @@ fn quantized_matvec_equals_dequantized_matmul() {
             let packed = QuantizedWeight::from_tensor(&wq).expect("a packed quantized weight");
             let reference_w = wq.clone().dequantize();
             let bias: Tensor<1> = Tensor::random([out], Distribution::Normal(0.0, 1.0), &dev);
-            for rows in [1, 3, 8, 21] {
+            for rows in [1, 3, 8, 13, 21, 64] {
                 let x: Tensor<2> = Tensor::random([rows, k], Distribution::Normal(0.0, 1.0), &dev);
                 for with_bias in [false, true] {
                     let b = with_bias.then_some(&bias);
@@ -85,7 +85,7 @@ fn matvec_epilogues_equal_generic_ops() {
     let wq = w.quantize_dynamic(&scheme(QuantValue::Q4S));
     let packed = QuantizedWeight::from_tensor(&wq).expect("a packed quantized weight");
     let reference_w = wq.dequantize();
-    for rows in [1, 3, 8, 21] {
+    for rows in [1, 3, 8, 13, 21, 64] {
         let x: Tensor<2> = Tensor::random([rows, k], Distribution::Normal(0.0, 1.0), &dev);
         let product = x.clone().matmul(reference_w.clone());
         let residual: Tensor<2> = Tensor::random([rows, 2 * half], Distribution::Default, &dev);
@@ -343,4 +343,21 @@ fn rope_into_cache_equals_rope_and_cache_writes() {
     assert!(q.is_none(), "a shared cache buffer must not be written");
     assert_eq!(host(back.reshape([1, 8 * hd])), vec![0.0; 8 * hd]);
     drop(held);
+}
+
+#[test]
+fn argmax_equals_burns_argmax_with_ties_to_the_first() {
+    let dev = device();
+    dev.seed(7);
+    // Values on a coarse grid tie often; widths below, at and past the cube's 256 threads.
+    for (rows, n) in [(1, 5), (3, 256), (4, 1000), (2, 152_064)] {
+        let x: Tensor<2> = Tensor::random([rows, n], Distribution::Uniform(0.0, 8.0), &dev).floor();
+        let ours = avb_shaders::argmax(&x).expect("the kernel applies");
+        let want = x.clone().argmax(1);
+        assert_eq!(
+            ours.into_data().convert::<i64>().try_to_vec::<i64>().unwrap(),
+            want.into_data().convert::<i64>().try_to_vec::<i64>().unwrap(),
+            "{rows} x {n}"
+        );
+    }
 }

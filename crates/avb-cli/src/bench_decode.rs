@@ -127,8 +127,8 @@ fn time_batch(model: &Model, inputs: &[Input], new: usize, warm_up: bool) -> Res
     let t = Instant::now();
     let h = model.forward_to(inputs, last, None)?;
     let len = h.dims()[1];
-    let ids = model.head(h.narrow(1, len - 1, 1)).argmax(2);
-    ids.into_data();
+    let logits = model.head(h.narrow(1, len - 1, 1)).squeeze_dim::<2>(1);
+    model.argmax(logits).into_data();
     let prefill_s = t.elapsed().as_secs_f64();
     let opts = GenerateOptions {
         max_new_tokens: new,

@@ -208,7 +208,7 @@ impl<'m> Decoder<'m> {
     pub fn readback(&self) -> Option<Readback> {
         let logits = self.model.head(self.hidden.clone()?).squeeze_dim::<2>(1);
         Some(match self.opts.sampling {
-            Sampling::Greedy => Readback::Ids(logits.argmax(1)),
+            Sampling::Greedy => Readback::Ids(self.model.argmax(logits)),
             Sampling::TopP { .. } => Readback::Logits(logits),
         })
     }

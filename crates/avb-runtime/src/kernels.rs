@@ -190,3 +190,18 @@ pub(crate) fn rope_into_cache(
 ) -> (Option<Tensor<4>>, Tensor<4>, Tensor<4>) {
     (None, keys, values)
 }
+
+/// Each row's index of its largest value, [b, n] -> [b, 1], in one kernel on a CubeCL device with the kernels on,
+/// else through burn's argmax.
+#[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
+pub(crate) fn argmax(x: Tensor<2>, on: bool) -> Tensor<2, burn::tensor::Int> {
+    match on.then(|| avb_shaders::argmax(&x)).flatten() {
+        Some(ids) => ids,
+        None => x.argmax(1),
+    }
+}
+
+#[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+pub(crate) fn argmax(x: Tensor<2>, _on: bool) -> Tensor<2, burn::tensor::Int> {
+    x.argmax(1)
+}

@@ -1214,6 +1214,11 @@ impl Model {
         Ok(self.inject(x, &pads, inputs, layer))
     }
 
+    /// Each row's index of its largest logit, [b, vocab] -> [b, 1] (the first among equals).
+    pub fn argmax(&self, logits: Tensor<2>) -> Tensor<2, Int> {
+        crate::kernels::argmax(logits, self.kernels)
+    }
+
     /// Final norm, LM head and final soft-capping of hidden states [batch, seq, hidden] -> logits.
     pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
         let x = rms_norm(
