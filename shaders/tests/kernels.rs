@@ -355,8 +355,14 @@ fn argmax_equals_burns_argmax_with_ties_to_the_first() {
         let ours = avb_shaders::argmax(&x).expect("the kernel applies");
         let want = x.clone().argmax(1);
         assert_eq!(
-            ours.into_data().convert::<i64>().try_to_vec::<i64>().unwrap(),
-            want.into_data().convert::<i64>().try_to_vec::<i64>().unwrap(),
+            ours.into_data()
+                .convert::<i64>()
+                .try_to_vec::<i64>()
+                .unwrap(),
+            want.into_data()
+                .convert::<i64>()
+                .try_to_vec::<i64>()
+                .unwrap(),
             "{rows} x {n}"
         );
     }

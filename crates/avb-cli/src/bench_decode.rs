@@ -156,7 +156,8 @@ fn time_batch(model: &Model, inputs: &[Input], new: usize, warm_up: bool) -> Res
 }
 
 /// Generate `inputs`, sequence i stopping after lengths[i] tokens, `batch` at a time: in fixed chunks (the next
-/// chunk starts when the whole chunk is done) or with rows refilled as sequences finish. Returns seconds.
+/// chunk starts when the whole chunk is done) or with rows refilled as sequences finish (`GenerateOptions::
+/// max_batch`). Returns seconds.
 fn time_varied(
     model: &Model,
     inputs: &[Input],
@@ -392,9 +393,9 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
     let doc = match varied {
         Some(t) => format!(
             "{doc}\nThe same model explaining 4 x batch sequences whose lengths vary uniformly in {}..={} tokens (`--varied`): in \
-             fixed chunks of `batch`, each chunk as slow as its longest sequence, and with a finished sequence's row \
-             refilled by the next prompt at once (its prompt prefilled alone and spliced into the running KV cache); \
-             one run each after a warm-up.\n\n{t}",
+             fixed chunks of `batch`, each chunk as slow as its longest sequence, and with finished sequences' rows \
+             refilled by the next prompts, a quarter of the batch at a time (their prompts prefilled together and \
+             spliced into the running KV cache); one run each after a warm-up.\n\n{t}",
             (a.new / 4).max(1),
             a.new
         ),

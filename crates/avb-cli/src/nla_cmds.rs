@@ -365,7 +365,7 @@ pub struct ExplainArgs {
     /// Default: the sidecar's (200 for trained AVs).
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
-    /// Explanations decoded at once; a finished one's row takes the next vector straight away.
+    /// Explanations decoded at once; finished ones' rows take the next vectors while the others go on.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]

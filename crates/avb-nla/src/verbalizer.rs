@@ -277,7 +277,7 @@ impl Verbalizer {
         Ok((inputs, gen, streams))
     }
 
-    /// Explain every vector, `batch_size` at a time, a finished row taking the next vector at once;
+    /// Explain every vector, `batch_size` at a time, finished rows taking the next vectors while the others go on;
     /// `on_done(index, explanation)` runs as each explanation finishes (for resumable output).
     pub fn explain(
         &self,

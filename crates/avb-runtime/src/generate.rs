@@ -1,8 +1,8 @@
 //! Batched generation with a KV cache: sequences of different lengths (left-padded), greedy or
 //! temperature + top-p sampling with a seed, stop tokens, a token budget, and a per-token callback that streams
 //! and can stop a sequence (stop strings are checked there, on decoded text). With a batch smaller than the
-//! inputs, a finished sequence's row is refilled with the next waiting input at once (continuous batching): its
-//! prompt is prefilled on its own and spliced into the running KV cache.
+//! inputs, finished sequences' rows are refilled with the next waiting inputs while the others go on decoding
+//! (continuous batching): their prompts are prefilled on their own and spliced into the running KV cache.
 
 use crate::model::{Input, KvCache, Model};
 use avb_core::rng::SplitMix64;
@@ -31,8 +31,8 @@ pub struct GenerateOptions {
     /// Per-input sampling seeds in place of `seed` and the input's index: an input's draws then do not depend
     /// on the batch it lands in.
     pub row_seeds: Option<Vec<u64>>,
-    /// Most sequences decoded at once (None: every input in one batch). Finished sequences make room for
-    /// waiting inputs as they finish.
+    /// Most sequences decoded at once (None: every input in one batch). Waiting inputs take the rows of
+    /// finished sequences, a quarter of the batch at a time.
     pub max_batch: Option<usize>,
 }
 
@@ -279,7 +279,12 @@ impl<'m> Decoder<'m> {
         let free: Vec<usize> = (0..n_rows).filter(|r| self.rows[*r].is_none()).collect();
         let start = self.next_input;
         let starting = free.len().min(self.inputs.len() - start);
-        if starting > 0 {
+        // A prefill stops every running row for a while: start waiting inputs once a quarter of the rows are
+        // free (or all the rest fit, or nothing runs), so that one prefill serves several rows. On the H200
+        // (Qwen2.5-7B shape, batch 16) refilling every row at once ran 0.77x as fast as fixed chunks, a quarter
+        // at a time 1.07x.
+        let enough = (n_rows / 4).max(1).min(self.inputs.len() - start);
+        if starting > 0 && (starting >= enough || free.len() == n_rows) {
             let prompts = &self.inputs[start..start + starting];
             let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
             let mut part = self.model.new_cache(longest);

@@ -137,32 +137,35 @@ fn check_family(family: &str) {
     // its own number of tokens, so rows finish at different steps and are refilled mid-run; 70-odd steps in a
     // cache of 64 positions force its entries to shift left as well. Every sequence must still be
     // transformers' continuation.
+    // With 8 rows, rows are refilled two at a time (a quarter of the batch).
     let many: Vec<Input> = (0..24).map(|j| prompts[j % n_prompts].clone()).collect();
     let stop_after = |j: usize| (6 + j % 7).min(n_new);
-    let refill = GenerateOptions {
-        max_batch: Some(3),
-        ..opts.clone()
-    };
-    let mut counts = vec![0; many.len()];
-    let outs = generate(&model, &many, &refill, &mut |i, _| {
-        counts[i] += 1;
-        if counts[i] == stop_after(i) {
-            Control::Stop
-        } else {
-            Control::Continue
+    for rows in [3, 8] {
+        let refill = GenerateOptions {
+            max_batch: Some(rows),
+            ..opts.clone()
+        };
+        let mut counts = vec![0; many.len()];
+        let outs = generate(&model, &many, &refill, &mut |i, _| {
+            counts[i] += 1;
+            if counts[i] == stop_after(i) {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        })
+        .unwrap();
+        for (j, out) in outs.iter().enumerate() {
+            let want = g.ids(&format!("greedy_{}", j % n_prompts));
+            assert_eq!(
+                out.ids,
+                want[..stop_after(j)],
+                "{family}: sequence {j} decoded with refills into {rows} rows"
+            );
+            assert_eq!(out.finish, Finish::Callback, "{family}: sequence {j}");
         }
-    })
-    .unwrap();
-    for (j, out) in outs.iter().enumerate() {
-        let want = g.ids(&format!("greedy_{}", j % n_prompts));
-        assert_eq!(
-            out.ids,
-            want[..stop_after(j)],
-            "{family}: sequence {j} decoded with refills"
-        );
-        assert_eq!(out.finish, Finish::Callback, "{family}: sequence {j}");
+        println!("{family}: 24 sequences through {rows} refilled rows identical");
     }
-    println!("{family}: 24 sequences through 3 refilled rows identical");
 
     // One row: the shortest prompt stops after one token and the longest (17 > 4 + 1 positions) takes its row,
     // so the cache's entries first move right to make room for the longer prompt.
