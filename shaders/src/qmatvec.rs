@@ -101,6 +101,10 @@ const GEMM_TK: u32 = 32;
 /// Cubes the tiled kernel aims for, splitting k into chunks to get there: enough to occupy every multiprocessor
 /// of a large GPU several times over (on the H200, 1024 ran batched projections 1.2-1.4x faster than 256).
 const GEMM_TARGET_CUBES: usize = 1024;
+/// Fewest GEMM_TK steps a chunk takes: a cube that stages only one or two steps costs more in setup and partial
+/// sums than it computes (on a CPU-emulated GPU, lavapipe or SwiftShader, such cubes made a 40-token prefill of
+/// a 135M model take 37 s).
+const GEMM_MIN_STEPS: usize = 8;
 
 /// Partial sums of x W over one chunk of k for a tile of `tile_rows` rows (16, 32 or 64) by GEMM_TN outputs:
 /// per step, the cube stages GEMM_TK columns of x and the matching weight rows, dequantized once, in shared
@@ -608,7 +612,10 @@ impl QuantizedWeight {
             let tile_rows = rows.next_power_of_two().max(16);
             let tiles = self.out.div_ceil(GEMM_TN as usize);
             let steps = self.k.div_ceil(GEMM_TK as usize);
-            let chunks = GEMM_TARGET_CUBES.div_ceil(tiles).min(steps).max(1);
+            let chunks = GEMM_TARGET_CUBES
+                .div_ceil(tiles)
+                .min(steps / GEMM_MIN_STEPS)
+                .max(1);
             let chunk_len = steps.div_ceil(chunks) * GEMM_TK as usize;
             let partial = partial(self.k.div_ceil(chunk_len));
             qmatmul_tile_kernel::launch(

@@ -112,13 +112,7 @@ pub fn product_into<'a, 'b>(
     a: impl Into<Shifted<'a>>,
     b: impl Into<Shifted<'b>>,
 ) {
-    let (a, b) = (a.into(), b.into());
-    assert_eq!(
-        (c.nrows(), c.ncols()),
-        (a.m.nrows(), b.m.ncols()),
-        "output shape"
-    );
-    add_product(c, false, a, b, 1.0, Accum::Replace);
+    update(c, a.into(), b.into(), 1.0, Accum::Replace);
 }
 
 /// c -= a b, in place (c in any layout; the kernel serves column-major c).
@@ -127,13 +121,16 @@ pub fn sub_product<'a, 'b>(
     a: impl Into<Shifted<'a>>,
     b: impl Into<Shifted<'b>>,
 ) {
-    let (a, b) = (a.into(), b.into());
+    update(c, a.into(), b.into(), -1.0, Accum::Add);
+}
+
+fn update(c: MatMut<'_, f32>, a: Shifted<'_>, b: Shifted<'_>, alpha: f32, accum: Accum) {
     assert_eq!(
         (c.nrows(), c.ncols()),
         (a.m.nrows(), b.m.ncols()),
         "output shape"
     );
-    add_product(c, false, a, b, -1.0, Accum::Add);
+    add_product(c, false, a, b, alpha, accum);
 }
 
 /// The lower triangle of the symmetric product a b (b = a^T, passed separately so either layout can be used):
