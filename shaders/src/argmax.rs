@@ -1,11 +1,10 @@
 //! Greedy decoding's choice on the device: each row's index of its largest logit, so that a step reads back one
 //! integer per row.
 
-use crate::cube::{from_cube_int, to_cube};
+use crate::cube::{empty_like, from_cube_int, to_cube};
 use burn::tensor::{DType, Int, Tensor as BurnTensor};
 use burn_cubecl::cubecl;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use cubecl::prelude::*;
 
 const THREADS: u32 = 256;
@@ -66,12 +65,7 @@ pub fn argmax(x: &BurnTensor<2>) -> Option<BurnTensor<2, Int>> {
         return None;
     }
     let xc = into_contiguous(to_cube(x)?);
-    let out = empty_device_contiguous_dtype(
-        xc.client.clone(),
-        xc.device.clone(),
-        [rows].into(),
-        DType::I32,
-    );
+    let out = empty_like(&xc, [rows], DType::I32);
     argmax_kernel::launch(
         &out.client,
         CubeCount::Static(rows as u32, 1, 1),

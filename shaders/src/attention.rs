@@ -5,11 +5,10 @@
 //! One cube per (head, row): threads score the keys into shared memory (max and sum by tree reductions), then each
 //! thread sums the probability-weighted values of some of the head's dimensions.
 
-use crate::cube::{from_cube, to_cube, to_cube_int};
+use crate::cube::{empty_like, from_cube, to_cube, to_cube_int};
 use burn::tensor::{DType, Int, Tensor as BurnTensor};
 use burn_cubecl::cubecl;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use cubecl::prelude::*;
 
 const THREADS: u32 = 128;
@@ -151,12 +150,7 @@ pub fn decode_attention(
     }
     let qc = into_contiguous(to_cube(&q.clone().reshape([b, heads, hd]))?);
     let (kc, vc, pc) = (to_cube(keys)?, to_cube(values)?, to_cube_int(pads)?);
-    let out = empty_device_contiguous_dtype(
-        qc.client.clone(),
-        qc.device.clone(),
-        [b, heads, hd].into(),
-        DType::F32,
-    );
+    let out = empty_like(&qc, [b, heads, hd], DType::F32);
     decode_attention_kernel::launch(
         &out.client,
         CubeCount::Static(heads as u32, b as u32, 1),

@@ -1,7 +1,8 @@
 //! Between burn's dispatch tensors and the CubeCL tensors the kernels bind.
 
 use burn::backend::{BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{DType, Int, Shape, Tensor};
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
 /// The CubeCL tensor under `t` (float or quantized); `None` when `t` lives on another backend.
@@ -37,6 +38,16 @@ pub(crate) fn to_cube_int<const D: usize>(t: &Tensor<D, Int>) -> Option<CubeTens
         #[allow(unreachable_patterns)]
         _ => None,
     }
+}
+
+/// An uninitialised contiguous tensor for a kernel's output, on the client and device of `like`.
+pub(crate) fn empty_like(like: &CubeTensor, shape: impl Into<Shape>, dtype: DType) -> CubeTensor {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        shape.into(),
+        dtype,
+    )
 }
 
 /// Whether `device` runs on CubeCL (where these kernels apply).

@@ -1,10 +1,9 @@
 //! RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w over the last dimension, one cube per row.
 
-use crate::cube::{from_cube, to_cube};
+use crate::cube::{empty_like, from_cube, to_cube};
 use burn::tensor::{DType, Tensor as BurnTensor};
 use burn_cubecl::cubecl;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use cubecl::prelude::*;
 
 /// Threads per row: a power of two (the tree reduction halves it).
@@ -70,12 +69,7 @@ pub fn rms_norm<const D: usize>(
     }
     let xc = into_contiguous(to_cube(&x.clone().reshape([rows, d]))?);
     let wc = to_cube(weight)?;
-    let y = empty_device_contiguous_dtype(
-        xc.client.clone(),
-        xc.device.clone(),
-        [rows, d].into(),
-        DType::F32,
-    );
+    let y = empty_like(&xc, [rows, d], DType::F32);
     rms_norm_kernel::launch(
         &y.client,
         CubeCount::Static(rows as u32, 1, 1),

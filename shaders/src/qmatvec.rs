@@ -18,12 +18,11 @@
 //!
 //! Epilogues: the residual add, or a gated MLP's activation and product when W holds gate and up side by side.
 
-use crate::cube::{from_cube, to_cube};
+use crate::cube::{empty_like, from_cube, to_cube};
 use burn::tensor::quantization::{QuantStore, QuantValue};
 use burn::tensor::{DType, Tensor as BurnTensor};
 use burn_cubecl::cubecl;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
@@ -539,12 +538,7 @@ impl QuantizedWeight {
         };
         let client = xc.client.clone();
         let n_words = self.words.meta.shape()[1];
-        let y = empty_device_contiguous_dtype(
-            client.clone(),
-            xc.device.clone(),
-            [rows, out].into(),
-            DType::F32,
-        );
+        let y = empty_like(&xc, [rows, out], DType::F32);
         if rows == 1 && self.k <= ROW_MAX_K {
             let own = if out == self.out {
                 ROW_WORDS
@@ -571,14 +565,7 @@ impl QuantizedWeight {
         }
         let weight_bytes =
             self.k * self.out * self.bits as usize / 8 + self.k * self.out / BLOCK * 4;
-        let partial = |chunks: usize| {
-            empty_device_contiguous_dtype(
-                client.clone(),
-                xc.device.clone(),
-                [chunks, rows, self.out].into(),
-                DType::F32,
-            )
-        };
+        let partial = |chunks: usize| empty_like(&xc, [chunks, rows, self.out], DType::F32);
         // Every tile of rows in one launch (the grid's third axis), then every row's chunks summed in one more.
         let partial = if rows <= MATVEC_ROWS {
             // Enough chunks to fill the device, few enough that the partial sums (written and read back: 8 bytes

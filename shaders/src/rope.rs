@@ -1,11 +1,10 @@
 //! Rotate-half RoPE fused with the move of the heads axis: [b, t, heads, hd] (any strides, e.g. a view of a
 //! projection's output) to [b, heads, t, hd] contiguous, in one launch instead of about six.
 
-use crate::cube::{from_cube, to_cube};
+use crate::cube::{empty_like, from_cube, to_cube};
 use burn::backend::{BackendTensor, DispatchTensorKind};
 use burn::tensor::{DType, Tensor as BurnTensor};
 use burn_cubecl::cubecl;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
@@ -62,12 +61,7 @@ pub fn rope(x: &BurnTensor<4>, cos: &BurnTensor<4>, sin: &BurnTensor<4>) -> Opti
         return None;
     }
     let (xc, cc, sc) = (to_cube(x)?, to_cube(cos)?, to_cube(sin)?);
-    let y = empty_device_contiguous_dtype(
-        xc.client.clone(),
-        xc.device.clone(),
-        [b, n, t, hd].into(),
-        DType::F32,
-    );
+    let y = empty_like(&xc, [b, n, t, hd], DType::F32);
     let dim = CubeDim::new_1d(THREADS);
     rope_kernel::launch(
         &y.client,
@@ -198,12 +192,7 @@ pub fn rope_into_cache(
     if !(kc.can_mut() && vc.can_mut()) {
         return (None, from_cube(kc), from_cube(vc));
     }
-    let q = empty_device_contiguous_dtype(
-        qc.client.clone(),
-        qc.device.clone(),
-        [b, heads, t, hd].into(),
-        DType::F32,
-    );
+    let q = empty_like(&qc, [b, heads, t, hd], DType::F32);
     let dim = CubeDim::new_1d(THREADS);
     rope_into_cache_kernel::launch(
         &q.client,
