@@ -2,8 +2,10 @@
 //! heads read their shared KV head in place (no repeat), left padding and a sliding window are masked from the row's
 //! padding and the step's position, and Gemma's attention soft-capping is applied to the scores.
 //!
-//! One cube per (head, row): threads score the keys into shared memory (max and sum by tree reductions), then each
-//! thread sums the probability-weighted values of some of the head's dimensions.
+//! One cube per (head, row): threads score the keys into shared memory (max and sum by tree reductions), then
+//! groups of threads sum the probability-weighted values of interleaved keys, one head dimension per thread, and
+//! the groups' sums are added in shared memory. Both loops keep 4 loads in flight per thread: with one at a time
+//! (and one thread per dimension) the kernel spent most of its time waiting on memory.
 
 use crate::cube::{empty_like, from_cube, to_cube, to_cube_int};
 use burn::tensor::{DType, Int, Tensor as BurnTensor};
@@ -11,7 +13,9 @@ use burn_cubecl::cubecl;
 use burn_cubecl::kernel::into_contiguous;
 use cubecl::prelude::*;
 
-const THREADS: u32 = 128;
+const THREADS: u32 = 256;
+/// Loads a thread issues together in the scoring and value loops.
+const UNROLL: usize = 4;
 /// Largest cache the kernel scores in shared memory: 8 KiB of scores, within WebGPU's default 16 KiB of
 /// workgroup storage. Longer caches take the generic path.
 pub const MAX_KEYS: usize = 2048;
@@ -32,6 +36,7 @@ fn decode_attention_kernel(
     softcap: f32,
     #[comptime] capacity: u32,
     #[comptime] threads: u32,
+    #[comptime] head_dim: u32,
 ) {
     let h = CUBE_POS_X as usize;
     let b = CUBE_POS_Y as usize;
@@ -48,16 +53,35 @@ fn decode_attention_kernel(
     let v0 = b * values.stride(0) + kh * values.stride(1);
     let mut scores = Shared::<[f32]>::new_slice(capacity as usize);
     let mut red = Shared::<[f32]>::new_slice(threads as usize);
+    let mut qs = Shared::<[f32]>::new_slice(head_dim as usize);
+    let mut d = tid;
+    while d < hd {
+        qs[d] = q[q0 + d * q.stride(2)];
+        d += step;
+    }
+    sync_cube();
 
+    let (ks, kd) = (keys.stride(2), keys.stride(3));
     let mut local_max = f32::new(MASKED);
     let mut j = tid;
     while j < n {
         let mut s = f32::new(MASKED);
         let in_window = window == 0 || last - j < window as usize;
         if (j >= pad && in_window) || j == last {
+            let row = k0 + j * ks;
             let mut dot = 0.0f32;
-            for d in 0..hd {
-                dot += q[q0 + d * q.stride(2)] * keys[k0 + j * keys.stride(2) + d * keys.stride(3)];
+            let mut d = 0;
+            while d < hd {
+                let mut kv = Array::<f32>::new(comptime!(UNROLL));
+                #[unroll]
+                for u in 0..UNROLL {
+                    kv[u] = keys[row + (d + u) * kd];
+                }
+                #[unroll]
+                for u in 0..UNROLL {
+                    dot += qs[d + u] * kv[u];
+                }
+                d += UNROLL;
             }
             s = dot * scale;
             if softcap > 0.0 {
@@ -107,14 +131,51 @@ fn decode_attention_kernel(
         half /= 2;
     }
     let denom = red[0];
+    sync_cube();
 
+    // Groups of `lanes` threads, one head dimension each; group g takes keys pad + g, pad + g + groups, ...
+    let lanes = if hd < step { hd } else { step };
+    let groups = step / lanes;
+    let (g, lane) = (tid / lanes, tid % lanes);
+    let (vs, vd) = (values.stride(2), values.stride(3));
+    let mut partial = Shared::<[f32]>::new_slice(comptime!(if threads > head_dim {
+        threads
+    } else {
+        head_dim
+    }) as usize);
+    if g < groups {
+        let mut d = lane;
+        while d < hd {
+            let mut acc = 0.0f32;
+            let mut j = pad + g;
+            while j + (UNROLL - 1) * groups < n {
+                let mut vv = Array::<f32>::new(comptime!(UNROLL));
+                #[unroll]
+                for u in 0..UNROLL {
+                    vv[u] = values[v0 + (j + u * groups) * vs + d * vd];
+                }
+                #[unroll]
+                for u in 0..UNROLL {
+                    acc += scores[j + u * groups] * vv[u];
+                }
+                j += UNROLL * groups;
+            }
+            while j < n {
+                acc += scores[j] * values[v0 + j * vs + d * vd];
+                j += groups;
+            }
+            partial[g * hd + d] = acc;
+            d += lanes;
+        }
+    }
+    sync_cube();
     let o0 = b * out.stride(0) + h * out.stride(1);
     let od = out.stride(2);
     let mut d = tid;
     while d < hd {
         let mut acc = 0.0f32;
-        for j in pad..n {
-            acc += scores[j] * values[v0 + j * values.stride(2) + d * values.stride(3)];
+        for g in 0..groups {
+            acc += partial[g * hd + d];
         }
         out[o0 + d * od] = acc / denom;
         d += step;
@@ -143,6 +204,8 @@ pub fn decode_attention(
         || total == 0
         || total > capacity
         || heads % kv_heads != 0
+        || hd % UNROLL != 0
+        || (hd < THREADS as usize && THREADS as usize % hd != 0)
         || q.dtype() != DType::F32
         || pads.dtype() != DType::I32
     {
@@ -166,6 +229,7 @@ pub fn decode_attention(
         softcap.unwrap_or(0.0),
         capacity as u32,
         THREADS,
+        hd as u32,
     );
     Some(from_cube::<3>(out).reshape([b, heads, 1, hd]))
 }

@@ -5,8 +5,9 @@
 //! a u32, low field first, each field a two's-complement integer; `scales` [k, out / 32] holds one f32 per block.
 //! W[i, o] = field(words[i, o / per_word], o % per_word) * scales[i, o / 32].
 //!
-//! A single row (batch-1 decoding, where launches dominate) with k up to `ROW_MAX_K` takes one launch: each cube
-//! splits k among its threads and adds the slices in shared memory (`qmatvec_row_kernel`), the epilogue included.
+//! A single row (batch-1 decoding): each cube's threads split a chunk of k into interleaved slices for a few
+//! adjacent words and add the slices up in shared memory (`qmatvec_row_kernel`); chunks of k spread the rows over
+//! thousands of cubes so that each thread loads only a few rows, and a second small kernel adds the chunks.
 //!
 //! Up to 8 rows: one thread owns one word (per_word adjacent outputs) for every row of x, so a warp reads
 //! consecutive words of one weight row: coalesced. Parallelism along k comes from chunks (the grid's second axis):
@@ -65,22 +66,36 @@ fn qmatvec_kernel(
     for i in 0..rows * per_word {
         acc[i as usize] = 0.0;
     }
-    let mut xv = Array::<f32>::new(comptime!(rows as usize));
-    for k in k0..k1 {
-        let packed = words[k * ws + word];
-        let s = scales[k * ss + scale_col];
+    // ROW_UNROLL rows of k per round, their words and scales loaded together: a thread keeps several loads in
+    // flight instead of waiting out the memory latency for each.
+    let mut k = k0;
+    while k + (ROW_UNROLL as usize) <= k1 {
+        let mut packed = Array::<u32>::new(comptime!(ROW_UNROLL as usize));
+        let mut s = Array::<f32>::new(comptime!(ROW_UNROLL as usize));
         #[unroll]
-        for r in 0..rows {
-            xv[r as usize] = x[r as usize * xs + k] * s;
+        for u in 0..ROW_UNROLL {
+            packed[u as usize] = words[(k + u as usize) * ws + word];
+            s[u as usize] = scales[(k + u as usize) * ss + scale_col];
         }
         #[unroll]
-        for j in 0..per_word {
-            let q = field_value(packed, j, bits);
-            #[unroll]
-            for r in 0..rows {
-                acc[(r * per_word + j) as usize] += xv[r as usize] * q;
-            }
+        for u in 0..ROW_UNROLL {
+            accumulate_rows(
+                &mut acc,
+                x,
+                xs,
+                k + u as usize,
+                packed[u as usize],
+                s[u as usize],
+                bits,
+                rows,
+            );
         }
+        k += ROW_UNROLL as usize;
+    }
+    while k < k1 {
+        let (packed, s) = (words[k * ws + word], scales[k * ss + scale_col]);
+        accumulate_rows(&mut acc, x, xs, k, packed, s, bits, rows);
+        k += 1;
     }
     let base = chunk * partial.stride(0) + word * per_word as usize;
     let row_stride = partial.stride(1);
@@ -231,11 +246,28 @@ const EPILOGUE_RESIDUAL: u32 = 1;
 const EPILOGUE_SILU: u32 = 2;
 const EPILOGUE_GELU_TANH: u32 = 3;
 
+/// The sum over chunks of partial[c, r, o], ROW_UNROLL chunks' loads at a time.
 #[cube]
 fn chunk_sum(partial: &Tensor<f32>, r: usize, o: usize) -> f32 {
+    let (chunks, cs) = (partial.shape(0), partial.stride(0));
+    let at = r * partial.stride(1) + o;
     let mut s = 0.0f32;
-    for c in 0..partial.shape(0) {
-        s += partial[c * partial.stride(0) + r * partial.stride(1) + o];
+    let mut c = 0;
+    while c + (ROW_UNROLL as usize) <= chunks {
+        let mut v = Array::<f32>::new(comptime!(ROW_UNROLL as usize));
+        #[unroll]
+        for u in 0..ROW_UNROLL {
+            v[u as usize] = partial[(c + u as usize) * cs + at];
+        }
+        #[unroll]
+        for u in 0..ROW_UNROLL {
+            s += v[u as usize];
+        }
+        c += ROW_UNROLL as usize;
+    }
+    while c < chunks {
+        s += partial[c * cs + at];
+        c += 1;
     }
     s
 }
@@ -253,6 +285,35 @@ fn activate(gate: f32, #[comptime] epilogue: u32) -> f32 {
 }
 
 /// acc[j] += xv * field j of `packed` (a word of 32 / bits signed fields).
+/// acc[r, j] += x[r, k] * s * field j of `packed`, for every row r of x.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn accumulate_rows(
+    acc: &mut Array<f32>,
+    x: &Tensor<f32>,
+    xs: usize,
+    k: usize,
+    packed: u32,
+    s: f32,
+    #[comptime] bits: u32,
+    #[comptime] rows: u32,
+) {
+    let per_word = comptime!(32 / bits);
+    let mut xv = Array::<f32>::new(comptime!(rows as usize));
+    #[unroll]
+    for r in 0..rows {
+        xv[r as usize] = x[r as usize * xs + k] * s;
+    }
+    #[unroll]
+    for j in 0..per_word {
+        let q = field_value(packed, j, bits);
+        #[unroll]
+        for r in 0..rows {
+            acc[(r * per_word + j) as usize] += xv[r as usize] * q;
+        }
+    }
+}
+
 #[cube]
 fn accumulate_word(acc: &mut Array<f32>, packed: u32, xv: f32, #[comptime] bits: u32) {
     let per_word = comptime!(32 / bits);
@@ -276,56 +337,56 @@ fn field_value(packed: u32, j: u32, #[comptime] bits: u32) -> f32 {
     }
 }
 
-/// Rows of k a thread of the single-row kernel loads at once.
+/// Rows of k (or chunks, when summing them) a thread of these kernels loads at once.
 const ROW_UNROLL: u32 = 4;
-/// Most k the single-row kernel takes: its cubes cover only the output's words, so over a longer k (the down
-/// projection's 18944) too few threads stream too many rows each; the chunked kernels split k across cubes.
-const ROW_MAX_K: usize = 6144;
-
 /// Words (of per_word outputs each) one cube of the single-row kernel owns, and the slices of k its threads split.
 const ROW_WORDS: u32 = 8;
 const ROW_SLICES: u32 = 32;
+/// Rounds of ROW_UNROLL rows each thread of the single-row kernel takes at least, and the most chunks of k it
+/// splits into (longer k takes more rounds). One chunk per projection held a thread to a hundred rows, waiting
+/// on memory (the 3584-wide projections took 32 us each on the H200); a round or two per chunk spends as much on
+/// each cube's reduction and partial sums. On the H200 (Qwen2.5-7B shape, batch 1) 1 round and 64 chunks decoded
+/// at 59 tokens/s, 2 and 32 at 69-70, 8 and 16 at 71-76, 16 and 8 at 72.
+const ROW_MIN_ROUNDS: usize = 8;
+const ROW_MAX_CHUNKS: usize = 16;
+/// Rows of k one round of a single-row cube covers.
+const ROW_ROUND: usize = (ROW_SLICES * ROW_UNROLL) as usize;
 
-/// y = x W for a single row x, epilogue included, in one launch: the cube's 256 threads split k into ROW_SLICES
-/// interleaved slices for ROW_WORDS adjacent words (a warp reads 4 rows x 32 contiguous bytes) and add the slices
-/// up in shared memory, so no partial sums leave the cube. For the gated forms half of a cube's words are gate
-/// words and half the matching up words.
+/// Partial sums of x W over one chunk of k (the grid's second axis) for a single row x: the cube's 256 threads
+/// split the chunk into ROW_SLICES interleaved slices for ROW_WORDS adjacent words (a warp reads 4 rows x 32
+/// contiguous bytes) and add the slices up in shared memory. Writes `partial` like `qmatvec_kernel`.
 #[cube(launch)]
 fn qmatvec_row_kernel(
     x: &Tensor<f32>,
     words: &Tensor<u32>,
     scales: &Tensor<f32>,
-    bias: &Tensor<f32>,
-    residual: &Tensor<f32>,
-    y: &mut Tensor<f32>,
+    partial: &mut Tensor<f32>,
+    chunk_len: u32,
     #[comptime] bits: u32,
-    #[comptime] has_bias: bool,
-    #[comptime] epilogue: u32,
 ) {
     let per_word = comptime!(32 / bits);
-    let gated = comptime!(epilogue == EPILOGUE_SILU || epilogue == EPILOGUE_GELU_TANH);
     let lw = UNIT_POS_X % ROW_WORDS;
     let slice = UNIT_POS_X / ROW_WORDS;
-    // Words per cube along y: all ROW_WORDS, or half of them for the gated forms (each with its up word).
-    let own = comptime!(if gated { ROW_WORDS / 2 } else { ROW_WORDS });
-    let y_words = y.shape(1) / per_word as usize;
-    let first = (CUBE_POS_X * own) as usize + (lw % own) as usize;
-    let word = if lw < own { first } else { first + y_words };
-    let valid = first < y_words;
+    let n_words = words.shape(1);
+    let word = (CUBE_POS_X * ROW_WORDS + lw) as usize;
     let k_dim = words.shape(0);
+    let k0 = CUBE_POS_Y as usize * chunk_len as usize;
+    let k_end = k0 + chunk_len as usize;
+    let k1 = if k_end < k_dim { k_end } else { k_dim };
     let mut acc = Array::<f32>::new(comptime!(per_word as usize));
     #[unroll]
     for j in 0..per_word {
         acc[j as usize] = 0.0;
     }
-    if valid {
+    if word < n_words {
         let scale_col = word * per_word as usize / 32;
         let (ws, ss) = (words.stride(0), scales.stride(0));
         // ROW_UNROLL rows per round, their loads issued together: a thread's loads overlap instead of each
         // waiting out the memory latency alone.
-        let mut k = slice as usize;
+        let mut k = k0 + slice as usize;
         let round = (ROW_SLICES * ROW_UNROLL) as usize;
-        while k + round <= k_dim {
+        let last_of_round = ((ROW_UNROLL - 1) * ROW_SLICES) as usize;
+        while k + last_of_round < k1 {
             let mut packed = Array::<u32>::new(comptime!(ROW_UNROLL as usize));
             let mut xv = Array::<f32>::new(comptime!(ROW_UNROLL as usize));
             #[unroll]
@@ -340,7 +401,7 @@ fn qmatvec_row_kernel(
             }
             k += round;
         }
-        while k < k_dim {
+        while k < k1 {
             accumulate_word(
                 &mut acc,
                 words[k * ws + word],
@@ -372,30 +433,13 @@ fn qmatvec_row_kernel(
         sync_cube();
         step /= 2;
     }
-    // One thread per output of this cube finishes it.
+    // One thread per output of this cube writes its chunk's sum.
     let t = UNIT_POS_X;
-    if t < own * per_word {
-        let (w, j) = (t / per_word, t % per_word);
-        let word = (CUBE_POS_X * own + w) as usize;
-        if word < y_words {
-            let o = word * per_word as usize + j as usize;
-            let mut up = 0.0f32;
-            if gated {
-                up = sums[((w + own) * per_word + j) as usize];
-            }
-            let v = finish_output(
-                sums[(w * per_word + j) as usize],
-                up,
-                bias,
-                residual,
-                0,
-                o,
-                y.shape(1),
-                has_bias,
-                epilogue,
-            );
-            y[o] = v;
-        }
+    let first = (CUBE_POS_X * ROW_WORDS * per_word) as usize;
+    let o = first + t as usize;
+    if t < ROW_WORDS * per_word && o < n_words * per_word as usize {
+        let at = CUBE_POS_Y as usize * partial.stride(0) + o;
+        partial[at] = sums[t as usize];
     }
 }
 
@@ -539,35 +583,31 @@ impl QuantizedWeight {
         let client = xc.client.clone();
         let n_words = self.words.meta.shape()[1];
         let y = empty_like(&xc, [rows, out], DType::F32);
-        if rows == 1 && self.k <= ROW_MAX_K {
-            let own = if out == self.out {
-                ROW_WORDS
-            } else {
-                ROW_WORDS / 2
-            };
-            let cubes = (out / (32 / self.bits as usize)).div_ceil(own as usize);
-            // Absent bias and residual bind a stand-in buffer the kernel never reads.
-            qmatvec_row_kernel::launch(
-                &client,
-                CubeCount::Static(cubes as u32, 1, 1),
-                CubeDim::new_1d(ROW_WORDS * ROW_SLICES),
-                xc.clone().into_tensor_arg(),
-                self.words.clone().into_tensor_arg(),
-                self.scales.clone().into_tensor_arg(),
-                bias.clone().unwrap_or(xc.clone()).into_tensor_arg(),
-                residual.clone().unwrap_or(xc.clone()).into_tensor_arg(),
-                y.clone().into_tensor_arg(),
-                self.bits,
-                bias.is_some(),
-                epilogue,
-            );
-            return Some(from_cube(y));
-        }
         let weight_bytes =
             self.k * self.out * self.bits as usize / 8 + self.k * self.out / BLOCK * 4;
         let partial = |chunks: usize| empty_like(&xc, [chunks, rows, self.out], DType::F32);
         // Every tile of rows in one launch (the grid's third axis), then every row's chunks summed in one more.
-        let partial = if rows <= MATVEC_ROWS {
+        let partial = if rows == 1 {
+            let rounds = ROW_MIN_ROUNDS.max(self.k.div_ceil(ROW_MAX_CHUNKS * ROW_ROUND));
+            let chunk_len = rounds * ROW_ROUND;
+            let partial = partial(self.k.div_ceil(chunk_len));
+            qmatvec_row_kernel::launch(
+                &client,
+                CubeCount::Static(
+                    n_words.div_ceil(ROW_WORDS as usize) as u32,
+                    partial.meta.shape()[0] as u32,
+                    1,
+                ),
+                CubeDim::new_1d(ROW_WORDS * ROW_SLICES),
+                xc.clone().into_tensor_arg(),
+                self.words.clone().into_tensor_arg(),
+                self.scales.clone().into_tensor_arg(),
+                partial.clone().into_tensor_arg(),
+                chunk_len as u32,
+                self.bits,
+            );
+            partial
+        } else if rows <= MATVEC_ROWS {
             // Enough chunks to fill the device, few enough that the partial sums (written and read back: 8 bytes
             // a value) stay within half the weight's bytes.
             let chunks = TARGET_THREADS

@@ -28,7 +28,7 @@ pub struct RidgeBenchArgs {
     pub d_tgt: usize,
     #[arg(long, default_value_t = 100.0)]
     pub lambda: f64,
-    /// Timed repetitions per size (median reported), after one warm-up.
+    /// Rounds per size, each a warm-up and a timed fit of both sides (medians reported).
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
     /// Reference script (scikit-learn) run on the same matrices.
@@ -94,6 +94,75 @@ pub(crate) fn run_reference(cmd: &mut Command, install: &str) -> Result<serde_js
         .map_err(|e| AvbError::Invalid(format!("reference output is not JSON ({e})")))
 }
 
+/// The scikit-learn side as a long-lived process (tests/scripts/bench_ridge_reference.py): it loads the
+/// matrices once and fits on request, so its fits can alternate with ours.
+struct Reference {
+    child: std::process::Child,
+    answers: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Reference {
+    fn start(cmd: &mut Command) -> Result<Self> {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                AvbError::Invalid(format!(
+                    "could not run {:?}: {e}. Fix: install python3 with numpy and scikit-learn.",
+                    cmd.get_program()
+                ))
+            })?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut reference = Reference {
+            child,
+            answers: std::io::BufReader::new(stdout).lines(),
+        };
+        reference.ask(None)?;
+        Ok(reference)
+    }
+
+    /// Send `cmd` (None: just read the next answer) and parse the JSON line that answers it.
+    fn ask(&mut self, cmd: Option<&str>) -> Result<serde_json::Value> {
+        use std::io::Write;
+        let failed = |why: String| {
+            AvbError::Invalid(format!(
+                "the scikit-learn reference failed ({why}); its error output is above. Fix: install python3 with \
+                 numpy and scikit-learn (pip install scikit-learn)."
+            ))
+        };
+        if let Some(cmd) = cmd {
+            let stdin = self.child.stdin.as_mut().expect("piped stdin");
+            writeln!(stdin, "{cmd}")
+                .and_then(|_| stdin.flush())
+                .map_err(|e| failed(format!("sending {cmd:?}: {e}")))?;
+        }
+        let line = match self.answers.next() {
+            Some(Ok(line)) => line,
+            Some(Err(e)) => return Err(failed(e.to_string())),
+            None => return Err(failed("it exited".into())),
+        };
+        serde_json::from_str(&line).map_err(|e| failed(format!("answer {line:?} is not JSON: {e}")))
+    }
+
+    /// One timed fit; its seconds.
+    fn fit(&mut self) -> Result<f64> {
+        let answer = self.ask(Some("fit"))?;
+        answer["s"]
+            .as_f64()
+            .ok_or_else(|| AvbError::Invalid(format!("reference answered {answer} to a fit")))
+    }
+
+    /// Save the last fit's weights; library versions and numpy's sgemm rate.
+    fn finish(mut self) -> Result<serde_json::Value> {
+        let answer = self.ask(Some("finish"))?;
+        let _ = self.child.wait();
+        Ok(answer)
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -127,6 +196,11 @@ fn flops(n: usize, d: usize, t: usize, form: Form) -> f64 {
 }
 
 fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
+    if a.reps == 0 {
+        return Err(AvbError::Invalid(
+            "--reps 0 times nothing. Fix: pass --reps 1 or more.".into(),
+        ));
+    }
     if !a.reference.exists() {
         return Err(AvbError::Invalid(format!(
             "reference script {} not found. Fix: run from the repository root or pass --reference.",
@@ -147,38 +221,54 @@ fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
             .map_err(|e| AvbError::io(&xp, e))?;
         std::fs::write(&yp, npy::to_bytes(y.rows, y.cols, &y.data))
             .map_err(|e| AvbError::io(&yp, e))?;
-        eprintln!("n = {n}: avb (1 warm-up + {} timed)", a.reps);
-        let mut times = Vec::new();
+        let mut sklearn = Reference::start(
+            Command::new(&a.python)
+                .arg(&a.reference)
+                .args([xp.as_os_str(), yp.as_os_str(), wp.as_os_str()])
+                .args(["--lambda", &a.lambda.to_string()]),
+        )?;
+        eprintln!(
+            "n = {n}: {} rounds, each a warm-up and a timed fit of avb and of scikit-learn, in alternating order",
+            a.reps
+        );
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         let mut fitted = None;
-        for _ in 0..=a.reps {
-            let t = Instant::now();
-            let fit = ridge::fit_ridge(&x, &y, a.lambda, Form::Auto, true)?;
-            times.push(t.elapsed().as_secs_f64());
-            fitted = Some(fit);
+        for round in 0..a.reps {
+            for side in [round % 2, 1 - round % 2] {
+                if side == 0 {
+                    let mut fit_once = || -> Result<f64> {
+                        let t = Instant::now();
+                        fitted = Some(ridge::fit_ridge(&x, &y, a.lambda, Form::Auto, true)?);
+                        Ok(t.elapsed().as_secs_f64())
+                    };
+                    fit_once()?;
+                    ours.push(fit_once()?);
+                } else {
+                    sklearn.fit()?;
+                    theirs.push(sklearn.fit()?);
+                }
+            }
+            eprintln!(
+                "n = {n}: round {}: avb {:.2} s, scikit-learn {:.2} s",
+                round + 1,
+                ours[round],
+                theirs[round]
+            );
         }
-        times.remove(0);
-        let fit = fitted.unwrap();
+        let r = sklearn.finish()?;
+        let fit = fitted.expect("at least one round");
         let (map, form) = (fit.map, fit.form);
         let solve = if fit.f32_solve.is_some() {
             "f32"
         } else {
             "f64"
         };
-        let ours = median(times);
-        eprintln!("n = {n}: scikit-learn");
-        let r = run_reference(
-            Command::new(&a.python)
-                .arg(&a.reference)
-                .args([xp.as_os_str(), yp.as_os_str(), wp.as_os_str()])
-                .args([
-                    "--lambda",
-                    &a.lambda.to_string(),
-                    "--reps",
-                    &a.reps.to_string(),
-                ]),
-            "install python3 with numpy and scikit-learn",
-        )?;
-        let theirs = r["median_s"].as_f64().unwrap_or(f64::NAN);
+        let ratios: Vec<f64> = theirs.iter().zip(&ours).map(|(t, o)| t / o).collect();
+        let (ratio_lo, ratio_hi) = ratios.iter().fold((f64::INFINITY, 0f64), |(lo, hi), r| {
+            (lo.min(*r), hi.max(*r))
+        });
+        let ratio_median = median(ratios);
+        let (ours, theirs) = (median(ours), median(theirs));
         let (_, _, w_ref) = npy::read_all(&avb_core::io::FileSource::open(&wp)?)?;
         let num: f64 = map
             .weight
@@ -191,7 +281,7 @@ fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
         let gf = flops(n, a.d_src, a.d_tgt, form) / ours / 1e9;
         let ceiling = rate.max(r["numpy_sgemm_gflops"].as_f64().unwrap_or(0.0));
         rows.push(format!(
-            "| {n} | {} -> {} | {} ({solve} solve) | {ours:.2} | {theirs:.2} | {:.2}x | {gf:.0} | {:.0}% | {:.1e} |",
+            "| {n} | {} -> {} | {} ({solve} solve) | {ours:.2} | {theirs:.2} | {:.2}x | {ratio_median:.2}x ({ratio_lo:.2}x-{ratio_hi:.2}x) | {gf:.0} | {:.0}% | {:.1e} |",
             a.d_src,
             a.d_tgt,
             form.name(),
@@ -215,7 +305,7 @@ fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     let mut table = String::from(
-        "| n | d_src -> d_tgt | avb form | avb s (median) | scikit-learn s (median) | speed-up | avb GFLOP/s | of f32 GEMM ceiling | rel. diff of W vs sklearn |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| n | d_src -> d_tgt | avb form | avb s (median) | scikit-learn s (median) | speed-up (ratio of medians) | speed-up per round: median (min-max) | avb GFLOP/s | of f32 GEMM ceiling | rel. diff of W vs sklearn |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in &rows {
         table.push_str(r);
@@ -233,8 +323,9 @@ fn ridge_bench(a: RidgeBenchArgs) -> Result<()> {
             .unwrap_or_else(|| "unknown CPU".into());
         let doc = format!(
             "# Benchmarks\n\n## Ridge fit (`avb bench ridge`)\n\nCommand: `{}`\n\nMachine: {cpu}, {threads} threads. Inputs: float32, activation-like synthetic pairs \
-             (256-dim shared latent, per-dimension offsets, noise); lambda = {}; both fit an intercept on all n rows. Times are medians of {} runs after a warm-up; \
-             the GEMM ceiling is the fastest of avb's, faer's and numpy's measured sgemm rates in the same run; FLOPs count the algorithm's products and factorisation.\n\n{table}",
+             (256-dim shared latent, per-dimension offsets, noise); lambda = {}; both fit an intercept on all n rows. Each of {} rounds runs a warm-up and a timed fit of each side, the order alternating between rounds so that \
+             both see the same state of the machine; times are medians of the timed fits; \
+             the GEMM ceiling is the fastest of avb's, faer's and numpy's measured sgemm rates in the same run; FLOPs count the classical algorithm's products and factorisation (avb computes general products with every dimension at least 2048, such as the primal form's cross product X^T Y, with one level of Strassen's scheme: 7/8 of their flops), so avb's rate is an effective one.\n\n{table}",
             crate::commands::created_by(),
             a.lambda,
             a.reps

@@ -5,6 +5,7 @@
 use crate::runtime_cmds::{device, DeviceArg, PrecisionArg};
 use avb_core::rng::SplitMix64;
 use avb_core::{AvbError, Result};
+use avb_runtime::generate::Decoder;
 use avb_runtime::model::copy_bandwidth;
 use avb_runtime::{generate, Control, GenerateOptions, Input, Model, ModelConfig, Sampling};
 use std::path::{Path, PathBuf};
@@ -119,6 +120,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct Timing {
     prefill_s: f64,
     generate_s: f64,
+    /// Host seconds per step spent issuing work (the head and argmax, then the next forward pass), and seconds
+    /// per step blocked on reading the chosen ids back: a step whose issuing time nears the whole step is bound
+    /// by the host, not by the device.
+    issue_s: f64,
+    wait_s: f64,
 }
 
 /// One prefill (a forward pass over the prompt, synchronised) and one whole generation of `new` tokens.
@@ -140,18 +146,37 @@ fn time_batch(model: &Model, inputs: &[Input], new: usize, warm_up: bool) -> Res
     // The warm-up compiles every kernel shape of the run (same cache capacity) but stops after a few tokens.
     let mut seen = 0usize;
     let rows = inputs.len();
-    let t = Instant::now();
-    generate(model, inputs, &opts, &mut |_, _| {
+    let mut on_token = |_: usize, _: u32| {
         seen += 1;
         if warm_up && seen >= 4 * rows {
             Control::Stop
         } else {
             Control::Continue
         }
-    })?;
+    };
+    // `generate`'s loop, timed by part.
+    let t = Instant::now();
+    let (mut issue, mut wait, mut steps) = (0.0, 0.0, 0usize);
+    let mut decoder = Decoder::new(model, inputs, &opts)?;
+    loop {
+        let t0 = Instant::now();
+        let Some(readback) = decoder.readback() else {
+            break;
+        };
+        let t1 = Instant::now();
+        let host = readback.read()?;
+        let t2 = Instant::now();
+        decoder.advance(host, &mut on_token)?;
+        issue += (t1 - t0).as_secs_f64() + t2.elapsed().as_secs_f64();
+        wait += (t2 - t1).as_secs_f64();
+        steps += 1;
+    }
+    let steps = steps.max(1) as f64;
     Ok(Timing {
         prefill_s,
         generate_s: t.elapsed().as_secs_f64(),
+        issue_s: issue / steps,
+        wait_s: wait / steps,
     })
 }
 
@@ -323,7 +348,9 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
         }
         let prefill = median(runs.iter().map(|r| r.prefill_s).collect());
         let generate = median(runs.iter().map(|r| r.generate_s).collect());
-        ours.push((b, prefill, generate));
+        let issue = median(runs.iter().map(|r| r.issue_s).collect());
+        let wait = median(runs.iter().map(|r| r.wait_s).collect());
+        ours.push((b, prefill, generate, issue, wait));
     }
     let varied = match a.varied {
         true => Some(varied_table(&a, &model, &mut prompts)?),
@@ -336,9 +363,9 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
     let theirs = theirs?;
     let capacity = (a.prompt + a.new).div_ceil(64) * 64;
     let mut table = String::from(
-        "| batch | prefill s | generate s | tokens/s | explanations/s | decode tokens/s | of bandwidth ceiling | transformers tokens/s | ratio |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| batch | prefill s | generate s | tokens/s | explanations/s | decode tokens/s | of bandwidth ceiling | issue ms/step | wait ms/step | transformers tokens/s | ratio |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
-    for (b, prefill, generate) in &ours {
+    for (b, prefill, generate, issue, wait) in &ours {
         let tps = (*b * a.new) as f64 / generate;
         let decode_tps = (*b * (a.new - 1)) as f64 / (generate - prefill).max(1e-9);
         let step_bytes = weight_bytes(&config, bits) + kv_bytes(&config, *b, capacity);
@@ -355,9 +382,11 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
             None => ("-".into(), "-".into()),
         };
         table.push_str(&format!(
-            "| {b} | {prefill:.3} | {generate:.2} | {tps:.1} | {:.3} | {decode_tps:.1} | {:.1}% | {rt} | {ratio} |\n",
+            "| {b} | {prefill:.3} | {generate:.2} | {tps:.1} | {:.3} | {decode_tps:.1} | {:.1}% | {:.2} | {:.2} | {rt} | {ratio} |\n",
             *b as f64 / generate,
             100.0 * decode_tps / ceiling,
+            1e3 * issue,
+            1e3 * wait,
         ));
     }
     let params = config_params(&config);
@@ -377,7 +406,10 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
          (no stop tokens), greedy; medians of {} runs after a warm-up. Model built on the device in {build_s:.1} s. Copy bandwidth \
          measured in this run: {:.0} GB/s. The bandwidth ceiling of a step is that bandwidth over the bytes a step must read \
          (every weight once, {:.2} GB, plus the KV cache at its capacity of {capacity} positions); `decode tokens/s` leaves the \
-         prefill out; `tokens/s` is batch x new tokens over the whole generation, as transformers' figure is.\n\n{table}\n{reference_line}\n",
+         prefill out; `tokens/s` is batch x new tokens over the whole generation, as transformers' figure is. Each step is split into \
+         host time issuing its work (`issue`: the head and argmax, then the next forward pass, recorded by the host) and \
+         time blocked reading the chosen ids back (`wait`: the device finishing what was issued); a step whose issue time \
+         nears the whole step is bound by the host's launches, not by the device.\n\n{table}\n{reference_line}\n",
         a.shape,
         params as f64 / 1e9,
         config.num_layers,

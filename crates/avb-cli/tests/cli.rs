@@ -1112,6 +1112,14 @@ fn site_build_and_serve() {
 }
 
 #[test]
+fn bench_ridge_refuses_zero_rounds() {
+    fails(
+        &["bench", "ridge", "--reps", "0"],
+        "--reps 0 times nothing. Fix: pass --reps 1 or more.",
+    );
+}
+
+#[test]
 fn bench_decode_runs_a_real_shape_and_refuses_bad_requests() {
     let out = ok(&[
         "bench",

@@ -165,7 +165,7 @@ fn add_product(
     #[cfg(target_arch = "x86_64")]
     if use_kernel(&c, &a.m, &b.m) {
         // SAFETY: AVX2 and FMA were detected, and c is column-major (row stride 1).
-        unsafe { avx2::add_product(c, lower, a, b, alpha, accum) };
+        unsafe { avx2::add_product(c, lower, a, b, alpha, accum, avx2::STRASSEN_MIN_HALF) };
         return;
     }
     let shifted = |o: &Shifted<'_>| match o.shift {
@@ -268,6 +268,34 @@ mod avx2 {
                 col_shift,
             }
         }
+        /// The same matrix from (i, j) on: a block of it, for Strassen's quadrants.
+        fn offset(self, i: usize, j: usize) -> Self {
+            Src {
+                ptr: self
+                    .ptr
+                    .wrapping_offset(i as isize * self.rs + j as isize * self.cs),
+                row_shift: if self.row_shift.is_null() {
+                    self.row_shift
+                } else {
+                    self.row_shift.wrapping_add(i)
+                },
+                col_shift: if self.col_shift.is_null() {
+                    self.col_shift
+                } else {
+                    self.col_shift.wrapping_add(j)
+                },
+                ..self
+            }
+        }
+        fn transpose(self) -> Self {
+            Src {
+                ptr: self.ptr,
+                rs: self.cs,
+                cs: self.rs,
+                row_shift: self.col_shift,
+                col_shift: self.row_shift,
+            }
+        }
         /// SAFETY: (i, j) inside the matrix this was made from.
         unsafe fn at(self, i: usize, j: usize) -> *const f32 {
             self.ptr
@@ -291,24 +319,84 @@ mod avx2 {
         }
     }
 
-    /// C's column-major storage; threads write disjoint column blocks.
+    /// A product's operand as packed: one block, or the sum of two equally shaped blocks with a sign on the
+    /// second (Strassen's operand sums, formed while packing rather than in memory).
     #[derive(Clone, Copy)]
-    struct Dst {
+    struct Operand {
+        first: Src,
+        second: Option<(Src, f32)>,
+    }
+
+    impl Operand {
+        fn one(first: Src) -> Self {
+            Operand {
+                first,
+                second: None,
+            }
+        }
+        fn plus(first: Src, second: Src) -> Self {
+            Operand {
+                first,
+                second: Some((second, 1.0)),
+            }
+        }
+        fn minus(first: Src, second: Src) -> Self {
+            Operand {
+                first,
+                second: Some((second, -1.0)),
+            }
+        }
+        fn transpose(self) -> Self {
+            Operand {
+                first: self.first.transpose(),
+                second: self.second.map(|(s, sign)| (s.transpose(), sign)),
+            }
+        }
+        /// Every term from (i, j) on.
+        fn offset(self, i: usize, j: usize) -> Self {
+            Operand {
+                first: self.first.offset(i, j),
+                second: self.second.map(|(s, sign)| (s.offset(i, j), sign)),
+            }
+        }
+    }
+
+    /// Where a product lands in C (column-major, a block of it from `ptr` on): c = alpha p when `replace`, else
+    /// c += alpha p. Threads write disjoint column blocks.
+    #[derive(Clone, Copy)]
+    struct Target {
         ptr: *mut f32,
         ldc: usize,
-    }
-    unsafe impl Send for Dst {}
-    unsafe impl Sync for Dst {}
-
-    /// How a tile's product enters C: c = alpha p, or c += alpha p.
-    #[derive(Clone, Copy)]
-    struct Write {
         alpha: f32,
-        add: bool,
+        replace: bool,
     }
+    unsafe impl Send for Target {}
+    unsafe impl Sync for Target {}
+
+    impl Target {
+        fn offset(self, i: usize, j: usize) -> Self {
+            Target {
+                ptr: self.ptr.wrapping_add(i + j * self.ldc),
+                ..self
+            }
+        }
+        /// This block's share of a Strassen product: `sign`, and a replacing store only for its first product.
+        fn share(self, sign: f32, first: bool) -> Self {
+            Target {
+                alpha: sign * self.alpha,
+                replace: self.replace && first,
+                ..self
+            }
+        }
+    }
+
+    /// Strassen's one-level scheme pays above this size of every half (the kernel runs at its full rate on
+    /// halves this large, and the operand sums cost a pass over A and B, small next to an eighth of the flops).
+    pub(super) const STRASSEN_MIN_HALF: usize = 1024;
 
     /// c = alpha a b or c += alpha a b (with `lower`, tiles strictly above the diagonal are skipped). A replacing
     /// product stores its first K slice without reading C: one pass over C fewer, and no zeroing beforehand.
+    /// Large general products take one level of Strassen's scheme (`strassen_min_half`: the smallest half).
     ///
     /// SAFETY: the CPU has AVX2 and FMA; c has row stride 1 and the shapes agree.
     pub(super) unsafe fn add_product(
@@ -318,6 +406,7 @@ mod avx2 {
         b: Shifted<'_>,
         alpha: f32,
         accum: Accum,
+        strassen_min_half: usize,
     ) {
         let (m, n, k) = (a.m.nrows(), b.m.ncols(), a.m.ncols());
         if k == 0 {
@@ -326,11 +415,104 @@ mod avx2 {
             }
             return;
         }
-        let dst = Dst {
+        let target = Target {
             ptr: c.as_ptr_mut(),
             ldc: c.col_stride() as usize,
+            alpha,
+            replace: accum == Accum::Replace,
         };
-        let (sa, sb) = (Src::of(&a), Src::of(&b));
+        let (a, b) = (Src::of(&a), Src::of(&b));
+        if !lower && m.min(n).min(k) / 2 >= strassen_min_half {
+            strassen(target, a, b, m, n, k);
+        } else {
+            run(&[target], lower, Operand::one(a), Operand::one(b), m, n, k);
+        }
+    }
+
+    /// One level of Strassen's scheme: seven half-size products instead of eight. The operand sums are formed
+    /// while packing and each product is stored into the one or two quadrants of C it enters, so nothing of
+    /// A, B or C is copied. An odd last row, column or K index is added by ordinary products.
+    fn strassen(t: Target, a: Src, b: Src, m: usize, n: usize, k: usize) {
+        let (m2, n2, k2) = (m / 2, n / 2, k / 2);
+        let (a11, a12, a21, a22) = (a, a.offset(0, k2), a.offset(m2, 0), a.offset(m2, k2));
+        let (b11, b12, b21, b22) = (b, b.offset(0, n2), b.offset(k2, 0), b.offset(k2, n2));
+        let (c11, c12, c21, c22) = (t, t.offset(0, n2), t.offset(m2, 0), t.offset(m2, n2));
+        let half =
+            |targets: &[Target], a: Operand, b: Operand| run(targets, false, a, b, m2, n2, k2);
+        half(
+            &[c11.share(1.0, true), c22.share(1.0, true)],
+            Operand::plus(a11, a22),
+            Operand::plus(b11, b22),
+        );
+        half(
+            &[c21.share(1.0, true), c22.share(-1.0, false)],
+            Operand::plus(a21, a22),
+            Operand::one(b11),
+        );
+        half(
+            &[c12.share(1.0, true), c22.share(1.0, false)],
+            Operand::one(a11),
+            Operand::minus(b12, b22),
+        );
+        half(
+            &[c11.share(1.0, false), c21.share(1.0, false)],
+            Operand::one(a22),
+            Operand::minus(b21, b11),
+        );
+        half(
+            &[c11.share(-1.0, false), c12.share(1.0, false)],
+            Operand::plus(a11, a12),
+            Operand::one(b22),
+        );
+        half(
+            &[c22.share(1.0, false)],
+            Operand::minus(a21, a11),
+            Operand::plus(b11, b12),
+        );
+        half(
+            &[c11.share(1.0, false)],
+            Operand::minus(a12, a22),
+            Operand::plus(b21, b22),
+        );
+        let (a, b) = (Operand::one(a), Operand::one(b));
+        if k > 2 * k2 {
+            let last = [t.share(1.0, false)];
+            run(
+                &last,
+                false,
+                a.offset(0, 2 * k2),
+                b.offset(2 * k2, 0),
+                2 * m2,
+                2 * n2,
+                1,
+            );
+        }
+        if m > 2 * m2 {
+            run(
+                &[t.offset(2 * m2, 0)],
+                false,
+                a.offset(2 * m2, 0),
+                b,
+                1,
+                n,
+                k,
+            );
+        }
+        if n > 2 * n2 {
+            run(
+                &[t.offset(0, 2 * n2)],
+                false,
+                a,
+                b.offset(0, 2 * n2),
+                2 * m2,
+                1,
+                k,
+            );
+        }
+    }
+
+    /// The packed product a b (m x n, depth k) into every target.
+    fn run(targets: &[Target], lower: bool, a: Operand, b: Operand, m: usize, n: usize, k: usize) {
         let n_panels = n.div_ceil(NR);
         // Column blocks in a multiple of the thread count, so the last round keeps every core busy.
         let threads = threads();
@@ -343,13 +525,9 @@ mod avx2 {
             let bounds = block_bounds(n_panels, blocks, lower.then_some((ic, mc)));
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
-                let write = Write {
-                    alpha,
-                    add: pc > 0 || accum == Accum::Add,
-                };
                 pack_a(
                     &mut packed_a[..kc * mc.div_ceil(MR) * MR],
-                    sa,
+                    a,
                     ic,
                     pc,
                     mc,
@@ -362,14 +540,32 @@ mod avx2 {
                     if lower && jc >= ic + mc {
                         return;
                     }
-                    pack_b(packed_b, sb, pc, jc, kc, nc);
-                    // SAFETY: the caller's CPU features; the block's columns are this thread's alone.
-                    unsafe {
-                        block_product(dst, lower, packed_a, packed_b, ic, mc, jc, nc, kc, write)
+                    pack_b(packed_b, b, pc, jc, kc, nc);
+                    let tile = TileSpan {
+                        ic,
+                        mc,
+                        jc,
+                        nc,
+                        kc,
+                        first_slice: pc == 0,
                     };
+                    // SAFETY: the caller's CPU features; the block's columns are this thread's alone.
+                    unsafe { block_product(targets, lower, packed_a, packed_b, tile) };
                 });
             }
         }
+    }
+
+    /// The rows and columns of C that one packed A slice and one packed B block cover, and whether this K
+    /// slice is the product's first (a replacing target stores rather than adds).
+    #[derive(Clone, Copy)]
+    struct TileSpan {
+        ic: usize,
+        mc: usize,
+        jc: usize,
+        nc: usize,
+        kc: usize,
+        first_slice: bool,
     }
 
     /// Column blocks as panel ranges: `blocks` equal ones, or for a lower-triangle product against the rows
@@ -433,92 +629,110 @@ mod avx2 {
         }
     }
 
-    /// A[ic.., pc..] (mc x kc) as MR-row panels, each kc columns of MR values, zero-padded.
-    fn pack_a(out: &mut [f32], a: Src, ic: usize, pc: usize, mc: usize, kc: usize) {
-        let pack_panel = |p: usize, panel: &mut [f32]| {
-            let (i0, rows) = (ic + p * MR, MR.min(mc - p * MR));
-            // SAFETY: rows i0..i0+rows and columns pc..pc+kc are inside A.
+    /// How packing writes a value: the first term of an operand stores it, a second term adds it with a sign.
+    #[derive(Clone, Copy)]
+    enum Put {
+        Store,
+        Add(f32),
+    }
+
+    impl Put {
+        #[inline(always)]
+        fn put(self, slot: &mut f32, v: f32) {
+            match self {
+                Put::Store => *slot = v,
+                Put::Add(sign) => *slot += sign * v,
+            }
+        }
+    }
+
+    /// Each term of an operand, with how it enters the packed buffer.
+    fn terms(o: Operand) -> impl Iterator<Item = (Src, Put)> {
+        std::iter::once((o.first, Put::Store)).chain(o.second.map(|(s, sign)| (s, Put::Add(sign))))
+    }
+
+    /// Rows i0..i0 + rows (at most W) of `a` over columns pc..pc + kc as one panel: kc groups of W values,
+    /// zero-padded, each term of the operand stored or added. B's panels are panels of B^T.
+    fn pack_panel<const W: usize>(
+        panel: &mut [f32],
+        a: Operand,
+        (i0, rows): (usize, usize),
+        (pc, kc): (usize, usize),
+    ) {
+        if rows < W {
+            panel.fill(0.0);
+        }
+        for (a, put) in terms(a) {
+            // SAFETY: rows i0..i0+rows and columns pc..pc+kc are inside the operand.
             unsafe {
-                if a.rs == 1 && rows == MR {
-                    let row_shift: [f32; MR] = std::array::from_fn(|r| a.row_shift(i0 + r));
-                    for (kk, col) in panel.chunks_exact_mut(MR).enumerate() {
+                if a.rs == 1 && rows == W {
+                    let row_shift: [f32; W] = std::array::from_fn(|r| a.row_shift(i0 + r));
+                    for (kk, col) in panel.chunks_exact_mut(W).enumerate() {
                         let (src, col_shift) = (a.at(i0, pc + kk), a.col_shift(pc + kk));
                         for (r, v) in col.iter_mut().enumerate() {
-                            *v = *src.wrapping_add(r) - row_shift[r] - col_shift;
+                            put.put(v, *src.wrapping_add(r) - row_shift[r] - col_shift);
                         }
                     }
                 } else {
-                    panel.fill(0.0);
                     for ii in 0..rows {
                         let (src, row_shift) = (a.at(i0 + ii, pc), a.row_shift(i0 + ii));
                         for kk in 0..kc {
                             let v = *src.wrapping_offset(kk as isize * a.cs) - row_shift;
-                            panel[kk * MR + ii] = v - a.col_shift(pc + kk);
+                            put.put(&mut panel[kk * W + ii], v - a.col_shift(pc + kk));
                         }
                     }
                 }
             }
+        }
+    }
+
+    /// A[ic.., pc..] (mc x kc) as MR-row panels, each kc columns of MR values, zero-padded.
+    fn pack_a(out: &mut [f32], a: Operand, ic: usize, pc: usize, mc: usize, kc: usize) {
+        let pack = |p: usize, panel: &mut [f32]| {
+            pack_panel::<MR>(panel, a, (ic + p * MR, MR.min(mc - p * MR)), (pc, kc));
         };
         #[cfg(feature = "parallel")]
         {
             use rayon::prelude::*;
             out.par_chunks_mut(kc * MR)
                 .enumerate()
-                .for_each(|(p, panel)| pack_panel(p, panel));
+                .for_each(|(p, panel)| pack(p, panel));
         }
         #[cfg(not(feature = "parallel"))]
         out.chunks_mut(kc * MR)
             .enumerate()
-            .for_each(|(p, panel)| pack_panel(p, panel));
+            .for_each(|(p, panel)| pack(p, panel));
     }
 
     /// B[pc.., jc..] (kc x nc) as NR-column panels, each kc rows of NR values, zero-padded.
-    fn pack_b(out: &mut [f32], b: Src, pc: usize, jc: usize, kc: usize, nc: usize) {
+    fn pack_b(out: &mut [f32], b: Operand, pc: usize, jc: usize, kc: usize, nc: usize) {
+        let bt = b.transpose();
         for (q, panel) in out[..nc.div_ceil(NR) * NR * kc]
             .chunks_exact_mut(NR * kc)
             .enumerate()
         {
-            let (j0, cols) = (jc + q * NR, NR.min(nc - q * NR));
-            // SAFETY: rows pc..pc+kc and columns j0..j0+cols are inside B.
-            unsafe {
-                if b.cs == 1 && cols == NR {
-                    let col_shift: [f32; NR] = std::array::from_fn(|c| b.col_shift(j0 + c));
-                    for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
-                        let (src, row_shift) = (b.at(pc + kk, j0), b.row_shift(pc + kk));
-                        for (c, v) in row.iter_mut().enumerate() {
-                            *v = *src.wrapping_add(c) - col_shift[c] - row_shift;
-                        }
-                    }
-                } else {
-                    panel.fill(0.0);
-                    for jj in 0..cols {
-                        let (src, col_shift) = (b.at(pc, j0 + jj), b.col_shift(j0 + jj));
-                        for kk in 0..kc {
-                            let v = *src.wrapping_offset(kk as isize * b.rs) - col_shift;
-                            panel[kk * NR + jj] = v - b.row_shift(pc + kk);
-                        }
-                    }
-                }
-            }
+            pack_panel::<NR>(panel, bt, (jc + q * NR, NR.min(nc - q * NR)), (pc, kc));
         }
     }
 
-    /// The packed A slice against one packed B block: every MR x NR tile of C[ic.., jc..]. Each A micro-panel
-    /// stays in L1 while the block's B micro-panels stream past it from L2.
-    #[allow(clippy::too_many_arguments)]
+    /// The packed A slice against one packed B block: every MR x NR tile of C[ic.., jc..] in every target. Each
+    /// A micro-panel stays in L1 while the block's B micro-panels stream past it from L2.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn block_product(
-        c: Dst,
+        targets: &[Target],
         lower: bool,
         packed_a: &[f32],
         packed_b: &[f32],
-        ic: usize,
-        mc: usize,
-        jc: usize,
-        nc: usize,
-        kc: usize,
-        write: Write,
+        span: TileSpan,
     ) {
+        let TileSpan {
+            ic,
+            mc,
+            jc,
+            nc,
+            kc,
+            first_slice,
+        } = span;
         for p in 0..mc.div_ceil(MR) {
             let (i0, rows) = (ic + p * MR, MR.min(mc - p * MR));
             if lower && i0 + rows <= jc {
@@ -530,42 +744,32 @@ mod avx2 {
                 if lower && j0 >= i0 + rows {
                     break;
                 }
-                let pb = packed_b.as_ptr().add(q * kc * NR);
-                tile(
-                    kc,
-                    pa,
-                    pb,
-                    c.ptr.wrapping_add(i0 + j0 * c.ldc),
-                    c.ldc,
-                    rows,
-                    cols,
-                    write,
-                );
+                // C's tiles are touched once per K slice and usually not in cache: fetch them while the
+                // products run.
+                for t in targets {
+                    let c = t.offset(i0, j0).ptr;
+                    for j in 0..cols {
+                        _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(j * t.ldc) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            c.wrapping_add(j * t.ldc + rows - 1) as *const i8
+                        );
+                    }
+                }
+                let acc = tile_product(kc, pa, packed_b.as_ptr().add(q * kc * NR));
+                for t in targets {
+                    let add = !first_slice || !t.replace;
+                    store_tile(&acc, t.offset(i0, j0), rows, cols, add);
+                }
             }
         }
     }
 
-    /// C[0..rows, 0..cols] (+)= alpha * (packed A panel) (packed B panel), accumulated in registers.
-    #[allow(clippy::too_many_arguments)]
+    /// A packed MR x kc A panel times a packed kc x NR B panel, accumulated in registers.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn tile(
-        kc: usize,
-        pa: *const f32,
-        pb: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        rows: usize,
-        cols: usize,
-        write: Write,
-    ) {
+    unsafe fn tile_product(kc: usize, pa: *const f32, pb: *const f32) -> [[__m256; 2]; NR] {
         // Pointer steps wrap rather than add: identical code, but test builds (debug assertions on) would check
-        // every step of this loop. C's tile is touched once per KC slice and usually not in cache: fetch it
-        // while the products run.
-        for j in 0..cols {
-            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(j * ldc) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(j * ldc + rows - 1) as *const i8);
-        }
+        // every step of this loop.
         let mut acc = [[_mm256_setzero_ps(); 2]; NR];
         let (mut pa, mut pb) = (pa, pb);
         for _ in 0..kc {
@@ -579,12 +783,20 @@ mod avx2 {
             pa = pa.wrapping_add(MR);
             pb = pb.wrapping_add(NR);
         }
-        let va = _mm256_set1_ps(write.alpha);
+        acc
+    }
+
+    /// C[0..rows, 0..cols] of the target (+)= alpha * acc.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn store_tile(acc: &[[__m256; 2]; NR], t: Target, rows: usize, cols: usize, add: bool) {
+        let (c, ldc) = (t.ptr, t.ldc);
+        let va = _mm256_set1_ps(t.alpha);
         if rows == MR && cols == NR {
             for (j, acc_j) in acc.iter().enumerate() {
                 for (half, acc_half) in acc_j.iter().enumerate() {
                     let cj = c.wrapping_add(j * ldc + 8 * half);
-                    let v = if write.add {
+                    let v = if add {
                         _mm256_fmadd_ps(*acc_half, va, _mm256_loadu_ps(cj))
                     } else {
                         _mm256_mul_ps(*acc_half, va)
@@ -600,8 +812,8 @@ mod avx2 {
             }
             for j in 0..cols {
                 for i in 0..rows {
-                    let (cij, v) = (c.wrapping_add(i + j * ldc), write.alpha * spill[j * MR + i]);
-                    *cij = if write.add { *cij + v } else { v };
+                    let (cij, v) = (c.wrapping_add(i + j * ldc), t.alpha * spill[j * MR + i]);
+                    *cij = if add { *cij + v } else { v };
                 }
             }
         }
@@ -670,6 +882,47 @@ mod tests {
             let want = naive(xt.as_ref(), x.as_ref());
             let err = max_rel_err(lower_product(xt.as_ref(), x.as_ref()).as_ref(), &want, true);
             assert!(err < 1e-5, "{d}x{d} from n = {n}: relative error {err}");
+        }
+    }
+
+    /// One level of Strassen's scheme (forced at small sizes) equals the f64 product: even and odd shapes (the
+    /// odd last row, column and K index are added separately), both layouts, shifts on either axis, replacing
+    /// and accumulating with a sign.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn strassen_products_match_f64_reference() {
+        if !kernel_available() {
+            return;
+        }
+        for &(m, n, k) in &[(64, 48, 300), (67, 53, 301), (66, 49, 300), (97, 64, 513)] {
+            let (a, b) = (random(m, k, 11), random(k, n, 12));
+            let (sa, sb): (Vec<f32>, Vec<f32>) = (
+                (0..m).map(|i| i as f32 * 0.01).collect(),
+                (0..n).map(|j| 1.0 - j as f32 * 0.02).collect(),
+            );
+            let ac = Mat::from_fn(m, k, |i, j| a[(i, j)] - sa[i]);
+            let bc = Mat::from_fn(k, n, |i, j| b[(i, j)] - sb[j]);
+            let want = naive(ac.as_ref(), bc.as_ref());
+            let at = a.transpose().to_owned();
+            let start = random(m, n, 13);
+            for a_view in [a.as_ref(), at.as_ref().transpose()] {
+                let a_op = Shifted {
+                    m: a_view,
+                    shift: Shift::Rows(&sa),
+                };
+                let b_op = Shifted::minus_row(b.as_ref(), &sb);
+                let mut c = Mat::<f32>::zeros(m, n);
+                // SAFETY: the kernel is available (checked above); c is column-major.
+                unsafe { avx2::add_product(c.as_mut(), false, a_op, b_op, 1.0, Accum::Replace, 8) };
+                let err = max_rel_err(c.as_ref(), &want, false);
+                assert!(err < 1e-5, "{m}x{n}x{k}: relative error {err}");
+                let mut c = start.clone();
+                // SAFETY: as above.
+                unsafe { avx2::add_product(c.as_mut(), false, a_op, b_op, -1.0, Accum::Add, 8) };
+                let want_sub = Mat::from_fn(m, n, |i, j| start[(i, j)] as f64 - want[(i, j)]);
+                let err = max_rel_err(c.as_ref(), &want_sub, false);
+                assert!(err < 1e-5, "{m}x{n}x{k} accumulated: relative error {err}");
+            }
         }
     }
 

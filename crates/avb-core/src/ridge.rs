@@ -102,14 +102,34 @@ fn to_f32(m: MatRef<'_, f64>) -> Mat<f32> {
 /// Column means in f64 (zeros when not fitting an intercept).
 fn column_means(m: &Matrix, fit_intercept: bool) -> Vec<f64> {
     let mut mean = vec![0f64; m.cols];
-    if fit_intercept && m.rows > 0 {
-        for i in 0..m.rows {
-            for (a, v) in mean.iter_mut().zip(m.row(i)) {
+    if !fit_intercept || m.rows == 0 {
+        return mean;
+    }
+    // Fixed blocks of rows summed on all cores, then added in block order: the same sums whatever the threads.
+    const BLOCK_ROWS: usize = 1024;
+    let block_sums = |rows: &[f32]| {
+        let mut sums = vec![0f64; m.cols];
+        for row in rows.chunks_exact(m.cols) {
+            for (a, v) in sums.iter_mut().zip(row) {
                 *a += *v as f64;
             }
         }
-        mean.iter_mut().for_each(|a| *a /= m.rows as f64);
+        sums
+    };
+    #[cfg(feature = "parallel")]
+    let blocks: Vec<Vec<f64>> = {
+        use rayon::prelude::*;
+        m.data
+            .par_chunks(BLOCK_ROWS * m.cols)
+            .map(block_sums)
+            .collect()
+    };
+    #[cfg(not(feature = "parallel"))]
+    let blocks: Vec<Vec<f64>> = m.data.chunks(BLOCK_ROWS * m.cols).map(block_sums).collect();
+    for sums in &blocks {
+        mean.iter_mut().zip(sums).for_each(|(a, s)| *a += s);
     }
+    mean.iter_mut().for_each(|a| *a /= m.rows as f64);
     mean
 }
 
@@ -181,7 +201,10 @@ fn to_row_major(m: MatRef<'_, f32>) -> Matrix {
     Matrix::new(r, c, out)
 }
 
-fn check_pair(x: &Matrix, y: &Matrix) -> Result<()> {
+/// Both sides non-empty, on the same rows and finite; returns their column means. The finiteness check rides on
+/// the sums (a NaN or Inf makes its column's sum non-finite), so only a failing input is searched again for the
+/// cell to name.
+fn check_pair(x: &Matrix, y: &Matrix) -> Result<(Vec<f64>, Vec<f64>)> {
     x.check_nonempty("source activations")?;
     y.check_nonempty("target activations")?;
     if x.rows != y.rows {
@@ -191,8 +214,17 @@ fn check_pair(x: &Matrix, y: &Matrix) -> Result<()> {
             "capture both models on the same corpus rows (same row ids, same order)",
         ));
     }
-    x.check_finite("source activations")?;
-    y.check_finite("target activations")
+    let checked_means = |m: &Matrix, what: &str| -> Result<Vec<f64>> {
+        let mean = column_means(m, true);
+        if mean.iter().any(|v| !v.is_finite()) {
+            m.check_finite(what)?;
+        }
+        Ok(mean)
+    };
+    Ok((
+        checked_means(x, "source activations")?,
+        checked_means(y, "target activations")?,
+    ))
 }
 
 fn check_lambda(lambda: f64) -> Result<()> {
@@ -232,12 +264,11 @@ pub fn fit_ridge(
     form: Form,
     fit_intercept: bool,
 ) -> Result<RidgeFit> {
-    check_pair(x, y)?;
-    check_lambda(lambda)?;
-    let form = form.resolve(x.rows, x.cols);
     // Always centre before the f32 products: activations carry a large shared offset that f32 sums would
     // lose. Without an intercept the rank-one terms are added back in f64.
-    let (xm, ym) = (column_means(x, true), column_means(y, true));
+    let (xm, ym) = check_pair(x, y)?;
+    check_lambda(lambda)?;
+    let form = form.resolve(x.rows, x.cols);
     // Xc = X - 1 xm^T, its transpose and Yc as shifted views of the row-major inputs: the products centre
     // while they pack their operands, so the inputs are never copied.
     let (xm32, ym32) = (to_f32_vec(&xm), to_f32_vec(&ym));
@@ -609,11 +640,11 @@ fn check_solution(w: &Matrix, form: Form, lambda: f64) -> Result<()> {
 /// Orthogonal Procrustes with a least-squares scale: W = s U V^T from the SVD of Xc^T Yc, s = sum(sigma) /
 /// ||Xc||_F^2. When d_src != d_tgt, U V^T is semi-orthogonal (orthonormal rows or columns).
 pub fn fit_procrustes(x: &Matrix, y: &Matrix, fit_intercept: bool) -> Result<AffineMap> {
-    check_pair(x, y)?;
-    let (xm, ym) = (
-        column_means(x, fit_intercept),
-        column_means(y, fit_intercept),
-    );
+    let (mut xm, mut ym) = check_pair(x, y)?;
+    if !fit_intercept {
+        xm.fill(0.0);
+        ym.fill(0.0);
+    }
     let (xct, yct) = (centered_t(x, &xm), centered_t(y, &ym));
     // In f64: U V^T along weak singular directions is sensitive to rounding in Xc^T Yc.
     let m = to_f64(xct.as_ref()) * to_f64(yct.as_ref()).transpose();
