@@ -1,4 +1,5 @@
-//! RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w over the last dimension, one cube per row.
+//! RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w over the last dimension, one cube per row; optionally added to a
+//! residual in the same launch (Gemma-3's post-norms: residual + norm(sublayer output)).
 
 use crate::cube::{empty_like, from_cube, to_cube};
 use burn::tensor::{DType, Tensor as BurnTensor};
@@ -13,9 +14,11 @@ const THREADS: u32 = 128;
 fn rms_norm_kernel(
     x: &Tensor<f32>,
     weight: &Tensor<f32>,
+    residual: &Tensor<f32>,
     y: &mut Tensor<f32>,
     eps: f32,
     #[comptime] threads: u32,
+    #[comptime] add_residual: bool,
 ) {
     let row = CUBE_POS_X as usize;
     let d = x.shape(1);
@@ -44,20 +47,28 @@ fn rms_norm_kernel(
     }
     let scale = 1.0f32 / (partial[0] / f32::cast_from(d as u32) + eps).sqrt();
     let mut i = tid;
+    let r0 = row * residual.stride(0);
     while i < d {
-        y[y0 + i] = x[x0 + i] * scale * weight[i];
+        let mut v = x[x0 + i] * scale * weight[i];
+        if add_residual {
+            v += residual[r0 + i];
+        }
+        y[y0 + i] = v;
         i += step;
     }
 }
 
-/// RMSNorm of every row of `x` ([.., d], f32) with `weight` [d]; `None` when `x` is not on a CubeCL device (the
-/// caller keeps its generic path).
+/// RMSNorm of every row of `x` ([.., d], f32) with `weight` [d], plus `residual` (x's shape) when given; `None`
+/// when `x` is not on a CubeCL device (the caller keeps its generic path).
 pub fn rms_norm<const D: usize>(
     x: &BurnTensor<D>,
     weight: &BurnTensor<1>,
     eps: f32,
+    residual: Option<&BurnTensor<D>>,
 ) -> Option<BurnTensor<D>> {
-    if x.dtype() != DType::F32 {
+    if x.dtype() != DType::F32
+        || residual.is_some_and(|r| r.dims() != x.dims() || r.dtype() != DType::F32)
+    {
         return None;
     }
     let dims = x.dims();
@@ -67,8 +78,14 @@ pub fn rms_norm<const D: usize>(
     if rows > u16::MAX as usize {
         return None;
     }
-    let xc = into_contiguous(to_cube(&x.clone().reshape([rows, d]))?);
+    let flat = |t: &BurnTensor<D>| Some(into_contiguous(to_cube(&t.clone().reshape([rows, d]))?));
+    let xc = flat(x)?;
     let wc = to_cube(weight)?;
+    // Without a residual the kernel binds x in its place and never reads it as such.
+    let rc = match residual {
+        Some(r) => flat(r)?,
+        None => xc.clone(),
+    };
     let y = empty_like(&xc, [rows, d], DType::F32);
     rms_norm_kernel::launch(
         &y.client,
@@ -76,9 +93,11 @@ pub fn rms_norm<const D: usize>(
         CubeDim::new_1d(THREADS),
         xc.into_tensor_arg(),
         wc.into_tensor_arg(),
+        rc.into_tensor_arg(),
         y.clone().into_tensor_arg(),
         eps,
         THREADS,
+        residual.is_some(),
     );
     Some(from_cube::<2>(y).reshape(dims))
 }

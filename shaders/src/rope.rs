@@ -1,5 +1,6 @@
 //! Rotate-half RoPE fused with the move of the heads axis: [b, t, heads, hd] (any strides, e.g. a view of a
-//! projection's output) to [b, heads, t, hd] contiguous, in one launch instead of about six.
+//! projection's output) to [b, heads, t, hd] contiguous, in one launch instead of about six; and a decoding
+//! step's whole q/k/v post-processing (per-head norms, RoPE, KV-cache writes) in one launch.
 
 use crate::cube::{empty_like, from_cube, to_cube};
 use burn::backend::{BackendTensor, DispatchTensorKind};
@@ -25,11 +26,11 @@ fn rope_kernel(x: &Tensor<f32>, cos: &Tensor<f32>, sin: &Tensor<f32>, y: &mut Te
     let h = rest % n;
     let b = rest / n;
     let x0 = b * x.stride(0) + p * x.stride(1) + h * x.stride(2);
-    y[i] = rotated_at(x, x0, x.stride(3), d, hd, cos, sin, b, p);
+    y[i] = rotated_at(x, x0, x.stride(3), d, hd, cos, sin, b, p, cos, 1.0, false);
 }
 
 /// Element d of one head's rotate-half RoPE at position p of row b: x * cos + rotate_half(x) * sin, the head's
-/// values at x[x0 + j * xs].
+/// values at x[x0 + j * xs]; with `normed`, of the head RMS-normalised first: x[j] * inv_rms * w[j].
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn rotated_at(
@@ -42,15 +43,32 @@ fn rotated_at(
     sin: &Tensor<f32>,
     b: usize,
     p: usize,
+    w: &Tensor<f32>,
+    inv_rms: f32,
+    #[comptime] normed: bool,
 ) -> f32 {
     let half = hd / 2;
-    let rotated = if d < half {
-        -x[x0 + (d + half) * xs]
-    } else {
-        x[x0 + (d - half) * xs]
-    };
+    let partner = if d < half { d + half } else { d - half };
+    let mut own = x[x0 + d * xs];
+    let mut other = x[x0 + partner * xs];
+    if normed {
+        own *= inv_rms * w[d];
+        other *= inv_rms * w[partner];
+    }
+    let rotated = if d < half { -other } else { other };
     let c = b * cos.stride(0) + p * cos.stride(2) + d * cos.stride(3);
-    x[x0 + d * xs] * cos[c] + rotated * sin[c]
+    own * cos[c] + rotated * sin[c]
+}
+
+/// 1 / sqrt(mean of squares + eps) of the head at x[x0 + j * xs], j < hd.
+#[cube]
+fn head_inv_rms(x: &Tensor<f32>, x0: usize, xs: usize, hd: usize, eps: f32) -> f32 {
+    let mut sum = 0.0f32;
+    for j in 0..hd {
+        let v = x[x0 + j * xs];
+        sum += v * v;
+    }
+    1.0 / (sum / f32::cast_from(hd as u32) + eps).sqrt()
 }
 
 /// x * cos + rotate_half(x) * sin for `x` [b, t, heads, hd] with tables [b, 1, t, hd], returned as
@@ -78,16 +96,23 @@ pub fn rope(x: &BurnTensor<4>, cos: &BurnTensor<4>, sin: &BurnTensor<4>) -> Opti
 /// One decoding step's q/k/v post-processing in one launch: from the fused projection's output qkv [b, t, q | k | v]
 /// (q of `heads` heads, k and v of `kv_heads`), q rotated into q_out [b, heads, t, hd], k rotated and v copied
 /// into the caches [b, kv_heads, capacity, hd] at positions at..at + t. Three parts of one index space: q's
-/// elements, then k's, then v's.
+/// elements, then k's, then v's. With `normed` (Gemma-3), each q and k head is RMS-normalised with `q_norm` /
+/// `k_norm` before its rotation: every thread of a head computes the head's norm (hd loads from cache), which costs
+/// less than the three launches it replaces.
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn rope_into_cache_kernel(
     qkv: &Tensor<f32>,
     cos: &Tensor<f32>,
     sin: &Tensor<f32>,
+    q_norm: &Tensor<f32>,
+    k_norm: &Tensor<f32>,
     q_out: &mut Tensor<f32>,
     keys: &mut Tensor<f32>,
     values: &mut Tensor<f32>,
     at: u32,
+    eps: f32,
+    #[comptime] normed: bool,
 ) {
     let (b_dim, heads, t, hd) = (
         q_out.shape(0),
@@ -126,8 +151,14 @@ fn rope_into_cache_kernel(
     let x0 = b * qkv.stride(0) + p * qkv.stride(1) + (col0 + h * hd) * qkv.stride(2);
     let xs = qkv.stride(2);
     let mut value = qkv[x0 + d * xs];
-    if part < 2 {
-        value = rotated_at(qkv, x0, xs, d, hd, cos, sin, b, p);
+    let mut inv_rms = 1.0f32;
+    if normed && part < 2 {
+        inv_rms = head_inv_rms(qkv, x0, xs, hd, eps);
+    }
+    if part == 0 {
+        value = rotated_at(qkv, x0, xs, d, hd, cos, sin, b, p, q_norm, inv_rms, normed);
+    } else if part == 1 {
+        value = rotated_at(qkv, x0, xs, d, hd, cos, sin, b, p, k_norm, inv_rms, normed);
     }
     if part == 0 {
         q_out[i] = value;
@@ -158,7 +189,8 @@ fn into_cube<const D: usize>(t: BurnTensor<D>) -> Option<CubeTensor> {
 
 /// q/k/v of one step from the fused projection's output `qkv` [b, t, (heads + 2 kv_heads) hd]: q rotated and
 /// returned as [b, heads, t, hd]; k rotated and v copied into `keys` and `values` [b, kv_heads, capacity, hd] at
-/// positions at..at + t, in place. Returns (q, keys, values); q is `None`, and the caches come back untouched,
+/// positions at..at + t, in place. `head_norms` (q_norm and k_norm weights [hd], and eps): each q and k head is
+/// RMS-normalised before its rotation. Returns (q, keys, values); q is `None`, and the caches come back untouched,
 /// when the kernel does not apply (another backend, shapes that do not fit, or a cache buffer shared with another
 /// tensor).
 pub fn rope_into_cache(
@@ -166,9 +198,9 @@ pub fn rope_into_cache(
     cos: &BurnTensor<4>,
     sin: &BurnTensor<4>,
     heads: usize,
-    keys: BurnTensor<4>,
-    values: BurnTensor<4>,
+    (keys, values): (BurnTensor<4>, BurnTensor<4>),
     at: usize,
+    head_norms: Option<(&BurnTensor<1>, &BurnTensor<1>, f32)>,
 ) -> (Option<BurnTensor<4>>, BurnTensor<4>, BurnTensor<4>) {
     let [b, t, width] = qkv.dims();
     let [kb, kv_heads, capacity, hd] = keys.dims();
@@ -179,12 +211,23 @@ pub fn rope_into_cache(
         && hd % 2 == 0
         && width == (heads + 2 * kv_heads) * hd
         && at + t <= capacity
-        && cos.dims() == [b, 1, t, hd];
+        && cos.dims() == [b, 1, t, hd]
+        && head_norms.is_none_or(|(qn, kn, _)| {
+            qn.dims() == [hd] && kn.dims() == [hd] && qn.dtype() == DType::F32
+        });
     if !fits {
         return (None, keys, values);
     }
     let (Some(qc), Some(cc), Some(sc)) = (to_cube(qkv), to_cube(cos), to_cube(sin)) else {
         return (None, keys, values);
+    };
+    // Without norms the kernel binds the cos table in their place and never reads it as such.
+    let norms = match head_norms {
+        Some((qn, kn, eps)) => match (to_cube(qn), to_cube(kn)) {
+            (Some(qn), Some(kn)) => Some((qn, kn, eps)),
+            _ => return (None, keys, values),
+        },
+        None => None,
     };
     let (Some(kc), Some(vc)) = (into_cube(keys), into_cube(values)) else {
         unreachable!("the caches live where qkv does");
@@ -199,12 +242,19 @@ pub fn rope_into_cache(
         calculate_cube_count_elemwise(&q.client, b * (heads + 2 * kv_heads) * t * hd, dim),
         dim,
         qc.into_tensor_arg(),
-        cc.into_tensor_arg(),
+        cc.clone().into_tensor_arg(),
         sc.into_tensor_arg(),
+        norms
+            .as_ref()
+            .map_or(cc.clone(), |n| n.0.clone())
+            .into_tensor_arg(),
+        norms.as_ref().map_or(cc, |n| n.1.clone()).into_tensor_arg(),
         q.clone().into_tensor_arg(),
         kc.clone().into_tensor_arg(),
         vc.clone().into_tensor_arg(),
         at as u32,
+        norms.as_ref().map_or(0.0, |n| n.2),
+        norms.is_some(),
     );
     (Some(from_cube(q)), from_cube(kc), from_cube(vc))
 }

@@ -132,17 +132,33 @@ fn rms_norm_equals_generic_ops() {
     for (rows, d) in [(1, 64), (7, 576), (3, 5376)] {
         let x: Tensor<3> = Tensor::random([1, rows, d], Distribution::Normal(0.5, 3.0), &dev);
         let w: Tensor<1> = Tensor::random([d], Distribution::Normal(1.0, 0.2), &dev);
+        let residual: Tensor<3> = Tensor::random([1, rows, d], Distribution::Default, &dev);
         let eps = 1e-6;
-        let ours = rms_norm(&x, &w, eps).expect("the kernel applies");
         let ms = x.clone().square().mean_dim(2);
-        let reference = x * (ms + eps).sqrt().recip() * w.unsqueeze::<3>();
-        let err = rel_err(
-            &host(ours.reshape([rows, d])),
-            &host(reference.reshape([rows, d])),
-        );
-        println!("rms_norm rows {rows} d {d}: relative error {err:.2e}");
-        assert!(err < 1e-6, "rows {rows} d {d}: {err}");
+        let normed = x.clone() * (ms + eps).sqrt().recip() * w.clone().unsqueeze::<3>();
+        // Alone, and added to a residual in the same launch.
+        for (with_residual, reference) in
+            [(false, normed.clone()), (true, normed + residual.clone())]
+        {
+            let ours = rms_norm(&x, &w, eps, with_residual.then_some(&residual))
+                .expect("the kernel applies");
+            let err = rel_err(
+                &host(ours.reshape([rows, d])),
+                &host(reference.reshape([rows, d])),
+            );
+            println!(
+                "rms_norm rows {rows} d {d} residual {with_residual}: relative error {err:.2e}"
+            );
+            assert!(
+                err < 1e-6,
+                "rows {rows} d {d} residual {with_residual}: {err}"
+            );
+        }
     }
+    // A residual of another shape is refused (the caller keeps its generic path).
+    let x: Tensor<2> = Tensor::random([2, 64], Distribution::Default, &dev);
+    let w: Tensor<1> = Tensor::ones([64], &dev);
+    assert!(rms_norm(&x, &w, 1e-6, Some(&Tensor::zeros([2, 32], &dev))).is_none());
 }
 
 /// The generic formulation: scores of every cache position, masked (padding, causality, window), softmax, values.
@@ -281,9 +297,11 @@ fn rope_equals_generic_ops() {
 fn rope_into_cache_equals_rope_and_cache_writes() {
     let dev = device();
     dev.seed(17);
-    // One decoding step and a prefill, into a cache already holding other positions.
-    for (b, t, heads, kv_heads, hd, capacity, at) in
-        [(1, 1, 28, 4, 128, 64, 9), (2, 5, 4, 2, 64, 16, 3)]
+    // One decoding step and a prefill, into a cache already holding other positions; with Gemma-3's per-head
+    // q/k norms before the rotation, and without.
+    let cases = [(1, 1, 28, 4, 128, 64, 9), (2, 5, 4, 2, 64, 16, 3)];
+    for ((b, t, heads, kv_heads, hd, capacity, at), normed) in
+        cases.into_iter().flat_map(|c| [(c, false), (c, true)])
     {
         let width = (heads + 2 * kv_heads) * hd;
         let qkv: Tensor<3> = Tensor::random([b, t, width], Distribution::Normal(0.0, 1.0), &dev);
@@ -296,19 +314,30 @@ fn rope_into_cache_equals_rope_and_cache_writes() {
                 .narrow(2, from * hd, n * hd)
                 .reshape([b, t, n, hd])
         };
+        let eps = 1e-6;
+        let q_norm: Tensor<1> = Tensor::random([hd], Distribution::Uniform(0.5, 1.5), &dev);
+        let k_norm: Tensor<1> = Tensor::random([hd], Distribution::Uniform(0.5, 1.5), &dev);
+        let head_norm = |x: Tensor<4>, w: &Tensor<1>| {
+            if !normed {
+                return x;
+            }
+            let mean_square = x.clone().square().mean_dim(3);
+            x * (mean_square + eps).sqrt().recip() * w.clone().unsqueeze::<4>()
+        };
         let slot = [0..b, 0..kv_heads, at..at + t, 0..hd];
-        let q_ref = generic_rope(part(0, heads), &cos, &sin);
+        let q_ref = generic_rope(head_norm(part(0, heads), &q_norm), &cos, &sin);
         let k_ref = keys.clone().slice_assign(
             slot.clone(),
-            generic_rope(part(heads, kv_heads), &cos, &sin),
+            generic_rope(head_norm(part(heads, kv_heads), &k_norm), &cos, &sin),
         );
         let v_ref = values
             .clone()
             .slice_assign(slot, part(heads + kv_heads, kv_heads).swap_dims(1, 2));
         // The kernel writes the caches in place: hand it copies nothing else holds.
         let (keys, values) = (keys.clone().add_scalar(0.0), values.clone().add_scalar(0.0));
+        let norms = normed.then_some((&q_norm, &k_norm, eps as f32));
         let (Some(q), k, v) =
-            avb_shaders::rope_into_cache(&qkv, &cos, &sin, heads, keys, values, at)
+            avb_shaders::rope_into_cache(&qkv, &cos, &sin, heads, (keys, values), at, norms)
         else {
             panic!("the kernel applies");
         };
@@ -318,7 +347,7 @@ fn rope_into_cache_equals_rope_and_cache_writes() {
                 &host(ours.reshape([1, n])),
                 &host(reference.reshape([1, n])),
             );
-            println!("rope into cache t {t} {name}: relative error {err:.2e}");
+            println!("rope into cache t {t} normed {normed} {name}: relative error {err:.2e}");
             assert!(err < 1e-6, "{name}: {err}");
         }
     }
@@ -337,9 +366,9 @@ fn rope_into_cache_equals_rope_and_cache_writes() {
         &cos,
         &sin,
         heads,
-        keys,
-        held.clone().add_scalar(0.0),
+        (keys, held.clone().add_scalar(0.0)),
         0,
+        None,
     );
     assert!(q.is_none(), "a shared cache buffer must not be written");
     assert_eq!(host(back.reshape([1, 8 * hd])), vec![0.0; 8 * hd]);

@@ -97,8 +97,9 @@ pub(crate) fn rms_norm<const D: usize>(
     x: &Tensor<D>,
     weight: &Tensor<1>,
     eps: f32,
+    residual: Option<&Tensor<D>>,
 ) -> Option<Tensor<D>> {
-    avb_shaders::rms_norm(x, weight, eps)
+    avb_shaders::rms_norm(x, weight, eps, residual)
 }
 
 #[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
@@ -106,6 +107,7 @@ pub(crate) fn rms_norm<const D: usize>(
     _x: &Tensor<D>,
     _weight: &Tensor<1>,
     _eps: f32,
+    _residual: Option<&Tensor<D>>,
 ) -> Option<Tensor<D>> {
     None
 }
@@ -164,19 +166,23 @@ pub(crate) fn rope(_x: &Tensor<4>, _cos: &Tensor<4>, _sin: &Tensor<4>) -> Option
     None
 }
 
+/// Per-head q and k norm weights and eps (Gemma-3), applied before RoPE.
+pub(crate) type HeadNorms<'a> = Option<(&'a Tensor<1>, &'a Tensor<1>, f32)>;
+
 /// A step's q rotated, and k rotated and v written into the KV cache at `at`, from the fused projection's output,
-/// in one kernel (see avb_shaders::rope_into_cache): (q, keys, values), q `None` and the caches untouched when it
-/// does not apply.
+/// each q and k head normalised first when `head_norms` are given, in one kernel (see
+/// avb_shaders::rope_into_cache): (q, keys, values), q `None` and the caches untouched when it does not apply.
 #[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
 pub(crate) fn rope_into_cache(
     qkv: &Tensor<3>,
     rope_tables: &(Tensor<4>, Tensor<4>),
     heads: usize,
-    keys: Tensor<4>,
-    values: Tensor<4>,
+    (keys, values): (Tensor<4>, Tensor<4>),
     at: usize,
+    head_norms: HeadNorms<'_>,
 ) -> (Option<Tensor<4>>, Tensor<4>, Tensor<4>) {
-    avb_shaders::rope_into_cache(qkv, &rope_tables.0, &rope_tables.1, heads, keys, values, at)
+    let (cos, sin) = rope_tables;
+    avb_shaders::rope_into_cache(qkv, cos, sin, heads, (keys, values), at, head_norms)
 }
 
 #[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
@@ -184,9 +190,9 @@ pub(crate) fn rope_into_cache(
     _qkv: &Tensor<3>,
     _rope_tables: &(Tensor<4>, Tensor<4>),
     _heads: usize,
-    keys: Tensor<4>,
-    values: Tensor<4>,
+    (keys, values): (Tensor<4>, Tensor<4>),
     _at: usize,
+    _head_norms: HeadNorms<'_>,
 ) -> (Option<Tensor<4>>, Tensor<4>, Tensor<4>) {
     (None, keys, values)
 }

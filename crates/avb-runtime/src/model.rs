@@ -443,13 +443,28 @@ fn rms_norm<const D: usize>(
     eps: f32,
     kernels: bool,
 ) -> Tensor<D> {
+    add_rms_norm(None, x, weight, eps, kernels)
+}
+
+/// residual + RMSNorm(x) (Gemma-3's post-norms), or RMSNorm(x) alone: one launch with the kernels.
+fn add_rms_norm<const D: usize>(
+    residual: Option<Tensor<D>>,
+    x: Tensor<D>,
+    weight: &Tensor<1>,
+    eps: f32,
+    kernels: bool,
+) -> Tensor<D> {
     if kernels {
-        if let Some(y) = crate::kernels::rms_norm(&x, weight, eps) {
+        if let Some(y) = crate::kernels::rms_norm(&x, weight, eps, residual.as_ref()) {
             return y;
         }
     }
     let mean_square = x.clone().square().mean_dim(D - 1);
-    x * (mean_square + eps).sqrt().recip() * weight.clone().unsqueeze::<D>()
+    let y = x * (mean_square + eps).sqrt().recip() * weight.clone().unsqueeze::<D>();
+    match residual {
+        Some(r) => r + y,
+        None => y,
+    }
 }
 
 /// Rotate-half RoPE on [batch, heads, seq, head_dim] with cos/sin of [batch, 1, seq, head_dim].
@@ -976,18 +991,23 @@ impl Model {
                         Tensor::zeros(shape, &self.device),
                     )
                 });
-                // With the kernels, q/k/v fused and no per-head norms: one launch rotates q and k and writes k
-                // and v into the cache.
-                let (q, ck, cv, parts) = match (&block.qkv, &block.q_norm) {
-                    (Projections::Fused { linear, widths }, None) if self.kernels => {
+                // With the kernels and q/k/v fused: one launch normalises q and k per head (when the family
+                // does), rotates them and writes k and v into the cache.
+                let head_norms = match (&block.q_norm, &block.k_norm) {
+                    (Some(qn), Some(kn)) => Some(Some((qn, kn, c.rms_eps as f32))),
+                    (None, None) => Some(None),
+                    _ => None,
+                };
+                let (q, ck, cv, parts) = match (&block.qkv, head_norms) {
+                    (Projections::Fused { linear, widths }, Some(norms)) if self.kernels => {
                         let qkv = linear.forward(x, true, Epilogue::None);
                         let (q, ck, cv) = crate::kernels::rope_into_cache(
                             &qkv,
                             rope_tables,
                             h,
-                            ck,
-                            cv,
+                            (ck, cv),
                             cache.len,
+                            norms,
                         );
                         // Where the kernel does not apply, the same product serves the generic path.
                         let parts = q.is_none().then(|| narrow_parts(qkv, widths));
@@ -1067,7 +1087,13 @@ impl Model {
         let attn = self.attention(block, layer, attn_in, tables, mask, cache);
         // Without a post-norm the residual add rides on the projection's final pass.
         let x = match &block.post_attn_norm {
-            Some(w) => x + rms_norm(block.o.forward(attn, on, Epilogue::None), w, eps, on),
+            Some(w) => add_rms_norm(
+                Some(x),
+                block.o.forward(attn, on, Epilogue::None),
+                w,
+                eps,
+                on,
+            ),
             None => block.o.forward(attn, on, Epilogue::Residual(&x)),
         };
         let ffn_in = rms_norm(x.clone(), &block.ffn_norm, eps, on);
@@ -1077,7 +1103,13 @@ impl Model {
         };
         let hidden = block.gate_up.gated(ffn_in, act, on);
         match &block.post_ffn_norm {
-            Some(w) => x + rms_norm(block.down.forward(hidden, on, Epilogue::None), w, eps, on),
+            Some(w) => add_rms_norm(
+                Some(x),
+                block.down.forward(hidden, on, Epilogue::None),
+                w,
+                eps,
+                on,
+            ),
             None => block.down.forward(hidden, on, Epilogue::Residual(&x)),
         }
     }
