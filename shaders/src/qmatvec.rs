@@ -57,8 +57,7 @@ fn qmatvec_kernel(
     let k_dim = words.shape(0);
     let chunk = CUBE_POS_Y as usize;
     let k0 = chunk * chunk_len as usize;
-    let k_end = k0 + chunk_len as usize;
-    let k1 = if k_end < k_dim { k_end } else { k_dim };
+    let k1 = chunk_end(k0, chunk_len, k_dim);
     let scale_col = word * per_word as usize / 32;
     let (ws, ss, xs) = (words.stride(0), scales.stride(0), x.stride(0));
     let mut acc = Array::<f32>::new(comptime!((rows * per_word) as usize));
@@ -145,8 +144,7 @@ fn qmatmul_tile_kernel(
     let out_dim = n_words * per_word as usize;
     let o0 = (CUBE_POS_X * GEMM_TN) as usize;
     let k_start = CUBE_POS_Y as usize * chunk_len as usize;
-    let k_stop = k_start + chunk_len as usize;
-    let k_end = if k_stop < k_dim { k_stop } else { k_dim };
+    let k_end = chunk_end(k_start, chunk_len, k_dim);
     let (xst, wst, sst) = (x.stride(0), words.stride(0), scales.stride(0));
     let mut xs = Shared::<[f32]>::new_slice(comptime!((tile_rows * GEMM_TK) as usize));
     let mut wsh = Shared::<[f32]>::new_slice(comptime!((GEMM_TK * GEMM_TN) as usize));
@@ -245,6 +243,17 @@ const EPILOGUE_NONE: u32 = 0;
 const EPILOGUE_RESIDUAL: u32 = 1;
 const EPILOGUE_SILU: u32 = 2;
 const EPILOGUE_GELU_TANH: u32 = 3;
+
+/// The end of the chunk of k that starts at k0: chunk_len rows on, the last chunk cut at k_dim.
+#[cube]
+fn chunk_end(k0: usize, chunk_len: u32, k_dim: usize) -> usize {
+    let end = k0 + chunk_len as usize;
+    if end < k_dim {
+        end
+    } else {
+        k_dim
+    }
+}
 
 /// The sum over chunks of partial[c, r, o], ROW_UNROLL chunks' loads at a time.
 #[cube]
@@ -371,8 +380,7 @@ fn qmatvec_row_kernel(
     let word = (CUBE_POS_X * ROW_WORDS + lw) as usize;
     let k_dim = words.shape(0);
     let k0 = CUBE_POS_Y as usize * chunk_len as usize;
-    let k_end = k0 + chunk_len as usize;
-    let k1 = if k_end < k_dim { k_end } else { k_dim };
+    let k1 = chunk_end(k0, chunk_len, k_dim);
     let mut acc = Array::<f32>::new(comptime!(per_word as usize));
     #[unroll]
     for j in 0..per_word {
@@ -384,7 +392,6 @@ fn qmatvec_row_kernel(
         // ROW_UNROLL rows per round, their loads issued together: a thread's loads overlap instead of each
         // waiting out the memory latency alone.
         let mut k = k0 + slice as usize;
-        let round = (ROW_SLICES * ROW_UNROLL) as usize;
         let last_of_round = ((ROW_UNROLL - 1) * ROW_SLICES) as usize;
         while k + last_of_round < k1 {
             let mut packed = Array::<u32>::new(comptime!(ROW_UNROLL as usize));
@@ -399,7 +406,7 @@ fn qmatvec_row_kernel(
             for u in 0..ROW_UNROLL {
                 accumulate_word(&mut acc, packed[u as usize], xv[u as usize], bits);
             }
-            k += round;
+            k += ROW_ROUND;
         }
         while k < k1 {
             accumulate_word(
