@@ -106,9 +106,12 @@ fn main() {
         let q: Tensor<4> = Tensor::random([b, h, 1, hd], Distribution::Default, &device);
         let keys: Tensor<4> = Tensor::random([b, kvh, cap, hd], Distribution::Default, &device);
         let values: Tensor<4> = Tensor::random([b, kvh, cap, hd], Distribution::Default, &device);
-        let pads: Tensor<1, Int> = Tensor::from_data(TensorData::new(vec![0i32; b], [b]), &device);
+        // No padding; the new position at cache index 199 (200 keys written).
+        let mut cursor = vec![0i32; b];
+        cursor.push(199);
+        let cursor: Tensor<1, Int> = Tensor::from_data(TensorData::new(cursor, [b + 1]), &device);
         let ours = time(&device, || {
-            decode_attention(&q, &keys, &values, &pads, 200, None, 0.088, None).expect("kernel")
+            decode_attention(&q, (&keys, &values), &cursor, None, 0.088, None).expect("kernel")
         });
         let generic = time(&device, || {
             let scores = q

@@ -13,11 +13,16 @@
 //!   row of a 152k vocabulary on the H200).
 //! - [`decode_attention`]: a new token's attention over the preallocated KV cache (GQA, padding, sliding window,
 //!   soft-capping) in one launch instead of about ten.
+//! - [`gather_rows`]: embedding rows of token ids that live on the device.
+//! - [`Recording`] / [`StepGraph`]: a decoding step recorded once and replayed (CubeCL graphs); positions and ids
+//!   reach the kernels through device buffers written in place ([`write_i32`]), so one recording serves every step.
 #![cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
 
 mod argmax;
 mod attention;
 mod cube;
+mod embed;
+mod graph;
 mod norm;
 mod qmatvec;
 mod rope;
@@ -25,6 +30,8 @@ mod rope;
 pub use argmax::argmax;
 pub use attention::{decode_attention, MAX_KEYS};
 pub use cube::on_cube;
+pub use embed::gather_rows;
+pub use graph::{write_i32, Recording, StepGraph};
 pub use norm::rms_norm;
 pub use qmatvec::{Activation, Epilogue, QuantizedWeight};
 pub use rope::{rope, rope_into_cache};

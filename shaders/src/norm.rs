@@ -8,7 +8,10 @@ use burn_cubecl::kernel::into_contiguous;
 use cubecl::prelude::*;
 
 /// Threads per row: a power of two (the tree reduction halves it).
-const THREADS: u32 = 128;
+const THREADS: u32 = 256;
+/// Values a thread loads at once: one at a time, a 3584-wide row waited out 28 memory latencies per pass
+/// (22 us a row on the H200, 57 launches a Qwen2.5-7B step).
+const UNROLL: usize = 4;
 
 #[cube(launch)]
 fn rms_norm_kernel(
@@ -26,12 +29,24 @@ fn rms_norm_kernel(
     let step = threads as usize;
     let x0 = row * x.stride(0);
     let y0 = row * y.stride(0);
+    let r0 = row * residual.stride(0);
     let mut sum = 0.0f32;
     let mut i = tid;
     while i < d {
-        let v = x[x0 + i];
-        sum += v * v;
-        i += step;
+        // Indices past the row read its last value, counted as 0.
+        let mut v = Array::<f32>::new(UNROLL);
+        #[unroll]
+        for u in 0..UNROLL {
+            let j = i + u * step;
+            v[u] = x[x0 + min(j, d - 1)];
+        }
+        #[unroll]
+        for u in 0..UNROLL {
+            if i + u * step < d {
+                sum += v[u] * v[u];
+            }
+        }
+        i += UNROLL * step;
     }
     let mut partial = Shared::<[f32]>::new_slice(threads as usize);
     partial[tid] = sum;
@@ -47,14 +62,28 @@ fn rms_norm_kernel(
     }
     let scale = 1.0f32 / (partial[0] / f32::cast_from(d as u32) + eps).sqrt();
     let mut i = tid;
-    let r0 = row * residual.stride(0);
     while i < d {
-        let mut v = x[x0 + i] * scale * weight[i];
-        if add_residual {
-            v += residual[r0 + i];
+        let mut v = Array::<f32>::new(UNROLL);
+        let mut w = Array::<f32>::new(UNROLL);
+        let mut r = Array::<f32>::new(UNROLL);
+        #[unroll]
+        for u in 0..UNROLL {
+            let j = min(i + u * step, d - 1);
+            v[u] = x[x0 + j];
+            w[u] = weight[j];
+            r[u] = 0.0;
+            if add_residual {
+                r[u] = residual[r0 + j];
+            }
         }
-        y[y0 + i] = v;
-        i += step;
+        #[unroll]
+        for u in 0..UNROLL {
+            let j = i + u * step;
+            if j < d {
+                y[y0 + j] = v[u] * scale * w[u] + r[u];
+            }
+        }
+        i += UNROLL * step;
     }
 }
 

@@ -2,9 +2,9 @@
 //! projection's output) to [b, heads, t, hd] contiguous, in one launch instead of about six; and a decoding
 //! step's whole q/k/v post-processing (per-head norms, RoPE, KV-cache writes) in one launch.
 
-use crate::cube::{empty_like, from_cube, to_cube};
+use crate::cube::{empty_like, from_cube, to_cube, to_cube_int};
 use burn::backend::{BackendTensor, DispatchTensorKind};
-use burn::tensor::{DType, Tensor as BurnTensor};
+use burn::tensor::{DType, Int, Tensor as BurnTensor};
 use burn_cubecl::cubecl;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::calculate_cube_count_elemwise;
@@ -26,11 +26,13 @@ fn rope_kernel(x: &Tensor<f32>, cos: &Tensor<f32>, sin: &Tensor<f32>, y: &mut Te
     let h = rest % n;
     let b = rest / n;
     let x0 = b * x.stride(0) + p * x.stride(1) + h * x.stride(2);
-    y[i] = rotated_at(x, x0, x.stride(3), d, hd, cos, sin, b, p, cos, 1.0, false);
+    let c = b * cos.stride(0) + p * cos.stride(2) + d * cos.stride(3);
+    y[i] = rotated_at(x, x0, x.stride(3), d, hd, cos[c], sin[c], cos, 1.0, false);
 }
 
-/// Element d of one head's rotate-half RoPE at position p of row b: x * cos + rotate_half(x) * sin, the head's
-/// values at x[x0 + j * xs]; with `normed`, of the head RMS-normalised first: x[j] * inv_rms * w[j].
+/// Element d of one head's rotate-half RoPE: x * cos + rotate_half(x) * sin with (cos, sin) of element d's
+/// angle, the head's values at x[x0 + j * xs]; with `normed`, of the head RMS-normalised first:
+/// x[j] * inv_rms * w[j].
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn rotated_at(
@@ -39,10 +41,8 @@ fn rotated_at(
     xs: usize,
     d: usize,
     hd: usize,
-    cos: &Tensor<f32>,
-    sin: &Tensor<f32>,
-    b: usize,
-    p: usize,
+    cos: f32,
+    sin: f32,
     w: &Tensor<f32>,
     inv_rms: f32,
     #[comptime] normed: bool,
@@ -56,8 +56,7 @@ fn rotated_at(
         other *= inv_rms * w[partner];
     }
     let rotated = if d < half { -other } else { other };
-    let c = b * cos.stride(0) + p * cos.stride(2) + d * cos.stride(3);
-    own * cos[c] + rotated * sin[c]
+    own * cos + rotated * sin
 }
 
 /// 1 / sqrt(mean of squares + eps) of the head at x[x0 + j * xs], j < hd.
@@ -95,22 +94,23 @@ pub fn rope(x: &BurnTensor<4>, cos: &BurnTensor<4>, sin: &BurnTensor<4>) -> Opti
 
 /// One decoding step's q/k/v post-processing in one launch: from the fused projection's output qkv [b, t, q | k | v]
 /// (q of `heads` heads, k and v of `kv_heads`), q rotated into q_out [b, heads, t, hd], k rotated and v copied
-/// into the caches [b, kv_heads, capacity, hd] at positions at..at + t. Three parts of one index space: q's
-/// elements, then k's, then v's. With `normed` (Gemma-3), each q and k head is RMS-normalised with `q_norm` /
-/// `k_norm` before its rotation: every thread of a head computes the head's norm (hd loads from cache), which costs
-/// less than the three launches it replaces.
+/// into the caches [b, kv_heads, capacity, hd] at cache indices at..at + t. Three parts of one index space: q's
+/// elements, then k's, then v's. Positions come from the device (`cursor`: each row's padding, then `at`) and the
+/// angles from a table of every position (`table` [positions, hd]: cos of the hd / 2 frequencies, then their sin),
+/// so a step's launch does not change from one position to the next and can be replayed. With `normed`
+/// (Gemma-3), each q and k head is RMS-normalised with `q_norm` / `k_norm` before its rotation: every thread of a
+/// head computes the head's norm (hd loads from cache), which costs less than the three launches it replaces.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn rope_into_cache_kernel(
     qkv: &Tensor<f32>,
-    cos: &Tensor<f32>,
-    sin: &Tensor<f32>,
+    table: &Tensor<f32>,
+    cursor: &Tensor<i32>,
     q_norm: &Tensor<f32>,
     k_norm: &Tensor<f32>,
     q_out: &mut Tensor<f32>,
     keys: &mut Tensor<f32>,
     values: &mut Tensor<f32>,
-    at: u32,
     eps: f32,
     #[comptime] normed: bool,
 ) {
@@ -148,6 +148,19 @@ fn rope_into_cache_kernel(
     let rest = rest / t;
     let h = rest % n;
     let b = rest / n;
+    // The cache index of this position, and its RoPE position: the index less the row's padding (0 on padding).
+    let index = u32::cast_from(cursor[b_dim]) as usize + p;
+    let pad = u32::cast_from(cursor[b]) as usize;
+    let mut pos = 0;
+    if index > pad {
+        pos = index - pad;
+    }
+    if pos >= table.shape(0) {
+        pos = table.shape(0) - 1;
+    }
+    let half = hd / 2;
+    let angle = pos * table.stride(0) + (d % half) * table.stride(1);
+    let (cos, sin) = (table[angle], table[angle + half * table.stride(1)]);
     let x0 = b * qkv.stride(0) + p * qkv.stride(1) + (col0 + h * hd) * qkv.stride(2);
     let xs = qkv.stride(2);
     let mut value = qkv[x0 + d * xs];
@@ -156,22 +169,23 @@ fn rope_into_cache_kernel(
         inv_rms = head_inv_rms(qkv, x0, xs, hd, eps);
     }
     if part == 0 {
-        value = rotated_at(qkv, x0, xs, d, hd, cos, sin, b, p, q_norm, inv_rms, normed);
+        value = rotated_at(qkv, x0, xs, d, hd, cos, sin, q_norm, inv_rms, normed);
     } else if part == 1 {
-        value = rotated_at(qkv, x0, xs, d, hd, cos, sin, b, p, k_norm, inv_rms, normed);
+        value = rotated_at(qkv, x0, xs, d, hd, cos, sin, k_norm, inv_rms, normed);
     }
     if part == 0 {
         q_out[i] = value;
-    } else {
-        let pos = at as usize + p;
+    } else if index < keys.shape(2) {
         if part == 1 {
-            let o =
-                b * keys.stride(0) + h * keys.stride(1) + pos * keys.stride(2) + d * keys.stride(3);
+            let o = b * keys.stride(0)
+                + h * keys.stride(1)
+                + index * keys.stride(2)
+                + d * keys.stride(3);
             keys[o] = value;
         } else {
             let o = b * values.stride(0)
                 + h * values.stride(1)
-                + pos * values.stride(2)
+                + index * values.stride(2)
                 + d * values.stride(3);
             values[o] = value;
         }
@@ -188,40 +202,44 @@ fn into_cube<const D: usize>(t: BurnTensor<D>) -> Option<CubeTensor> {
 }
 
 /// q/k/v of one step from the fused projection's output `qkv` [b, t, (heads + 2 kv_heads) hd]: q rotated and
-/// returned as [b, heads, t, hd]; k rotated and v copied into `keys` and `values` [b, kv_heads, capacity, hd] at
-/// positions at..at + t, in place. `head_norms` (q_norm and k_norm weights [hd], and eps): each q and k head is
-/// RMS-normalised before its rotation. Returns (q, keys, values); q is `None`, and the caches come back untouched,
-/// when the kernel does not apply (another backend, shapes that do not fit, or a cache buffer shared with another
-/// tensor).
+/// returned as [b, heads, t, hd]; k rotated and v copied into `keys` and `values` [b, kv_heads, capacity, hd], in
+/// place, at the cache indices cursor[b]..cursor[b] + t. `cursor` [b + 1] (i32) holds each row's left padding and
+/// then that first index: a row's RoPE position is the index less its padding. `table` [positions, hd] holds the
+/// cos of the hd / 2 inverse frequencies at every position, then their sin (the halves of rotate-half RoPE share
+/// frequencies). The caller keeps cursor[b] + t within the capacity and the positions within the table.
+/// `head_norms` (q_norm and k_norm weights [hd], and eps): each q and k head is RMS-normalised before its
+/// rotation. Returns (q, keys, values); q is `None`, and the caches come back untouched, when the kernel does not
+/// apply (another backend, shapes that do not fit, or a cache buffer shared with another tensor).
 pub fn rope_into_cache(
     qkv: &BurnTensor<3>,
-    cos: &BurnTensor<4>,
-    sin: &BurnTensor<4>,
+    table: &BurnTensor<2>,
+    cursor: &BurnTensor<1, Int>,
     heads: usize,
     (keys, values): (BurnTensor<4>, BurnTensor<4>),
-    at: usize,
     head_norms: Option<(&BurnTensor<1>, &BurnTensor<1>, f32)>,
 ) -> (Option<BurnTensor<4>>, BurnTensor<4>, BurnTensor<4>) {
     let [b, t, width] = qkv.dims();
-    let [kb, kv_heads, capacity, hd] = keys.dims();
+    let [kb, kv_heads, _, hd] = keys.dims();
     let fits = qkv.dtype() == DType::F32
         && keys.dtype() == DType::F32
         && values.dims() == keys.dims()
         && kb == b
         && hd % 2 == 0
         && width == (heads + 2 * kv_heads) * hd
-        && at + t <= capacity
-        && cos.dims() == [b, 1, t, hd]
+        && table.dims()[1] == hd
+        && table.dtype() == DType::F32
+        && cursor.dims() == [b + 1]
+        && cursor.dtype() == DType::I32
         && head_norms.is_none_or(|(qn, kn, _)| {
             qn.dims() == [hd] && kn.dims() == [hd] && qn.dtype() == DType::F32
         });
     if !fits {
         return (None, keys, values);
     }
-    let (Some(qc), Some(cc), Some(sc)) = (to_cube(qkv), to_cube(cos), to_cube(sin)) else {
+    let (Some(qc), Some(tc), Some(cc)) = (to_cube(qkv), to_cube(table), to_cube_int(cursor)) else {
         return (None, keys, values);
     };
-    // Without norms the kernel binds the cos table in their place and never reads it as such.
+    // Without norms the kernel binds the table in their place and never reads it as such.
     let norms = match head_norms {
         Some((qn, kn, eps)) => match (to_cube(qn), to_cube(kn)) {
             (Some(qn), Some(kn)) => Some((qn, kn, eps)),
@@ -242,17 +260,16 @@ pub fn rope_into_cache(
         calculate_cube_count_elemwise(&q.client, b * (heads + 2 * kv_heads) * t * hd, dim),
         dim,
         qc.into_tensor_arg(),
-        cc.clone().into_tensor_arg(),
-        sc.into_tensor_arg(),
+        tc.clone().into_tensor_arg(),
+        cc.into_tensor_arg(),
         norms
             .as_ref()
-            .map_or(cc.clone(), |n| n.0.clone())
+            .map_or(tc.clone(), |n| n.0.clone())
             .into_tensor_arg(),
-        norms.as_ref().map_or(cc, |n| n.1.clone()).into_tensor_arg(),
+        norms.as_ref().map_or(tc, |n| n.1.clone()).into_tensor_arg(),
         q.clone().into_tensor_arg(),
         kc.clone().into_tensor_arg(),
         vc.clone().into_tensor_arg(),
-        at as u32,
         norms.as_ref().map_or(0.0, |n| n.2),
         norms.is_some(),
     );

@@ -2,7 +2,8 @@
 //! against a matmul with the dequantized weight (8- and 4-bit; one tile of rows and several; with and without
 //! bias; a k that does not divide into chunks; with the residual and gated-MLP epilogues), RMSNorm, RoPE (alone
 //! and fused with the KV-cache writes), and decode attention with left padding, grouped heads, a
-//! sliding window and soft-capping against the masked-softmax formulation. Runs on wgpu (Mesa lavapipe in CI, a
+//! sliding window and soft-capping against the masked-softmax formulation, the embedding gather, and a recorded
+//! step replayed with its inputs written in place. Runs on wgpu (Mesa lavapipe in CI, a
 //! real GPU through Vulkan on the GPU machine):
 //! `cargo test -p avb-runtime -p avb-shaders --features avb-runtime/wgpu,avb-shaders/wgpu --test kernels`.
 #![cfg(feature = "wgpu")]
@@ -240,10 +241,11 @@ fn decode_attention_equals_masked_softmax() {
             Tensor::random([b, kvh, cap, hd], Distribution::Normal(0.0, 1.0), &dev);
         let values: Tensor<4> =
             Tensor::random([b, kvh, cap, hd], Distribution::Normal(0.0, 1.0), &dev);
-        let ids: Vec<i32> = pads.iter().map(|p| *p as i32).collect();
-        let pad_t: Tensor<1, Int> = Tensor::from_data(TensorData::new(ids, [b]), &dev);
+        let mut cursor: Vec<i32> = pads.iter().map(|p| *p as i32).collect();
+        cursor.push(total as i32 - 1);
+        let cursor: Tensor<1, Int> = Tensor::from_data(TensorData::new(cursor, [b + 1]), &dev);
         let scale = (hd as f32).powf(-0.5);
-        let ours = decode_attention(&q, &keys, &values, &pad_t, total, window, scale, softcap)
+        let ours = decode_attention(&q, (&keys, &values), &cursor, window, scale, softcap)
             .expect("the kernel applies");
         let reference = reference_attention(q, keys, values, pads, total, window, scale, softcap);
         let err = rel_err(
@@ -270,7 +272,7 @@ fn generic_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     xs * cos.clone() + rotated * sin.clone()
 }
 
-fn rope_tables(b: usize, t: usize, hd: usize, dev: &Device) -> (Tensor<4>, Tensor<4>) {
+fn random_rope_tables(b: usize, t: usize, hd: usize, dev: &Device) -> (Tensor<4>, Tensor<4>) {
     let angles: Tensor<4> = Tensor::random([b, 1, t, hd], Distribution::Uniform(-3.0, 3.0), dev);
     (angles.clone().cos(), angles.sin())
 }
@@ -281,7 +283,7 @@ fn rope_equals_generic_ops() {
     dev.seed(13);
     for (b, t, n, hd) in [(1, 1, 28, 128), (2, 7, 4, 256), (3, 5, 9, 64)] {
         let x: Tensor<4> = Tensor::random([b, t, n, hd], Distribution::Normal(0.0, 1.0), &dev);
-        let (cos, sin) = rope_tables(b, t, hd, &dev);
+        let (cos, sin) = random_rope_tables(b, t, hd, &dev);
         let ours = avb_shaders::rope(&x, &cos, &sin).expect("the kernel applies");
         let reference = generic_rope(x, &cos, &sin);
         let err = rel_err(
@@ -293,19 +295,65 @@ fn rope_equals_generic_ops() {
     }
 }
 
+/// A table of every position's angles as the cache kernels read it, [positions, hd] (cos of hd / 2 random
+/// frequencies, then their sin), and the [b, 1, t, hd] tables of the positions that rows with padding `pads` reach
+/// at cache indices at..at + t (index less padding, 0 on padding).
+fn position_tables(
+    positions: usize,
+    hd: usize,
+    pads: &[usize],
+    (at, t): (usize, usize),
+    dev: &Device,
+) -> (Tensor<2>, Tensor<4>, Tensor<4>) {
+    let freqs: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+        .collect();
+    let mut table = Vec::new();
+    for p in 0..positions {
+        table.extend(freqs.iter().map(|f| (p as f32 * f).cos()));
+        table.extend(freqs.iter().map(|f| (p as f32 * f).sin()));
+    }
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for &pad in pads {
+        for index in at..at + t {
+            let p = index.saturating_sub(pad) as f32;
+            for _ in 0..2 {
+                cos.extend(freqs.iter().map(|f| (p * f).cos()));
+                sin.extend(freqs.iter().map(|f| (p * f).sin()));
+            }
+        }
+    }
+    let shape = [pads.len(), 1, t, hd];
+    (
+        Tensor::from_data(TensorData::new(table, [positions, hd]), dev),
+        Tensor::from_data(TensorData::new(cos, shape), dev),
+        Tensor::from_data(TensorData::new(sin, shape), dev),
+    )
+}
+
+fn cursor(pads: &[usize], at: usize, dev: &Device) -> Tensor<1, Int> {
+    let values: Vec<i32> = pads.iter().chain([&at]).map(|v| *v as i32).collect();
+    let n = values.len();
+    Tensor::from_data(TensorData::new(values, [n]), dev)
+}
+
 #[test]
 fn rope_into_cache_equals_rope_and_cache_writes() {
     let dev = device();
     dev.seed(17);
-    // One decoding step and a prefill, into a cache already holding other positions; with Gemma-3's per-head
-    // q/k norms before the rotation, and without.
-    let cases = [(1, 1, 28, 4, 128, 64, 9), (2, 5, 4, 2, 64, 16, 3)];
-    for ((b, t, heads, kv_heads, hd, capacity, at), normed) in
+    // One decoding step and a prefill, into a cache already holding other positions, rows with and without
+    // padding; with Gemma-3's per-head q/k norms before the rotation, and without.
+    let cases = [
+        (1, 28, 4, 128, 64, &[0usize][..], 9),
+        (5, 4, 2, 64, 16, &[0, 4][..], 3),
+    ];
+    for ((t, heads, kv_heads, hd, capacity, pads, at), normed) in
         cases.into_iter().flat_map(|c| [(c, false), (c, true)])
     {
+        let b = pads.len();
         let width = (heads + 2 * kv_heads) * hd;
         let qkv: Tensor<3> = Tensor::random([b, t, width], Distribution::Normal(0.0, 1.0), &dev);
-        let (cos, sin) = rope_tables(b, t, hd, &dev);
+        let (table, cos, sin) = position_tables(capacity, hd, pads, (at, t), &dev);
         let cache_shape = [b, kv_heads, capacity, hd];
         let keys: Tensor<4> = Tensor::random(cache_shape, Distribution::Default, &dev);
         let values: Tensor<4> = Tensor::random(cache_shape, Distribution::Default, &dev);
@@ -336,8 +384,9 @@ fn rope_into_cache_equals_rope_and_cache_writes() {
         // The kernel writes the caches in place: hand it copies nothing else holds.
         let (keys, values) = (keys.clone().add_scalar(0.0), values.clone().add_scalar(0.0));
         let norms = normed.then_some((&q_norm, &k_norm, eps as f32));
+        let at_cursor = cursor(pads, at, &dev);
         let (Some(q), k, v) =
-            avb_shaders::rope_into_cache(&qkv, &cos, &sin, heads, (keys, values), at, norms)
+            avb_shaders::rope_into_cache(&qkv, &table, &at_cursor, heads, (keys, values), norms)
         else {
             panic!("the kernel applies");
         };
@@ -347,7 +396,7 @@ fn rope_into_cache_equals_rope_and_cache_writes() {
                 &host(ours.reshape([1, n])),
                 &host(reference.reshape([1, n])),
             );
-            println!("rope into cache t {t} normed {normed} {name}: relative error {err:.2e}");
+            println!("rope into cache t {t} pads {pads:?} normed {normed} {name}: relative error {err:.2e}");
             assert!(err < 1e-6, "{name}: {err}");
         }
     }
@@ -358,21 +407,90 @@ fn rope_into_cache_equals_rope_and_cache_writes() {
         Distribution::Default,
         &dev,
     );
-    let (cos, sin) = rope_tables(b, t, hd, &dev);
+    let (table, _, _) = position_tables(8, hd, &[0], (0, t), &dev);
     let keys: Tensor<4> = Tensor::zeros([b, kv_heads, 8, hd], &dev);
     let held = keys.clone();
     let (q, back, _) = avb_shaders::rope_into_cache(
         &qkv,
-        &cos,
-        &sin,
+        &table,
+        &cursor(&[0], 0, &dev),
         heads,
         (keys, held.clone().add_scalar(0.0)),
-        0,
         None,
     );
     assert!(q.is_none(), "a shared cache buffer must not be written");
     assert_eq!(host(back.reshape([1, 8 * hd])), vec![0.0; 8 * hd]);
     drop(held);
+}
+
+/// Embedding rows from ids on the device, the table in three ranges, scaled (Gemma) and not.
+#[test]
+fn gather_rows_equals_select() {
+    let dev = device();
+    dev.seed(19);
+    let (vocab, d) = (300, 96);
+    let table: Tensor<2> = Tensor::random([vocab, d], Distribution::Normal(0.0, 1.0), &dev);
+    let ranges = [0..128, 128..256, 256..300];
+    let parts: Vec<Tensor<2>> = ranges
+        .iter()
+        .map(|r| table.clone().narrow(0, r.start, r.len()))
+        .collect();
+    let with_starts: Vec<(&Tensor<2>, usize)> = parts
+        .iter()
+        .zip(&ranges)
+        .map(|(p, r)| (p, r.start))
+        .collect();
+    let ids = [299i32, 0, 127, 128, 5, 256, 200];
+    let n = ids.len();
+    let id_t: Tensor<1, Int> = Tensor::from_data(TensorData::new(ids.to_vec(), [n]), &dev);
+    for scale in [1.0f32, 3.5] {
+        let ours =
+            avb_shaders::gather_rows(&with_starts, &id_t, scale).expect("the kernel applies");
+        let reference = table.clone().select(0, id_t.clone()) * scale;
+        assert_eq!(host(ours), host(reference), "scale {scale}");
+    }
+}
+
+/// A step recorded once and replayed reads its inputs from buffers written in place between replays.
+#[test]
+fn recorded_steps_replay_with_inputs_written_in_place() {
+    let dev = device();
+    dev.seed(23);
+    let (vocab, d) = (64, 32);
+    let table: Tensor<2> = Tensor::random([vocab, d], Distribution::Normal(0.0, 1.0), &dev);
+    let parts = [(&table, 0usize)];
+    let ids: Tensor<1, Int> = Tensor::from_data(TensorData::new(vec![1i32, 2], [2]), &dev);
+    let step = || {
+        let x = avb_shaders::gather_rows(&parts, &ids, 2.0).expect("the kernel applies");
+        avb_shaders::argmax(&x).expect("the kernel applies")
+    };
+    let recording = avb_shaders::Recording::prepare(&ids)
+        .expect("a CubeCL device")
+        .expect("the stream takes a recording");
+    let warm = step();
+    recording.start().expect("recording starts");
+    let out = step();
+    let graph = recording.finish().expect("the recording seals");
+    let reference = |rows: &[i32]| -> Vec<i64> {
+        let r: Tensor<1, Int> = Tensor::from_data(TensorData::new(rows.to_vec(), [2]), &dev);
+        table
+            .clone()
+            .select(0, r)
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec()
+            .unwrap()
+    };
+    let read = |t: &Tensor<2, Int>| -> Vec<i64> {
+        t.clone().into_data().convert::<i64>().try_to_vec().unwrap()
+    };
+    assert_eq!(read(&warm), reference(&[1, 2]));
+    for rows in [[7i32, 9], [63, 0], [5, 5]] {
+        assert!(avb_shaders::write_i32(&ids, &rows));
+        graph.replay().expect("replay");
+        assert_eq!(read(&out), reference(&rows), "rows {rows:?}");
+    }
 }
 
 #[test]
@@ -396,4 +514,20 @@ fn argmax_equals_burns_argmax_with_ties_to_the_first() {
             "{rows} x {n}"
         );
     }
+    // Maxima tied across the kernel's blocks of 4096 (the first block's copy is not the first), and one at the
+    // very end of a row.
+    let n = 20_000;
+    let mut v = vec![0.0f32; 2 * n];
+    v[9000] = 1.0;
+    v[5000] = 1.0;
+    v[12_288] = 1.0;
+    v[2 * n - 1] = 2.0;
+    let x: Tensor<2> = Tensor::from_data(TensorData::new(v, [2, n]), &dev);
+    let ours = avb_shaders::argmax(&x).expect("the kernel applies");
+    let ids = ours
+        .into_data()
+        .convert::<i64>()
+        .try_to_vec::<i64>()
+        .unwrap();
+    assert_eq!(ids, vec![5000, n as i64 - 1]);
 }

@@ -52,6 +52,9 @@ pub struct DecodeBenchArgs {
     /// their own stop) for each batch size of at least 2: in fixed chunks, then with finished rows refilled.
     #[arg(long)]
     pub varied: bool,
+    /// Launch every step's kernels instead of recording a step once and replaying it (CubeCL graphs).
+    #[arg(long)]
+    pub no_graphs: bool,
     /// Also write the table, with the command and the machine, to this Markdown file.
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -125,6 +128,8 @@ struct Timing {
     /// by the host, not by the device.
     issue_s: f64,
     wait_s: f64,
+    /// Whether the steps after the first were replayed from a recording.
+    replayed: bool,
 }
 
 /// One prefill (a forward pass over the prompt, synchronised) and one whole generation of `new` tokens.
@@ -158,6 +163,7 @@ fn time_batch(model: &Model, inputs: &[Input], new: usize, warm_up: bool) -> Res
     let t = Instant::now();
     let (mut issue, mut wait, mut steps) = (0.0, 0.0, 0usize);
     let mut decoder = Decoder::new(model, inputs, &opts)?;
+    let mut replayed = false;
     loop {
         let t0 = Instant::now();
         let Some(readback) = decoder.readback() else {
@@ -167,6 +173,7 @@ fn time_batch(model: &Model, inputs: &[Input], new: usize, warm_up: bool) -> Res
         let host = readback.read()?;
         let t2 = Instant::now();
         decoder.advance(host, &mut on_token)?;
+        replayed |= decoder.replaying();
         issue += (t1 - t0).as_secs_f64() + t2.elapsed().as_secs_f64();
         wait += (t2 - t1).as_secs_f64();
         steps += 1;
@@ -177,6 +184,7 @@ fn time_batch(model: &Model, inputs: &[Input], new: usize, warm_up: bool) -> Res
         generate_s: t.elapsed().as_secs_f64(),
         issue_s: issue / steps,
         wait_s: wait / steps,
+        replayed,
     })
 }
 
@@ -306,7 +314,8 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
         a.shape, a.device, a.precision
     );
     let t = Instant::now();
-    let model = Model::random(config.clone(), &dev, precision, 0)?;
+    let mut model = Model::random(config.clone(), &dev, precision, 0)?;
+    model.set_graphs(!a.no_graphs);
     dev.sync()
         .map_err(|e| AvbError::Invalid(format!("device sync failed: {e:?}")))?;
     let build_s = t.elapsed().as_secs_f64();
@@ -350,7 +359,11 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
         let generate = median(runs.iter().map(|r| r.generate_s).collect());
         let issue = median(runs.iter().map(|r| r.issue_s).collect());
         let wait = median(runs.iter().map(|r| r.wait_s).collect());
-        ours.push((b, prefill, generate, issue, wait));
+        let steps = match runs.iter().all(|r| r.replayed) {
+            true => "replayed",
+            false => "launched",
+        };
+        ours.push((b, prefill, generate, (issue, wait), steps));
     }
     let varied = match a.varied {
         true => Some(varied_table(&a, &model, &mut prompts)?),
@@ -363,9 +376,9 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
     let theirs = theirs?;
     let capacity = (a.prompt + a.new).div_ceil(64) * 64;
     let mut table = String::from(
-        "| batch | prefill s | generate s | tokens/s | explanations/s | decode tokens/s | of bandwidth ceiling | issue ms/step | wait ms/step | transformers tokens/s | ratio |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| batch | prefill s | generate s | tokens/s | explanations/s | decode tokens/s | of bandwidth ceiling | steps | issue ms/step | wait ms/step | transformers tokens/s | ratio |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
-    for (b, prefill, generate, issue, wait) in &ours {
+    for (b, prefill, generate, (issue, wait), steps) in &ours {
         let tps = (*b * a.new) as f64 / generate;
         let decode_tps = (*b * (a.new - 1)) as f64 / (generate - prefill).max(1e-9);
         let step_bytes = weight_bytes(&config, bits) + kv_bytes(&config, *b, capacity);
@@ -382,7 +395,7 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
             None => ("-".into(), "-".into()),
         };
         table.push_str(&format!(
-            "| {b} | {prefill:.3} | {generate:.2} | {tps:.1} | {:.3} | {decode_tps:.1} | {:.1}% | {:.2} | {:.2} | {rt} | {ratio} |\n",
+            "| {b} | {prefill:.3} | {generate:.2} | {tps:.1} | {:.3} | {decode_tps:.1} | {:.1}% | {steps} | {:.2} | {:.2} | {rt} | {ratio} |\n",
             *b as f64 / generate,
             100.0 * decode_tps / ceiling,
             1e3 * issue,
@@ -409,7 +422,9 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
          prefill out; `tokens/s` is batch x new tokens over the whole generation, as transformers' figure is. Each step is split into \
          host time issuing its work (`issue`: the head and argmax, then the next forward pass, recorded by the host) and \
          time blocked reading the chosen ids back (`wait`: the device finishing what was issued); a step whose issue time \
-         nears the whole step is bound by the host's launches, not by the device.\n\n{table}\n{reference_line}\n",
+         nears the whole step is bound by the host's launches, not by the device. `steps`: `replayed` where a decoding step \
+         was recorded once and replayed (CubeCL graphs: one call re-encodes the recorded dispatches), `launched` where every \
+         kernel was launched through burn and CubeCL (`--no-graphs`, or a backend without them).\n\n{table}\n{reference_line}\n",
         a.shape,
         params as f64 / 1e9,
         config.num_layers,

@@ -7,7 +7,7 @@
 use crate::model::{Input, KvCache, Model};
 use avb_core::rng::SplitMix64;
 use avb_core::{AvbError, Result};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Int, Tensor, TensorData};
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Sampling {
@@ -58,6 +58,7 @@ pub enum Control {
 
 /// What a decoding step needs from the device: the chosen ids (greedy: argmax on the device, one small read) or
 /// the last logits (sampling on the host).
+#[derive(Clone)]
 pub enum Readback {
     Ids(Tensor<2, Int>),
     Logits(Tensor<2>),
@@ -128,8 +129,26 @@ pub struct Decoder<'m> {
     out: Vec<Generation>,
     /// Inputs finished since the last `take_finished`.
     finished: Vec<usize>,
-    /// Hidden state of every row's last position, [rows, 1, hidden]; None once decoding is over.
-    hidden: Option<Tensor<3>>,
+    /// The device values the next choice needs; None once decoding is over.
+    next: Option<Readback>,
+    /// How steps run: from ids on the host (any backend), or from ids on the device, recorded once and replayed.
+    steps: Steps,
+}
+
+/// Decoding steps on a CubeCL device with the kernels: the chosen ids are written in place into `ids` and the
+/// step runs from there, so that it takes no host data and is recorded once (CubeCL graphs) and then replayed;
+/// a refill changes the cache's buffers and the step is recorded again.
+enum Steps {
+    Host,
+    Device(Box<DeviceSteps>),
+}
+
+struct DeviceSteps {
+    /// [rows] (i32).
+    ids: Tensor<1, Int>,
+    recorded: Option<(crate::kernels::StepGraph, Readback)>,
+    /// Whether to record (off once a recording failed, or when the model's graphs are off).
+    record: bool,
 }
 
 impl<'m> Decoder<'m> {
@@ -176,14 +195,26 @@ impl<'m> Decoder<'m> {
         // running row's remaining budget keeps shifts (KvCache::splice) rare and always sufficient.
         let budget = if batch < n { 2 } else { 1 } * opts.max_new_tokens;
         let mut cache = model.new_cache(prompt + budget);
-        let hidden = if opts.max_new_tokens == 0 || n == 0 {
+        let next = if opts.max_new_tokens == 0 || n == 0 {
             None
         } else {
-            Some(last_position(model.forward_to(
+            let hidden = model.forward_to(
                 &inputs[..batch],
                 model.config.num_layers - 1,
                 Some(&mut cache),
-            )?))
+            )?;
+            Some(choose(model, &opts.sampling, last_position(hidden)))
+        };
+        let steps = match next.is_some() && model.prepare_device_step(&mut cache) {
+            true => Steps::Device(Box::new(DeviceSteps {
+                ids: Tensor::from_data(
+                    TensorData::new(vec![0i32; batch], [batch]),
+                    &model.device(),
+                ),
+                recorded: None,
+                record: model.graphs(),
+            })),
+            false => Steps::Host,
         };
         Ok(Decoder {
             model,
@@ -200,17 +231,86 @@ impl<'m> Decoder<'m> {
                 })
                 .collect(),
             finished: Vec::new(),
-            hidden,
+            next,
+            steps,
         })
     }
 
     /// What to read from the device for the next tokens; None when decoding is over.
     pub fn readback(&self) -> Option<Readback> {
-        let logits = self.model.head(self.hidden.clone()?).squeeze_dim::<2>(1);
-        Some(match self.opts.sampling {
-            Sampling::Greedy => Readback::Ids(self.model.argmax(logits)),
-            Sampling::TopP { .. } => Readback::Logits(logits),
-        })
+        self.next.clone()
+    }
+
+    /// Whether steps are being replayed from a recording (CubeCL graphs).
+    pub fn replaying(&self) -> bool {
+        matches!(&self.steps, Steps::Device(d) if d.recorded.is_some())
+    }
+
+    /// Run the next step of every row from `next` (the chosen ids): the readback of the step after.
+    fn step(&mut self, next: &[u32]) -> Result<Readback> {
+        let model = self.model;
+        if let Steps::Device(device) = &self.steps {
+            let ids = &device.ids;
+            if model.prepare_device_step(&mut self.cache) {
+                let values: Vec<i32> = next.iter().map(|i| *i as i32).collect();
+                if !crate::kernels::write_i32(ids, &values) {
+                    return Err(AvbError::Invalid(
+                        "writing a step's token ids to the device failed".into(),
+                    ));
+                }
+                return self.device_step();
+            }
+            // The cache no longer fits the kernels (e.g. it grew past the attention kernel's limit).
+            self.steps = Steps::Host;
+        }
+        let feed: Vec<Input> = next.iter().map(|id| Input::ids(vec![*id])).collect();
+        let hidden = model.forward_to(&feed, model.config.num_layers - 1, Some(&mut self.cache))?;
+        Ok(choose(model, &self.opts.sampling, hidden))
+    }
+
+    /// A step from the ids on the device: replayed when recorded, else run (and recorded when asked).
+    fn device_step(&mut self) -> Result<Readback> {
+        let (model, sampling) = (self.model, &self.opts.sampling);
+        let Steps::Device(device) = &mut self.steps else {
+            return Err(AvbError::Invalid("not decoding on the device".into()));
+        };
+        let DeviceSteps {
+            ids,
+            recorded,
+            record,
+        } = device.as_mut();
+        let run = |cache: &mut KvCache| -> Result<Readback> {
+            Ok(choose(model, sampling, model.decode_step(ids, cache)?))
+        };
+        if let Some((graph, out)) = recorded {
+            graph
+                .replay()
+                .map_err(|e| AvbError::Invalid(format!("replaying a decoding step failed: {e}")))?;
+            self.cache.advance();
+            return Ok(out.clone());
+        }
+        if !*record {
+            return run(&mut self.cache);
+        }
+        let Some(Ok(recording)) = crate::kernels::Recording::prepare(ids) else {
+            *record = false;
+            return run(&mut self.cache);
+        };
+        // The warm-up runs this step for real; the recorded run is launched into the graph only.
+        let warm = run(&mut self.cache)?;
+        self.cache.rewind();
+        let sealed = recording
+            .start()
+            .and_then(|()| run(&mut self.cache).map_err(|e| e.to_string()))
+            .and_then(|out| Ok((recording.finish()?, out)));
+        if sealed.is_err() {
+            self.cache.advance();
+        }
+        match sealed {
+            Ok(graph) => *recorded = Some(graph),
+            Err(_) => *record = false,
+        }
+        Ok(warm)
     }
 
     /// Choose the next token of every running sequence from `host`, report it through `on_token(input, id)`,
@@ -267,14 +367,13 @@ impl<'m> Decoder<'m> {
             }
         }
         let last = self.model.config.num_layers - 1;
-        let Some(mut hidden) = self.hidden.take() else {
+        let Some(mut upcoming) = self.next.take() else {
             return Err(AvbError::Invalid(
                 "decoding is over: nothing to advance".into(),
             ));
         };
         if self.rows.iter().any(Option::is_some) {
-            let feed: Vec<Input> = next.iter().map(|id| Input::ids(vec![*id])).collect();
-            hidden = self.model.forward_to(&feed, last, Some(&mut self.cache))?;
+            upcoming = self.step(&next)?;
         }
         let free: Vec<usize> = (0..n_rows).filter(|r| self.rows[*r].is_none()).collect();
         let start = self.next_input;
@@ -289,20 +388,23 @@ impl<'m> Decoder<'m> {
             let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
             let mut part = self.model.new_cache(longest);
             let started = last_position(self.model.forward_to(prompts, last, Some(&mut part))?);
+            let started = choose(self.model, &self.opts.sampling, started);
             let live: Vec<usize> = (0..n_rows).filter(|r| self.rows[*r].is_some()).collect();
             // A row feeds at most max_new_tokens - 1 more tokens (the last one chosen is not fed).
             let room = self.opts.max_new_tokens.saturating_sub(1);
             let rows = &free[..starting];
+            // The splice may move the cache into new buffers: the recorded step is recorded again.
+            if let Steps::Device(device) = &mut self.steps {
+                device.recorded = None;
+            }
             self.cache.splice(rows, &part, &live, room)?;
-            let d = started.dims()[2];
             for (j, &row) in rows.iter().enumerate() {
-                let one = started.clone().narrow(0, j, 1);
-                hidden = hidden.slice_assign([row..row + 1, 0..1, 0..d], one);
+                upcoming = upcoming.with_row(row, started.row(j));
                 self.rows[row] = Some(start + j);
             }
             self.next_input += starting;
         }
-        self.hidden = Some(hidden).filter(|_| self.rows.iter().any(Option::is_some));
+        self.next = Some(upcoming).filter(|_| self.rows.iter().any(Option::is_some));
         Ok(())
     }
 
@@ -324,6 +426,41 @@ impl<'m> Decoder<'m> {
     /// Every input's generation, in input order.
     pub fn finish(self) -> Vec<Generation> {
         self.out
+    }
+}
+
+impl Readback {
+    /// Row `j`, as a readback of one row.
+    fn row(&self, j: usize) -> Readback {
+        match self {
+            Readback::Ids(t) => Readback::Ids(t.clone().narrow(0, j, 1)),
+            Readback::Logits(t) => Readback::Logits(t.clone().narrow(0, j, 1)),
+        }
+    }
+
+    /// This readback with row `row` replaced by `one` (a one-row readback of the same kind).
+    fn with_row(self, row: usize, one: Readback) -> Readback {
+        match (self, one) {
+            (Readback::Ids(t), Readback::Ids(o)) => {
+                let w = t.dims()[1];
+                Readback::Ids(t.slice_assign([row..row + 1, 0..w], o))
+            }
+            (Readback::Logits(t), Readback::Logits(o)) => {
+                let w = t.dims()[1];
+                Readback::Logits(t.slice_assign([row..row + 1, 0..w], o))
+            }
+            (same, _) => same,
+        }
+    }
+}
+
+/// The device values the choice after hidden states [b, 1, d] needs: the LM head, then the argmax on the device
+/// (greedy) or the logits (sampling).
+fn choose(model: &Model, sampling: &Sampling, hidden: Tensor<3>) -> Readback {
+    let logits = model.head(hidden).squeeze_dim::<2>(1);
+    match sampling {
+        Sampling::Greedy => Readback::Ids(model.argmax(logits)),
+        Sampling::TopP { .. } => Readback::Logits(logits),
     }
 }
 

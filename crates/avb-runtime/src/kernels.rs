@@ -1,7 +1,7 @@
 //! The runtime's door to avbridge's own GPU kernels (shaders/): used when a tensor lives on a CubeCL device
 //! (wgpu, WebGPU, CUDA) and the kernels are switched on, with burn's generic tensor ops as the path everywhere else.
 
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 /// A projection weight as the decode kernels read it (block-quantized weights on a CubeCL device only).
 pub(crate) struct KernelWeight {
@@ -126,33 +126,87 @@ pub(crate) fn attends(_device: &burn::tensor::Device, _new_positions: usize, _ke
 
 /// The newest position's attention over the KV cache in one kernel (see avb_shaders::decode_attention).
 #[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_attention(
     q: &Tensor<4>,
-    keys: &Tensor<4>,
-    values: &Tensor<4>,
-    pads: &Tensor<1, burn::tensor::Int>,
-    total: usize,
+    cache: (&Tensor<4>, &Tensor<4>),
+    cursor: &Tensor<1, Int>,
     window: Option<usize>,
     scale: f32,
     softcap: Option<f32>,
 ) -> Option<Tensor<4>> {
-    avb_shaders::decode_attention(q, keys, values, pads, total, window, scale, softcap)
+    avb_shaders::decode_attention(q, cache, cursor, window, scale, softcap)
 }
 
 #[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_attention(
     _q: &Tensor<4>,
-    _keys: &Tensor<4>,
-    _values: &Tensor<4>,
-    _pads: &Tensor<1, burn::tensor::Int>,
-    _total: usize,
+    _cache: (&Tensor<4>, &Tensor<4>),
+    _cursor: &Tensor<1, Int>,
     _window: Option<usize>,
     _scale: f32,
     _softcap: Option<f32>,
 ) -> Option<Tensor<4>> {
     None
+}
+
+/// Embedding rows of ids on the device from a table in vocabulary ranges (see avb_shaders::gather_rows).
+#[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
+pub(crate) fn gather_rows(
+    parts: &[(&Tensor<2>, usize)],
+    ids: &Tensor<1, Int>,
+    scale: f32,
+) -> Option<Tensor<2>> {
+    avb_shaders::gather_rows(parts, ids, scale)
+}
+
+#[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+pub(crate) fn gather_rows(
+    _parts: &[(&Tensor<2>, usize)],
+    _ids: &Tensor<1, Int>,
+    _scale: f32,
+) -> Option<Tensor<2>> {
+    None
+}
+
+/// Overwrite an i32 tensor's buffer in place; false where it cannot (then the caller makes a new tensor).
+#[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
+pub(crate) fn write_i32(t: &Tensor<1, Int>, values: &[i32]) -> bool {
+    avb_shaders::write_i32(t, values)
+}
+
+#[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+pub(crate) fn write_i32(_t: &Tensor<1, Int>, _values: &[i32]) -> bool {
+    false
+}
+
+#[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
+pub(crate) use avb_shaders::{Recording, StepGraph};
+
+/// Without a CubeCL backend nothing is recorded: `prepare` answers `None`.
+#[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+pub(crate) enum Recording {}
+
+#[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+impl Recording {
+    pub(crate) fn prepare(_anchor: &Tensor<1, Int>) -> Option<Result<Recording, String>> {
+        None
+    }
+    pub(crate) fn start(&self) -> Result<(), String> {
+        match *self {}
+    }
+    pub(crate) fn finish(self) -> Result<StepGraph, String> {
+        match self {}
+    }
+}
+
+#[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+pub(crate) enum StepGraph {}
+
+#[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+impl StepGraph {
+    pub(crate) fn replay(&self) -> Result<(), String> {
+        match *self {}
+    }
 }
 
 /// RoPE of `x` [b, t, heads, hd] into [b, heads, t, hd] in one kernel on a CubeCL device, else `None`.
@@ -169,29 +223,28 @@ pub(crate) fn rope(_x: &Tensor<4>, _cos: &Tensor<4>, _sin: &Tensor<4>) -> Option
 /// Per-head q and k norm weights and eps (Gemma-3), applied before RoPE.
 pub(crate) type HeadNorms<'a> = Option<(&'a Tensor<1>, &'a Tensor<1>, f32)>;
 
-/// A step's q rotated, and k rotated and v written into the KV cache at `at`, from the fused projection's output,
-/// each q and k head normalised first when `head_norms` are given, in one kernel (see
+/// A step's q rotated, and k rotated and v written into the KV cache at the cursor's index, from the fused
+/// projection's output, each q and k head normalised first when `head_norms` are given, in one kernel (see
 /// avb_shaders::rope_into_cache): (q, keys, values), q `None` and the caches untouched when it does not apply.
 #[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
 pub(crate) fn rope_into_cache(
     qkv: &Tensor<3>,
-    rope_tables: &(Tensor<4>, Tensor<4>),
+    table: &Tensor<2>,
+    cursor: &Tensor<1, Int>,
     heads: usize,
-    (keys, values): (Tensor<4>, Tensor<4>),
-    at: usize,
+    cache: (Tensor<4>, Tensor<4>),
     head_norms: HeadNorms<'_>,
 ) -> (Option<Tensor<4>>, Tensor<4>, Tensor<4>) {
-    let (cos, sin) = rope_tables;
-    avb_shaders::rope_into_cache(qkv, cos, sin, heads, (keys, values), at, head_norms)
+    avb_shaders::rope_into_cache(qkv, table, cursor, heads, cache, head_norms)
 }
 
 #[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
 pub(crate) fn rope_into_cache(
     _qkv: &Tensor<3>,
-    _rope_tables: &(Tensor<4>, Tensor<4>),
+    _table: &Tensor<2>,
+    _cursor: &Tensor<1, Int>,
     _heads: usize,
     (keys, values): (Tensor<4>, Tensor<4>),
-    _at: usize,
     _head_norms: HeadNorms<'_>,
 ) -> (Option<Tensor<4>>, Tensor<4>, Tensor<4>) {
     (None, keys, values)
@@ -200,7 +253,7 @@ pub(crate) fn rope_into_cache(
 /// Each row's index of its largest value, [b, n] -> [b, 1], in one kernel on a CubeCL device with the kernels on,
 /// else through burn's argmax.
 #[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
-pub(crate) fn argmax(x: Tensor<2>, on: bool) -> Tensor<2, burn::tensor::Int> {
+pub(crate) fn argmax(x: Tensor<2>, on: bool) -> Tensor<2, Int> {
     match on.then(|| avb_shaders::argmax(&x)).flatten() {
         Some(ids) => ids,
         None => x.argmax(1),
@@ -208,6 +261,6 @@ pub(crate) fn argmax(x: Tensor<2>, on: bool) -> Tensor<2, burn::tensor::Int> {
 }
 
 #[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
-pub(crate) fn argmax(x: Tensor<2>, _on: bool) -> Tensor<2, burn::tensor::Int> {
+pub(crate) fn argmax(x: Tensor<2>, _on: bool) -> Tensor<2, Int> {
     x.argmax(1)
 }

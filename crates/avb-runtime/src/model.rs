@@ -271,9 +271,14 @@ struct Block {
 /// masked, so every decoding step runs the same tensor shapes (no growing concatenation, no new kernel shapes).
 pub struct KvCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
-    /// Left padding of each row, on the host and (for the decode-attention kernel) on the device.
+    /// Left padding of each row.
     pads: Vec<usize>,
-    device_pads: Option<Tensor<1, Int>>,
+    /// For the kernels: each row's padding, then the cache index of the pass's first new position, [rows + 1]
+    /// (i32), written in place before every pass (so that a recorded step reads the current positions).
+    cursor: Option<Tensor<1, Int>>,
+    /// For the kernels: RoPE angles of every cache position, [capacity, head_dim] (cos of the frequencies, then
+    /// their sin): the global table, and the sliding-window layers' one where the family has it.
+    rope: Option<(Tensor<2>, Option<Tensor<2>>)>,
     len: usize,
     capacity: usize,
 }
@@ -296,13 +301,31 @@ impl KvCache {
         &self.pads
     }
 
-    fn set_pads(&mut self, pads: Vec<usize>, device: &Device) {
-        let ids: Vec<i32> = pads.iter().map(|p| *p as i32).collect();
-        self.device_pads = Some(Tensor::from_data(
-            TensorData::new(ids, [pads.len()]),
-            device,
-        ));
-        self.pads = pads;
+    /// Write the cursor (each row's padding, then the current length) for the next pass, in place when it exists.
+    fn write_cursor(&mut self, device: &Device) {
+        let values: Vec<i32> = self
+            .pads
+            .iter()
+            .chain([&self.len])
+            .map(|v| *v as i32)
+            .collect();
+        if let Some(c) = &self.cursor {
+            if crate::kernels::write_i32(c, &values) {
+                return;
+            }
+        }
+        let n = values.len();
+        self.cursor = Some(Tensor::from_data(TensorData::new(values, [n]), device));
+    }
+
+    /// A device step was recorded and replayed: the cache now holds one more position.
+    pub(crate) fn advance(&mut self) {
+        self.len += 1;
+    }
+
+    /// Undo `advance` (the warm-up run before a recording advanced it once, the recorded run again).
+    pub(crate) fn rewind(&mut self) {
+        self.len -= 1;
     }
 
     /// Put `part`, the cache of one prefill of `rows.len()` new sequences, into rows `rows` (finished sequences'
@@ -363,11 +386,9 @@ impl KvCache {
             }
             *layer = Some((k, v));
         }
-        let mut pads = self.pads.clone();
         for (&r, part_pad) in rows.iter().zip(&part.pads) {
-            pads[r] = at + part_pad;
+            self.pads[r] = at + part_pad;
         }
-        self.set_pads(pads, &device);
         Ok(())
     }
 
@@ -392,13 +413,10 @@ impl KvCache {
                 *layer = Some((moved(k), moved(v)));
             }
         }
-        let pads = self
-            .pads
-            .iter()
-            .map(|p| p.saturating_add_signed(delta))
-            .collect();
+        for p in self.pads.iter_mut() {
+            *p = p.saturating_add_signed(delta);
+        }
         self.len = self.len.saturating_add_signed(delta);
-        self.set_pads(pads, device);
     }
 }
 
@@ -415,6 +433,9 @@ pub struct Model {
     inv_freq_local: Option<Vec<f32>>,
     /// avbridge's own GPU kernels where they apply (on by default; off runs burn's generic ops everywhere).
     kernels: bool,
+    /// Record a decoding step once and replay it (CubeCL graphs), where the kernels take whole steps. On by
+    /// default natively; off in the browser until the WebGPU e2e covers it.
+    graphs: bool,
 }
 
 fn tensor2(data: Vec<f32>, shape: [usize; 2], device: &Device) -> Tensor<2> {
@@ -757,6 +778,7 @@ impl Model {
             inv_freq: c.rope.inv_freq(hd),
             inv_freq_local: c.rope_local.as_ref().map(|r| r.inv_freq(hd)),
             kernels: true,
+            graphs: cfg!(not(target_family = "wasm")),
             config,
         })
     }
@@ -766,12 +788,26 @@ impl Model {
         self.kernels = on;
     }
 
+    /// Switch recorded and replayed decoding steps on or off (benchmarks compare both; the tokens agree).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
+    }
+
+    pub fn graphs(&self) -> bool {
+        self.graphs
+    }
+
+    pub fn device(&self) -> Device {
+        self.device.clone()
+    }
+
     /// An empty cache for at least `positions` positions (prompt and new tokens).
     pub fn new_cache(&self, positions: usize) -> KvCache {
         KvCache {
             layers: (0..self.config.num_layers).map(|_| None).collect(),
             pads: Vec::new(),
-            device_pads: None,
+            cursor: None,
+            rope: None,
             len: 0,
             capacity: positions.div_ceil(CACHE_BLOCK).max(1) * CACHE_BLOCK,
         }
@@ -915,6 +951,91 @@ impl Model {
         )
     }
 
+    /// RoPE angles of positions 0..positions, [positions, head_dim]: cos of the frequencies, then their sin (the
+    /// values `rope_tables` computes, each position once).
+    fn position_table(&self, inv_freq: &[f32], positions: usize) -> Tensor<2> {
+        let hd = self.config.head_dim;
+        let mut table = Vec::with_capacity(positions * hd);
+        for pos in 0..positions {
+            let angles = inv_freq.iter().map(|f| pos as f32 * f);
+            table.extend(angles.clone().map(f32::cos));
+            table.extend(angles.map(f32::sin));
+        }
+        tensor2(table, [positions, hd], &self.device)
+    }
+
+    /// Make `cache` ready for a kernel pass: its RoPE tables (once) and its cursor (every pass).
+    fn prepare_kernel_pass(&self, cache: &mut KvCache) {
+        if cache.rope.is_none() {
+            let local = self.inv_freq_local.as_ref();
+            cache.rope = Some((
+                self.position_table(&self.inv_freq, cache.capacity),
+                local.map(|f| self.position_table(f, cache.capacity)),
+            ));
+        }
+        cache.write_cursor(&self.device);
+    }
+
+    /// Whether the kernels take a whole decoding step of `cache` from ids on the device ([`Model::decode_step`]):
+    /// fused q/k/v projections, both per-head norms or neither, a written cache that the decode-attention kernel
+    /// scores, on a CubeCL device. Then its tables and cursor are made ready for that step.
+    pub(crate) fn prepare_device_step(&self, cache: &mut KvCache) -> bool {
+        let applies = self.kernels
+            && !cache.is_empty()
+            && cache.len < cache.capacity
+            && cache.layers.iter().all(Option::is_some)
+            && crate::kernels::attends(&self.device, 1, cache.capacity)
+            && self.blocks.iter().all(|b| {
+                matches!(b.qkv, Projections::Fused { .. })
+                    && b.q_norm.is_some() == b.k_norm.is_some()
+            });
+        if applies {
+            self.prepare_kernel_pass(cache);
+        }
+        applies
+    }
+
+    /// One decoding step of every row of `cache` from token ids on the device, `ids` [rows] (i32), entirely
+    /// through the kernels: no host data enters it, so it can be recorded once and replayed. Needs
+    /// [`Model::prepare_device_step`] first (which writes the cursor the kernels read). Returns the hidden states
+    /// of the new positions, [rows, 1, hidden].
+    pub(crate) fn decode_step(
+        &self,
+        ids: &Tensor<1, Int>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>> {
+        let rows = cache.pads.len();
+        if ids.dims() != [rows] {
+            return Err(AvbError::Invalid(format!(
+                "a device step of {rows} cached rows was given {} ids",
+                ids.dims()[0]
+            )));
+        }
+        let parts: Vec<(&Tensor<2>, usize)> = self
+            .embed
+            .parts
+            .iter()
+            .zip(&self.embed.ranges)
+            .map(|(p, r)| (p, r.start))
+            .collect();
+        let Some(x) = crate::kernels::gather_rows(&parts, ids, self.embed_scale.unwrap_or(1.0))
+        else {
+            return Err(AvbError::Invalid(
+                "the embedding kernel does not apply to this model's table: decode with host ids"
+                    .into(),
+            ));
+        };
+        let mut x = x.reshape([rows, 1, self.config.hidden_size]);
+        let mut cache = Some(cache);
+        for layer in 0..self.config.num_layers {
+            x = self.block(layer, x, None, None, &mut cache);
+        }
+        if let Some(c) = cache {
+            c.advance();
+        }
+        Ok(x)
+    }
+
     /// true = masked, [batch, 1, seq, keys]: causal, no padding keys, and the sliding window if any. Keys past
     /// start + seq (an unwritten cache tail) are masked by causality.
     fn mask(
@@ -975,13 +1096,24 @@ impl Model {
         block: &Block,
         layer: usize,
         x: Tensor<3>,
-        rope_tables: &(Tensor<4>, Tensor<4>),
+        rope_tables: Option<&(Tensor<4>, Tensor<4>)>,
         mask: Option<Tensor<4, Bool>>,
         cache: &mut Option<&mut KvCache>,
     ) -> Tensor<3> {
         let c = &self.config;
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        // A device step brings no host tables: where a kernel declines, they are made from the cache's positions.
+        let host_tables = |cache: &KvCache| match rope_tables {
+            Some(tables) => tables.clone(),
+            None => {
+                let freq = match (block.window, &self.inv_freq_local) {
+                    (Some(_), Some(local)) => local,
+                    _ => &self.inv_freq,
+                };
+                self.rope_tables(freq, &cache.pads, cache.len, t)
+            }
+        };
         let (q, k, v) = match cache.as_deref_mut() {
             Some(cache) => {
                 let (ck, cv) = cache.layers[layer].take().unwrap_or_else(|| {
@@ -998,15 +1130,27 @@ impl Model {
                     (None, None) => Some(None),
                     _ => None,
                 };
-                let (q, ck, cv, parts) = match (&block.qkv, head_norms) {
-                    (Projections::Fused { linear, widths }, Some(norms)) if self.kernels => {
+                let table = cache
+                    .rope
+                    .as_ref()
+                    .map(|(global, local)| match block.window {
+                        Some(_) => local.as_ref().unwrap_or(global),
+                        None => global,
+                    });
+                let (q, ck, cv, parts) = match (&block.qkv, head_norms, table, &cache.cursor) {
+                    (
+                        Projections::Fused { linear, widths },
+                        Some(norms),
+                        Some(table),
+                        Some(cursor),
+                    ) if self.kernels => {
                         let qkv = linear.forward(x, true, Epilogue::None);
                         let (q, ck, cv) = crate::kernels::rope_into_cache(
                             &qkv,
-                            rope_tables,
+                            table,
+                            cursor,
                             h,
                             (ck, cv),
-                            cache.len,
                             norms,
                         );
                         // Where the kernel does not apply, the same product serves the generic path.
@@ -1019,7 +1163,7 @@ impl Model {
                     (Some(q), _) => (q, ck, cv),
                     (None, parts) => {
                         let parts = parts.expect("projections when the kernel did not run");
-                        let (q, k, v) = self.new_qkv(block, three(parts), rope_tables);
+                        let (q, k, v) = self.new_qkv(block, three(parts), &host_tables(cache));
                         let at = [0..b, 0..kvh, cache.len..cache.len + t, 0..hd];
                         (q, ck.slice_assign(at.clone(), k), cv.slice_assign(at, v))
                     }
@@ -1027,20 +1171,20 @@ impl Model {
                 cache.layers[layer] = Some((k.clone(), v.clone()));
                 (q, k, v)
             }
-            None => self.new_qkv(block, three(block.qkv.split(x, self.kernels)), rope_tables),
+            None => {
+                let tables = rope_tables.expect("a pass without a cache brings its RoPE tables");
+                self.new_qkv(block, three(block.qkv.split(x, self.kernels)), tables)
+            }
         };
         let total = k.dims()[2];
         let mask = match (mask, cache.as_deref()) {
             (Some(m), _) => m,
             (None, Some(cache)) => {
-                if let Some(pads) = &cache.device_pads {
-                    let written = cache.len + t;
+                if let Some(cursor) = &cache.cursor {
                     let fused = crate::kernels::decode_attention(
                         &q,
-                        &k,
-                        &v,
-                        pads,
-                        written,
+                        (&k, &v),
+                        cursor,
                         block.window,
                         c.attn_scale,
                         c.attn_softcap,
@@ -1076,7 +1220,7 @@ impl Model {
         &self,
         layer: usize,
         x: Tensor<3>,
-        tables: &(Tensor<4>, Tensor<4>),
+        tables: Option<&(Tensor<4>, Tensor<4>)>,
         mask: Option<Tensor<4, Bool>>,
         cache: &mut Option<&mut KvCache>,
     ) -> Tensor<3> {
@@ -1153,7 +1297,7 @@ impl Model {
             _ => {
                 let (rows, pads) = self.pad(inputs)?;
                 if let Some(c) = cache.as_deref_mut() {
-                    c.set_pads(pads.clone(), &self.device);
+                    c.pads = pads.clone();
                 }
                 (rows, pads)
             }
@@ -1179,6 +1323,11 @@ impl Model {
             None => seq,
         };
         self.check_injections(inputs, last)?;
+        if let Some(c) = cache.as_deref_mut() {
+            if self.kernels && !on_cpu_backend(&self.device) {
+                self.prepare_kernel_pass(c);
+            }
+        }
         let pads_for_inject: Vec<usize> = if start == 0 {
             pads.clone()
         } else {
@@ -1211,7 +1360,7 @@ impl Model {
                 None => &global,
             };
             x = self.inject(x, &pads_for_inject, inputs, layer);
-            x = self.block(layer, x, tables, mask, &mut cache);
+            x = self.block(layer, x, Some(tables), mask, &mut cache);
         }
         if let Some(c) = cache {
             c.len = start + seq;

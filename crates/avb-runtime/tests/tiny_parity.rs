@@ -5,7 +5,9 @@
 mod common;
 
 use avb_runtime::model::to_vec;
-use avb_runtime::{generate, Control, Finish, GenerateOptions, Injection, Input, Model, Sampling};
+use avb_runtime::{
+    generate, Control, Decoder, Finish, GenerateOptions, Injection, Input, Model, Sampling,
+};
 use common::{row_errors, Golden};
 use std::path::PathBuf;
 
@@ -132,6 +134,36 @@ fn check_family(family: &str) {
         assert_eq!(streamed[i], want, "{family} streamed tokens of prompt {i}");
     }
     println!("{family}: {n_prompts} batched greedy continuations of {n_new} tokens identical");
+
+    // On a GPU device the decoder records a step once and replays it; the same tokens come out with recording
+    // off, and on the CPU no step is recorded.
+    let on_gpu = std::env::var("AVB_TEST_DEVICE").is_ok_and(|d| d != "cpu");
+    let mut decoder = Decoder::new(&model, &prompts, &opts).unwrap();
+    let mut steps = 0;
+    while let Some(readback) = decoder.readback() {
+        decoder
+            .advance(readback.read().unwrap(), &mut |_, _| Control::Continue)
+            .unwrap();
+        steps += 1;
+        if steps == 2 {
+            assert_eq!(
+                decoder.replaying(),
+                on_gpu,
+                "{family}: a decoding step is replayed exactly on GPU devices"
+            );
+        }
+    }
+    let replayed = decoder.finish();
+    let mut unrecorded = Model::load(&d, &device).unwrap();
+    unrecorded.set_graphs(false);
+    let plain = generate(&unrecorded, &prompts, &opts, &mut |_, _| Control::Continue).unwrap();
+    for (i, (a, b)) in replayed.iter().zip(&plain).enumerate() {
+        assert_eq!(
+            a.ids, b.ids,
+            "{family}: prompt {i} with and without recorded steps"
+        );
+        assert_eq!(a.ids, g.ids(&format!("greedy_{i}")), "{family}: prompt {i}");
+    }
 
     // Continuous batching: 24 sequences (each prompt 8 times) through 3 rows, each stopped by the callback after
     // its own number of tokens, so rows finish at different steps and are refilled mid-run; 70-odd steps in a
