@@ -55,8 +55,8 @@ fn main() {
                 let x: Tensor<2> = Tensor::random([rows, k], Distribution::Default, &device);
                 // Past the kernel's rows (a prefill or a large batch) only the generic path runs.
                 let ours = packed
-                    .matvec(&x, None, Epilogue::None)
-                    .map(|_| time(&device, || packed.matvec(&x, None, Epilogue::None)));
+                    .matvec(&x, None, Epilogue::None, None)
+                    .map(|_| time(&device, || packed.matvec(&x, None, Epilogue::None, None)));
                 // burn's own path: its quantized matmul for 8-bit, the dequantized weight for 4-bit.
                 let (generic_name, generic) = if bits == 8 {
                     (

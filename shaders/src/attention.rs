@@ -14,9 +14,29 @@ use burn_cubecl::kernel::into_contiguous;
 use cubecl::prelude::*;
 
 const THREADS: u32 = 256;
-/// Loads a thread issues together in the scoring and value loops: with 4, a key's 128-wide dot product still
-/// waited out 32 memory latencies (27 us a layer on the H200 at batch 1).
+/// Loads a thread issues together in the scoring and value loops where the head dimension allows (else 4): with 4,
+/// a key's 128-wide dot product waited out 32 memory latencies (27 us a layer on the H200 at batch 1).
 const UNROLL: usize = 16;
+
+/// The loads in flight for head dimension `hd`, or `None` where the kernel does not take it.
+fn unroll_for(hd: usize) -> Option<usize> {
+    [UNROLL, 4].into_iter().find(|u| hd % u == 0)
+}
+
+/// Whether the kernel takes a cache of these dimensions (the same checks `decode_attention` makes of its tensors):
+/// so that a caller can know before a step that no part of it falls back to generic ops.
+pub fn decode_attention_fits(
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
+) -> bool {
+    capacity <= MAX_KEYS
+        && kv_heads > 0
+        && heads % kv_heads == 0
+        && unroll_for(head_dim).is_some()
+        && (head_dim >= THREADS as usize || THREADS as usize % head_dim == 0)
+}
 /// Largest cache the kernel scores in shared memory: 8 KiB of scores, within WebGPU's default 16 KiB of
 /// workgroup storage. Longer caches take the generic path.
 pub const MAX_KEYS: usize = 2048;
@@ -37,6 +57,7 @@ fn decode_attention_kernel(
     #[comptime] capacity: u32,
     #[comptime] threads: u32,
     #[comptime] head_dim: u32,
+    #[comptime] unroll: usize,
 ) {
     let h = CUBE_POS_X as usize;
     let b = CUBE_POS_Y as usize;
@@ -76,16 +97,16 @@ fn decode_attention_kernel(
             let mut dot = 0.0f32;
             let mut d = 0;
             while d < hd {
-                let mut kv = Array::<f32>::new(comptime!(UNROLL));
+                let mut kv = Array::<f32>::new(unroll);
                 #[unroll]
-                for u in 0..UNROLL {
+                for u in 0..unroll {
                     kv[u] = keys[row + (d + u) * kd];
                 }
                 #[unroll]
-                for u in 0..UNROLL {
+                for u in 0..unroll {
                     dot += qs[d + u] * kv[u];
                 }
-                d += UNROLL;
+                d += unroll;
             }
             s = dot * scale;
             if softcap > 0.0 {
@@ -152,17 +173,17 @@ fn decode_attention_kernel(
         while d < hd {
             let mut acc = 0.0f32;
             let mut j = pad + g;
-            while j + (UNROLL - 1) * groups < n {
-                let mut vv = Array::<f32>::new(comptime!(UNROLL));
+            while j + (unroll - 1) * groups < n {
+                let mut vv = Array::<f32>::new(unroll);
                 #[unroll]
-                for u in 0..UNROLL {
+                for u in 0..unroll {
                     vv[u] = values[v0 + (j + u * groups) * vs + d * vd];
                 }
                 #[unroll]
-                for u in 0..UNROLL {
+                for u in 0..unroll {
                     acc += scores[j + u * groups] * vv[u];
                 }
-                j += UNROLL * groups;
+                j += unroll * groups;
             }
             while j < n {
                 acc += scores[j] * values[v0 + j * vs + d * vd];
@@ -203,16 +224,14 @@ pub fn decode_attention(
     let [b, heads, t, hd] = q.dims();
     let [_, kv_heads, capacity, _] = keys.dims();
     if t != 1
-        || capacity > MAX_KEYS
+        || !decode_attention_fits(heads, kv_heads, hd, capacity)
         || cursor.dims() != [b + 1]
-        || heads % kv_heads != 0
-        || hd % UNROLL != 0
-        || (hd < THREADS as usize && THREADS as usize % hd != 0)
         || q.dtype() != DType::F32
         || cursor.dtype() != DType::I32
     {
         return None;
     }
+    let unroll = unroll_for(hd)?;
     let qc = into_contiguous(to_cube(&q.clone().reshape([b, heads, hd]))?);
     let (kc, vc, cc) = (to_cube(keys)?, to_cube(values)?, to_cube_int(cursor)?);
     let out = empty_like(&qc, [b, heads, hd], DType::F32);
@@ -231,6 +250,7 @@ pub fn decode_attention(
         capacity as u32,
         THREADS,
         hd as u32,
+        unroll,
     );
     Some(from_cube::<3>(out).reshape([b, heads, 1, hd]))
 }

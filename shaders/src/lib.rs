@@ -28,7 +28,7 @@ mod qmatvec;
 mod rope;
 
 pub use argmax::argmax;
-pub use attention::{decode_attention, MAX_KEYS};
+pub use attention::{decode_attention, decode_attention_fits, MAX_KEYS};
 pub use cube::on_cube;
 pub use embed::gather_rows;
 pub use graph::{write_i32, Recording, StepGraph};

@@ -1,6 +1,6 @@
 //! Each kernel against burn's generic tensor ops on the same device, on fresh random inputs: the quantized matvec
 //! against a matmul with the dequantized weight (8- and 4-bit; one tile of rows and several; with and without
-//! bias; a k that does not divide into chunks; with the residual and gated-MLP epilogues), RMSNorm, RoPE (alone
+//! bias; a k that does not divide into chunks; of RMSNorm(x); with the residual and gated-MLP epilogues), RMSNorm, RoPE (alone
 //! and fused with the KV-cache writes), and decode attention with left padding, grouped heads, a
 //! sliding window and soft-capping against the masked-softmax formulation, the embedding gather, and a recorded
 //! step replayed with its inputs written in place. Runs on wgpu (Mesa lavapipe in CI, a
@@ -44,6 +44,7 @@ fn scheme(value: QuantValue) -> QuantScheme {
 fn quantized_matvec_equals_dequantized_matmul() {
     let dev = device();
     dev.seed(3);
+    let norm_weights: Vec<f32> = (0..9000).map(|i| 0.5 + (i % 7) as f32 / 7.0).collect();
     for (value, bits) in [(QuantValue::Q8S, 8), (QuantValue::Q4S, 4)] {
         // k = 9000: a single row takes more than the fewest rounds per chunk.
         for (k, out) in [(96, 64), (1000, 320), (2048, 4096), (9000, 64)] {
@@ -57,7 +58,7 @@ fn quantized_matvec_equals_dequantized_matmul() {
                 for with_bias in [false, true] {
                     let b = with_bias.then_some(&bias);
                     let ours = packed
-                        .matvec(&x, b, Epilogue::None)
+                        .matvec(&x, b, Epilogue::None, None)
                         .expect("the kernel applies");
                     let mut reference = x.clone().matmul(reference_w.clone());
                     if let Some(b) = b {
@@ -67,10 +68,24 @@ fn quantized_matvec_equals_dequantized_matmul() {
                     println!("q{bits} k {k} out {out} rows {rows} bias {with_bias}: relative error {err:.2e}");
                     assert!(err < 1e-5, "q{bits} k {k} out {out} rows {rows}: {err}");
                 }
+                // Of RMSNorm(x): folded into a single row's product, a separate launch before more rows'.
+                let (norm, eps) = (&norm_weights[..k], 1e-6);
+                let norm = Tensor::<1>::from_data(TensorData::new(norm.to_vec(), [k]), &dev);
+                let ours = packed
+                    .matvec(&x, None, Epilogue::None, Some((&norm, eps)))
+                    .expect("the kernel applies");
+                let mean_square = x.clone().square().mean_dim(1);
+                let normed = x.clone() * (mean_square + eps).sqrt().recip() * norm.unsqueeze::<2>();
+                let err = rel_err(&host(ours), &host(normed.matmul(reference_w.clone())));
+                println!("q{bits} k {k} out {out} rows {rows} normed: relative error {err:.2e}");
+                assert!(
+                    err < 1e-5,
+                    "q{bits} k {k} out {out} rows {rows} normed: {err}"
+                );
             }
             // More rows than the tiles take: the caller's generic path.
             let x: Tensor<2> = Tensor::random([65, k], Distribution::Default, &dev);
-            assert!(packed.matvec(&x, None, Epilogue::None).is_none());
+            assert!(packed.matvec(&x, None, Epilogue::None, None).is_none());
         }
     }
     // A float weight is not a packed one.
@@ -92,7 +107,7 @@ fn matvec_epilogues_equal_generic_ops() {
         let product = x.clone().matmul(reference_w.clone());
         let residual: Tensor<2> = Tensor::random([rows, 2 * half], Distribution::Default, &dev);
         let ours = packed
-            .matvec(&x, None, Epilogue::Residual(&residual))
+            .matvec(&x, None, Epilogue::Residual(&residual), None)
             .expect("the kernel applies");
         let err = rel_err(&host(ours), &host(product.clone() + residual));
         println!("residual, rows {rows}: relative error {err:.2e}");
@@ -110,7 +125,7 @@ fn matvec_epilogues_equal_generic_ops() {
             ),
         ] {
             let ours = packed
-                .matvec(&x, None, Epilogue::Gated(act))
+                .matvec(&x, None, Epilogue::Gated(act), None)
                 .expect("the kernel applies");
             assert_eq!(ours.dims(), [rows, half]);
             let err = rel_err(&host(ours), &host(reference));
@@ -122,7 +137,7 @@ fn matvec_epilogues_equal_generic_ops() {
     let x: Tensor<2> = Tensor::random([2, k], Distribution::Default, &dev);
     let wrong: Tensor<2> = Tensor::zeros([2, half], &dev);
     assert!(packed
-        .matvec(&x, None, Epilogue::Residual(&wrong))
+        .matvec(&x, None, Epilogue::Residual(&wrong), None)
         .is_none());
 }
 
@@ -230,6 +245,8 @@ fn decode_attention_equals_masked_softmax() {
         case(3, 4, 1, 256, 256, 200, &[0, 17, 60], Some(64), None),
         case(2, 8, 8, 128, 128, 128, &[5, 0], None, Some(50.0)),
         case(2, 28, 4, 128, 2048, 1500, &[0, 700], Some(1024), None),
+        // A head dimension of 8: four loads in flight instead of sixteen.
+        case(2, 8, 4, 8, 64, 40, &[3, 0], None, None),
     ];
     for c in cases {
         let (b, h, kvh, hd, cap, total) = (

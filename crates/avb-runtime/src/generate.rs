@@ -299,16 +299,23 @@ impl<'m> Decoder<'m> {
         // The warm-up runs this step for real; the recorded run is launched into the graph only.
         let warm = run(&mut self.cache)?;
         self.cache.rewind();
-        let sealed = recording
-            .start()
-            .and_then(|()| run(&mut self.cache).map_err(|e| e.to_string()))
-            .and_then(|out| Ok((recording.finish()?, out)));
-        if sealed.is_err() {
+        if recording.start().is_err() {
+            // Nothing was recorded: go on launching.
             self.cache.advance();
+            *record = false;
+            return Ok(warm);
         }
-        match sealed {
-            Ok(graph) => *recorded = Some(graph),
-            Err(_) => *record = false,
+        let out = run(&mut self.cache);
+        match (recording.finish(), out) {
+            (Ok(graph), Ok(out)) => *recorded = Some((graph, out)),
+            // A recording that cannot seal leaves the buffers its launches name marked as failed in CubeCL: later
+            // reads of them fail, so decoding stops here with the reason rather than on a confusing read error.
+            (Err(e), _) => {
+                return Err(AvbError::Invalid(format!(
+                    "recording a decoding step failed ({e}); decode with recorded steps off (`--no-graphs`)"
+                )))
+            }
+            (_, Err(e)) => return Err(e),
         }
         Ok(warm)
     }

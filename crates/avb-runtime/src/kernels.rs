@@ -22,14 +22,15 @@ impl KernelWeight {
         KernelWeight {}
     }
 
-    /// x W (+ bias), then the epilogue, for x [b, t, in] through the quantized matvec kernel when it applies (few
-    /// rows), else `None`.
+    /// x W (+ bias), then the epilogue, for x [b, t, in] (of RMSNorm(x) with `norm`) through the quantized matvec
+    /// kernel when it applies (few rows), else `None`.
     #[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
     pub(crate) fn matvec(
         &self,
         x: &Tensor<3>,
         bias: Option<&Tensor<1>>,
         epilogue: Epilogue<'_>,
+        norm: Option<(&Tensor<1>, f32)>,
     ) -> Option<Tensor<3>> {
         use avb_shaders::Epilogue as Fused;
         let [b, t, k] = x.dims();
@@ -49,7 +50,7 @@ impl KernelWeight {
         let y = self
             .packed
             .as_ref()?
-            .matvec(&x.clone().reshape([b * t, k]), bias, fused)?;
+            .matvec(&x.clone().reshape([b * t, k]), bias, fused, norm)?;
         let out = y.dims()[1];
         Some(y.reshape([b, t, out]))
     }
@@ -60,6 +61,7 @@ impl KernelWeight {
         _x: &Tensor<3>,
         _bias: Option<&Tensor<1>>,
         _epilogue: Epilogue<'_>,
+        _norm: Option<(&Tensor<1>, f32)>,
     ) -> Option<Tensor<3>> {
         None
     }
@@ -112,15 +114,27 @@ pub(crate) fn rms_norm<const D: usize>(
     None
 }
 
-/// Whether the decode-attention kernel takes a step of this shape on `device`: one new position per row and a
-/// cache it can score in shared memory.
+/// Whether the decode-attention kernel takes a step of this shape on `device`: one new position per row, and heads
+/// (q heads, kv heads, head dim) and a cache of `keys` positions it scores in shared memory.
 #[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
-pub(crate) fn attends(device: &burn::tensor::Device, new_positions: usize, keys: usize) -> bool {
-    new_positions == 1 && keys <= avb_shaders::MAX_KEYS && avb_shaders::on_cube(device)
+pub(crate) fn attends(
+    device: &burn::tensor::Device,
+    new_positions: usize,
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+    keys: usize,
+) -> bool {
+    new_positions == 1
+        && avb_shaders::decode_attention_fits(heads, kv_heads, head_dim, keys)
+        && avb_shaders::on_cube(device)
 }
 
 #[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
-pub(crate) fn attends(_device: &burn::tensor::Device, _new_positions: usize, _keys: usize) -> bool {
+pub(crate) fn attends(
+    _device: &burn::tensor::Device,
+    _new_positions: usize,
+    _heads: (usize, usize, usize),
+    _keys: usize,
+) -> bool {
     false
 }
 

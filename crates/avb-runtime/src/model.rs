@@ -111,12 +111,20 @@ impl Linear {
         }
     }
 
-    fn forward(&self, x: Tensor<3>, kernels: bool, epilogue: Epilogue<'_>) -> Tensor<3> {
+    /// x W (+ bias), then the epilogue; of RMSNorm(x) when `norm` is given (folded into the kernel's product).
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        kernels: bool,
+        epilogue: Epilogue<'_>,
+        norm: PreNorm<'_>,
+    ) -> Tensor<3> {
         if kernels {
-            if let Some(y) = self.kernel.matvec(&x, self.bias.as_ref(), epilogue) {
+            if let Some(y) = self.kernel.matvec(&x, self.bias.as_ref(), epilogue, norm) {
                 return y;
             }
         }
+        let x = apply_norm(x, norm, kernels);
         let weight = if self.dequantize {
             self.weight.clone().dequantize()
         } else {
@@ -131,6 +139,17 @@ impl Linear {
                 act.apply(y.clone().narrow(2, 0, half)) * y.narrow(2, half, half)
             }
         }
+    }
+}
+
+/// An RMSNorm (weight, eps) still to apply to a projection's input: the kernels fold it into a single row's
+/// product, which saves its launch.
+type PreNorm<'a> = Option<(&'a Tensor<1>, f32)>;
+
+fn apply_norm(x: Tensor<3>, norm: PreNorm<'_>, kernels: bool) -> Tensor<3> {
+    match norm {
+        Some((w, eps)) => rms_norm(x, w, eps, kernels),
+        None => x,
     }
 }
 
@@ -162,42 +181,54 @@ enum Projections {
 }
 
 impl Projections {
-    /// Each projection of x, in order.
-    fn split(&self, x: Tensor<3>, kernels: bool) -> Vec<Tensor<3>> {
+    /// Each projection of x (of RMSNorm(x) with `norm`), in order.
+    fn split(&self, x: Tensor<3>, kernels: bool, norm: PreNorm<'_>) -> Vec<Tensor<3>> {
         match self {
             Projections::Fused { linear, widths } => {
-                narrow_parts(linear.forward(x, kernels, Epilogue::None), widths)
+                narrow_parts(linear.forward(x, kernels, Epilogue::None, norm), widths)
             }
-            Projections::Separate(parts) => parts
-                .iter()
-                .map(|p| p.forward(x.clone(), kernels, Epilogue::None))
-                .collect(),
+            Projections::Separate(parts) => {
+                let x = apply_norm(x, norm, kernels);
+                parts
+                    .iter()
+                    .map(|p| p.forward(x.clone(), kernels, Epilogue::None, None))
+                    .collect()
+            }
         }
     }
 
-    /// act(gate x) * (up x) for the projections [gate, up].
-    fn gated(&self, x: Tensor<3>, act: Activation, kernels: bool) -> Tensor<3> {
+    /// act(gate x) * (up x) for the projections [gate, up] (of RMSNorm(x) with `norm`).
+    fn gated(&self, x: Tensor<3>, act: Activation, kernels: bool, norm: PreNorm<'_>) -> Tensor<3> {
         match self {
-            Projections::Fused { linear, .. } => linear.forward(x, kernels, Epilogue::Gated(act)),
+            Projections::Fused { linear, .. } => {
+                linear.forward(x, kernels, Epilogue::Gated(act), norm)
+            }
             Projections::Separate(parts) => {
-                act.apply(parts[0].forward(x.clone(), kernels, Epilogue::None))
-                    * parts[1].forward(x, kernels, Epilogue::None)
+                let x = apply_norm(x, norm, kernels);
+                act.apply(parts[0].forward(x.clone(), kernels, Epilogue::None, None))
+                    * parts[1].forward(x, kernels, Epilogue::None, None)
             }
         }
     }
 }
 
-/// Bytes of one vocabulary range of the embedding table or the LM head in f32 on a GPU: WebGPU's default
-/// maxStorageBufferBindingSize.
-const VOCAB_PART_BYTES: usize = 128 << 20;
+/// Bytes of one vocabulary range of the embedding table or the LM head (and of one fused projection) on a GPU:
+/// in the browser WebGPU's default maxStorageBufferBindingSize; natively 1 GiB (Vulkan and CUDA bind more), so
+/// that a decoding step runs few launches over the vocabulary (a Qwen2.5-7B step ran 17 gathers, 17 head
+/// products and a 17-part concatenation at 128 MiB).
+const VOCAB_PART_BYTES: usize = if cfg!(target_family = "wasm") {
+    128 << 20
+} else {
+    1 << 30
+};
 
-/// Vocabulary ranges for tables of `vocab` x `d`: one range on the CPU backend (`whole`); on GPUs ranges of a
-/// multiple of the quantization block within VOCAB_PART_BYTES.
-fn vocab_ranges(vocab: usize, d: usize, whole: bool) -> Vec<std::ops::Range<usize>> {
+/// Vocabulary ranges for tables of `vocab` rows of `row_bytes` each (as stored on the device): one range on the
+/// CPU backend (`whole`); on GPUs ranges of a multiple of the quantization block within VOCAB_PART_BYTES.
+fn vocab_ranges(vocab: usize, row_bytes: usize, whole: bool) -> Vec<std::ops::Range<usize>> {
     let per = if whole {
         vocab
     } else {
-        (VOCAB_PART_BYTES / (4 * d.max(1)) / bundle::BLOCK * bundle::BLOCK).max(bundle::BLOCK)
+        (VOCAB_PART_BYTES / row_bytes.max(1) / bundle::BLOCK * bundle::BLOCK).max(bundle::BLOCK)
     };
     (0..vocab)
         .step_by(per.max(1))
@@ -634,6 +665,11 @@ impl Model {
             Some(Bits::Q4) => inp * out / 2,
             None => inp * out * 4,
         };
+        // Bytes of an [in, out] weight as a product binds it: dequantized to f32 where it is dequantized.
+        let bound_bytes = |inp: usize, out: usize| match dequantize {
+            true => 4 * inp * out,
+            false => stored_bytes(inp, out),
+        };
         // Parts (weight, bias, out) of one input side by side: [in, sum of outs], one row of every part after
         // another. Quantization blocks (32 along out) straddle two parts only where a width is no multiple of 32.
         let projections = |l: usize,
@@ -641,7 +677,7 @@ impl Model {
                            inp: usize|
          -> Result<Projections> {
             let total: usize = parts.iter().map(|p| p.2).sum();
-            if stored_bytes(inp, total) > VOCAB_PART_BYTES {
+            if bound_bytes(inp, total) > VOCAB_PART_BYTES {
                 return parts
                     .iter()
                     .map(|(t, b, out)| linear(l, *t, *b, [*out, inp]))
@@ -721,11 +757,13 @@ impl Model {
                 window: c.windows[l],
             });
         }
-        // The embedding table and the LM head are held in vocabulary ranges on GPUs, each within a storage
-        // binding (WebGPU's default limit is 128 MiB); the CPU backend holds them whole.
-        let ranges = vocab_ranges(c.vocab_size, d, host_quantized);
+        // The embedding table (f32) and the LM head (as stored: quantized on the compact path) are held in
+        // vocabulary ranges on GPUs, each within a storage binding; the CPU backend holds them whole. Where the
+        // head's weight is dequantized for a product (prefill), that copy is 4 bytes a weight.
+        let ranges = vocab_ranges(c.vocab_size, 4 * d, host_quantized);
+        let head_ranges = vocab_ranges(c.vocab_size, bound_bytes(d, 1).max(1), host_quantized);
         let mut embed = Vec::with_capacity(ranges.len());
-        let mut head = Vec::with_capacity(ranges.len());
+        let mut head = Vec::with_capacity(head_ranges.len());
         match init {
             Init::Checkpoint(src) => {
                 let mut embed_rows = src.read(c, TensorId::Embed, &[c.vocab_size, d])?;
@@ -740,10 +778,9 @@ impl Model {
                 } else {
                     src.read_transposed(c, TensorId::Head, [c.vocab_size, d])?
                 };
-                for r in &ranges {
-                    let rows = &embed_rows[r.start * d..r.end * d];
+                for r in &head_ranges {
                     let part = if tied {
-                        transpose(rows, r.len(), d)
+                        transpose(&embed_rows[r.start * d..r.end * d], r.len(), d)
                     } else {
                         (0..d)
                             .flat_map(|i| {
@@ -753,12 +790,17 @@ impl Model {
                             .collect()
                     };
                     head.push(Linear::new(compact(part, [d, r.len()]), None, dequantize));
+                }
+                for r in &ranges {
+                    let rows = &embed_rows[r.start * d..r.end * d];
                     embed.push(tensor2(rows.to_vec(), [r.len(), d], device));
                 }
             }
             Init::Random => {
                 for r in &ranges {
                     embed.push(random([r.len(), d], 1));
+                }
+                for r in &head_ranges {
                     head.push(Linear::new(compact_random([d, r.len()])?, None, dequantize));
                 }
             }
@@ -951,6 +993,12 @@ impl Model {
         )
     }
 
+    /// (q heads, kv heads, head dim).
+    fn heads(&self) -> (usize, usize, usize) {
+        let c = &self.config;
+        (c.num_heads, c.num_kv_heads, c.head_dim)
+    }
+
     /// RoPE angles of positions 0..positions, [positions, head_dim]: cos of the frequencies, then their sin (the
     /// values `rope_tables` computes, each position once).
     fn position_table(&self, inv_freq: &[f32], positions: usize) -> Tensor<2> {
@@ -984,7 +1032,8 @@ impl Model {
             && !cache.is_empty()
             && cache.len < cache.capacity
             && cache.layers.iter().all(Option::is_some)
-            && crate::kernels::attends(&self.device, 1, cache.capacity)
+            && crate::kernels::attends(&self.device, 1, self.heads(), cache.capacity)
+            && self.config.head_dim % 2 == 0
             && self.blocks.iter().all(|b| {
                 matches!(b.qkv, Projections::Fused { .. })
                     && b.q_norm.is_some() == b.k_norm.is_some()
@@ -1091,11 +1140,12 @@ impl Model {
     }
 
     /// Self-attention of the new positions up to, not including, the output projection: [b, t, heads * hd].
+    /// `x` is the attention's input before `norm` (the block's input norm) where that is given.
     fn attention(
         &self,
         block: &Block,
         layer: usize,
-        x: Tensor<3>,
+        (x, norm): (Tensor<3>, PreNorm<'_>),
         rope_tables: Option<&(Tensor<4>, Tensor<4>)>,
         mask: Option<Tensor<4, Bool>>,
         cache: &mut Option<&mut KvCache>,
@@ -1144,7 +1194,7 @@ impl Model {
                         Some(table),
                         Some(cursor),
                     ) if self.kernels => {
-                        let qkv = linear.forward(x, true, Epilogue::None);
+                        let qkv = linear.forward(x, true, Epilogue::None, norm);
                         let (q, ck, cv) = crate::kernels::rope_into_cache(
                             &qkv,
                             table,
@@ -1157,7 +1207,7 @@ impl Model {
                         let parts = q.is_none().then(|| narrow_parts(qkv, widths));
                         (q, ck, cv, parts)
                     }
-                    _ => (None, ck, cv, Some(block.qkv.split(x, self.kernels))),
+                    _ => (None, ck, cv, Some(block.qkv.split(x, self.kernels, norm))),
                 };
                 let (q, k, v) = match (q, parts) {
                     (Some(q), _) => (q, ck, cv),
@@ -1173,7 +1223,7 @@ impl Model {
             }
             None => {
                 let tables = rope_tables.expect("a pass without a cache brings its RoPE tables");
-                self.new_qkv(block, three(block.qkv.split(x, self.kernels)), tables)
+                self.new_qkv(block, three(block.qkv.split(x, self.kernels, norm)), tables)
             }
         };
         let total = k.dims()[2];
@@ -1227,34 +1277,34 @@ impl Model {
         let block = &self.blocks[layer];
         let eps = self.config.rms_eps as f32;
         let on = self.kernels;
-        let attn_in = rms_norm(x.clone(), &block.attn_norm, eps, on);
-        let attn = self.attention(block, layer, attn_in, tables, mask, cache);
+        let attn_norm = Some((&block.attn_norm, eps));
+        let attn = self.attention(block, layer, (x.clone(), attn_norm), tables, mask, cache);
         // Without a post-norm the residual add rides on the projection's final pass.
         let x = match &block.post_attn_norm {
             Some(w) => add_rms_norm(
                 Some(x),
-                block.o.forward(attn, on, Epilogue::None),
+                block.o.forward(attn, on, Epilogue::None, None),
                 w,
                 eps,
                 on,
             ),
-            None => block.o.forward(attn, on, Epilogue::Residual(&x)),
+            None => block.o.forward(attn, on, Epilogue::Residual(&x), None),
         };
-        let ffn_in = rms_norm(x.clone(), &block.ffn_norm, eps, on);
         let act = match self.config.family {
             Family::Gemma3 => Activation::GeluTanh,
             Family::Qwen2 | Family::Llama => Activation::Silu,
         };
-        let hidden = block.gate_up.gated(ffn_in, act, on);
+        let ffn_norm = Some((&block.ffn_norm, eps));
+        let hidden = block.gate_up.gated(x.clone(), act, on, ffn_norm);
         match &block.post_ffn_norm {
             Some(w) => add_rms_norm(
                 Some(x),
-                block.down.forward(hidden, on, Epilogue::None),
+                block.down.forward(hidden, on, Epilogue::None, None),
                 w,
                 eps,
                 on,
             ),
-            None => block.down.forward(hidden, on, Epilogue::Residual(&x)),
+            None => block.down.forward(hidden, on, Epilogue::Residual(&x), None),
         }
     }
 
@@ -1341,8 +1391,9 @@ impl Model {
             .map(|f| self.rope_tables(f, &pads, start, seq));
         // The decode-attention kernel masks from the cache's padding itself; other passes get one mask per
         // distinct window (Gemma-3's sliding layers all share one), built once per pass.
-        let kernel_attention =
-            self.kernels && cache.is_some() && crate::kernels::attends(&self.device, seq, keys);
+        let kernel_attention = self.kernels
+            && cache.is_some()
+            && crate::kernels::attends(&self.device, seq, self.heads(), keys);
         let mut masks: Vec<(Option<usize>, Tensor<4, Bool>)> = Vec::new();
         for layer in 0..=last {
             let window = self.blocks[layer].window;
@@ -1402,6 +1453,7 @@ impl Model {
 
     /// Final norm, LM head and final soft-capping of hidden states [batch, seq, hidden] -> logits.
     pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
+        // Normalised once for every vocabulary part (their products are too wide to fold it in).
         let x = rms_norm(
             x,
             &self.final_norm,
@@ -1411,7 +1463,7 @@ impl Model {
         let mut parts: Vec<Tensor<3>> = self
             .head
             .iter()
-            .map(|h| h.forward(x.clone(), self.kernels, Epilogue::None))
+            .map(|h| h.forward(x.clone(), self.kernels, Epilogue::None, None))
             .collect();
         let logits = match parts.len() {
             1 => parts.remove(0),
@@ -1464,9 +1516,15 @@ mod tests {
     #[test]
     fn vocab_ranges_tile_the_vocabulary_in_blocks() {
         assert_eq!(vocab_ranges(1000, 64, true), vec![0..1000]);
-        // 128 MiB of f32 rows of 3584: 9362 rows, rounded down to 9344 (a multiple of 32).
-        let r = vocab_ranges(152_064, 3584, false);
-        assert_eq!(r[0], 0..9344);
+        // f32 rows of 3584 (14336 bytes): 1 GiB holds 74898 rows, rounded down to 74880 (a multiple of 32); the
+        // browser's 128 MiB 9362, rounded down to 9344.
+        let r = vocab_ranges(152_064, 4 * 3584, false);
+        let per = if cfg!(target_family = "wasm") {
+            9344
+        } else {
+            74_880
+        };
+        assert_eq!(r[0], 0..per);
         assert_eq!(r.last().unwrap().end, 152_064);
         assert!(r.windows(2).all(|w| w[0].end == w[1].start));
         assert!(r.iter().all(|x| x.len() * 3584 * 4 <= VOCAB_PART_BYTES));
