@@ -30,37 +30,7 @@ fn rms_norm_kernel(
     let x0 = row * x.stride(0);
     let y0 = row * y.stride(0);
     let r0 = row * residual.stride(0);
-    let mut sum = 0.0f32;
-    let mut i = tid;
-    while i < d {
-        // Indices past the row read its last value, counted as 0.
-        let mut v = Array::<f32>::new(UNROLL);
-        #[unroll]
-        for u in 0..UNROLL {
-            let j = i + u * step;
-            v[u] = x[x0 + min(j, d - 1)];
-        }
-        #[unroll]
-        for u in 0..UNROLL {
-            if i + u * step < d {
-                sum += v[u] * v[u];
-            }
-        }
-        i += UNROLL * step;
-    }
-    let mut partial = Shared::<[f32]>::new_slice(threads as usize);
-    partial[tid] = sum;
-    sync_cube();
-    let mut half = CUBE_DIM_X as usize / 2;
-    while half > 0 {
-        if tid < half {
-            let sum = partial[tid] + partial[tid + half];
-            partial[tid] = sum;
-        }
-        sync_cube();
-        half /= 2;
-    }
-    let scale = 1.0f32 / (partial[0] / f32::cast_from(d as u32) + eps).sqrt();
+    let scale = row_inv_rms(x, x0, d, eps, threads);
     let mut i = tid;
     while i < d {
         let mut v = Array::<f32>::new(UNROLL);
@@ -85,6 +55,51 @@ fn rms_norm_kernel(
         }
         i += UNROLL * step;
     }
+}
+
+/// 1 / sqrt(mean(x^2) + eps) of the row x[x0..x0 + d], by the whole cube of `threads` threads: interleaved
+/// slices with UNROLL loads in flight, then a tree in shared memory (the same order in every cube).
+#[cube]
+pub(crate) fn row_inv_rms(
+    x: &Tensor<f32>,
+    x0: usize,
+    d: usize,
+    eps: f32,
+    #[comptime] threads: u32,
+) -> f32 {
+    let tid = UNIT_POS_X as usize;
+    let step = threads as usize;
+    let mut sum = 0.0f32;
+    let mut i = tid;
+    while i < d {
+        // Indices past the row read its last value, counted as 0.
+        let mut v = Array::<f32>::new(UNROLL);
+        #[unroll]
+        for u in 0..UNROLL {
+            v[u] = x[x0 + min(i + u * step, d - 1)];
+        }
+        #[unroll]
+        for u in 0..UNROLL {
+            if i + u * step < d {
+                sum += v[u] * v[u];
+            }
+        }
+        i += UNROLL * step;
+    }
+    let mut partial = Shared::<[f32]>::new_slice(threads as usize);
+    partial[tid] = sum;
+    sync_cube();
+    // Halved each round: a runtime value (the comptime `threads` would stay constant in the loop).
+    let mut half = CUBE_DIM_X as usize / 2;
+    while half > 0 {
+        if tid < half {
+            let sum = partial[tid] + partial[tid + half];
+            partial[tid] = sum;
+        }
+        sync_cube();
+        half /= 2;
+    }
+    1.0f32 / (partial[0] / f32::cast_from(d as u32) + eps).sqrt()
 }
 
 /// RMSNorm of every row of `x` ([.., d], f32) with `weight` [d], plus `residual` (x's shape) when given; `None`

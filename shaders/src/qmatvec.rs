@@ -386,7 +386,7 @@ fn qmatvec_row_kernel(
     let per_word = comptime!(32 / bits);
     let mut inv_rms = 1.0f32;
     if normed {
-        inv_rms = row_inv_rms(x, eps);
+        inv_rms = crate::norm::row_inv_rms(x, 0, x.shape(1), eps, THREADS);
     }
     let lw = UNIT_POS_X % ROW_WORDS;
     let slice = UNIT_POS_X / ROW_WORDS;
@@ -464,45 +464,6 @@ fn qmatvec_row_kernel(
         let at = CUBE_POS_Y as usize * partial.stride(0) + o;
         partial[at] = sums[t as usize] * inv_rms;
     }
-}
-
-/// 1 / sqrt(mean(x^2) + eps) of the single row x [1, k], by the whole cube: interleaved slices with 4 loads in
-/// flight, then a tree in shared memory; every cube adds in the same order.
-#[cube]
-fn row_inv_rms(x: &Tensor<f32>, eps: f32) -> f32 {
-    let k = x.shape(1);
-    let t = UNIT_POS_X as usize;
-    let step = CUBE_DIM_X as usize;
-    let mut sum = 0.0f32;
-    let mut i = t;
-    while i < k {
-        let mut v = Array::<f32>::new(4usize);
-        #[unroll]
-        for u in 0..4usize {
-            v[u] = x[min(i + u * step, k - 1)];
-        }
-        #[unroll]
-        for u in 0..4usize {
-            if i + u * step < k {
-                sum += v[u] * v[u];
-            }
-        }
-        i += 4 * step;
-    }
-    let mut squares = Shared::<[f32]>::new_slice(THREADS as usize);
-    squares[t] = sum;
-    sync_cube();
-    let mut half = step / 2;
-    while half > 0 {
-        if t < half {
-            let v = squares[t] + squares[t + half];
-            squares[t] = v;
-        }
-        sync_cube();
-        half /= 2;
-    }
-    let total = squares[0];
-    1.0f32 / (total / f32::cast_from(k as u32) + eps).sqrt()
 }
 
 /// y[r, o] = sum over chunks of partial[c, r, o] (+ bias[o]), then the epilogue: + residual[r, o], or for

@@ -139,7 +139,10 @@ fn time_batch(model: &Model, inputs: &[Input], new: usize, warm_up: bool) -> Res
     let h = model.forward_to(inputs, last, None)?;
     let len = h.dims()[1];
     let logits = model.head(h.narrow(1, len - 1, 1)).squeeze_dim::<2>(1);
-    model.argmax(logits).into_data();
+    model
+        .argmax(logits)
+        .try_into_data()
+        .map_err(|e| AvbError::Invalid(format!("the prefill's read failed: {e:?}")))?;
     let prefill_s = t.elapsed().as_secs_f64();
     let opts = GenerateOptions {
         max_new_tokens: new,

@@ -79,14 +79,18 @@ impl Readback {
     pub fn read(self) -> Result<HostValues> {
         Ok(match self {
             Readback::Ids(t) => HostValues::Ids(
-                t.into_data()
+                t.try_into_data()
+                    .map_err(read_err)?
                     .convert::<i64>()
                     .try_into_vec()
                     .map_err(read_err)?,
             ),
-            Readback::Logits(t) => {
-                HostValues::Logits(t.into_data().try_into_vec().map_err(read_err)?)
-            }
+            Readback::Logits(t) => HostValues::Logits(
+                t.try_into_data()
+                    .map_err(read_err)?
+                    .try_into_vec()
+                    .map_err(read_err)?,
+            ),
         })
     }
 

@@ -1481,9 +1481,12 @@ impl Model {
 
 /// Copy a tensor to the host as f32 (blocking; native backends only).
 pub fn to_vec(t: Tensor<3>) -> Result<Vec<f32>> {
-    t.into_data()
+    let failed =
+        |e: &dyn std::fmt::Debug| AvbError::Invalid(format!("reading a tensor back failed: {e:?}"));
+    t.try_into_data()
+        .map_err(|e| failed(&e))?
         .try_into_vec::<f32>()
-        .map_err(|e| AvbError::Invalid(format!("reading a tensor back failed: {e:?}")))
+        .map_err(|e| failed(&e))
 }
 
 /// Device copy bandwidth (bytes read + written per second) of an elementwise pass over 1 GiB of f32: the
