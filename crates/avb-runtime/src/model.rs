@@ -519,6 +519,15 @@ fn add_rms_norm<const D: usize>(
     }
 }
 
+/// The RoPE frequencies (or tables) of a layer: the local ones for sliding-window layers where the family has
+/// them, else the global ones.
+fn rope_of<'a, T>(window: Option<usize>, global: &'a T, local: Option<&'a T>) -> &'a T {
+    match (window, local) {
+        (Some(_), Some(local)) => local,
+        _ => global,
+    }
+}
+
 /// Rotate-half RoPE on [batch, heads, seq, head_dim] with cos/sin of [batch, 1, seq, head_dim].
 fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let half = x.dims()[3] / 2;
@@ -1157,10 +1166,7 @@ impl Model {
         let host_tables = |cache: &KvCache| match rope_tables {
             Some(tables) => tables.clone(),
             None => {
-                let freq = match (block.window, &self.inv_freq_local) {
-                    (Some(_), Some(local)) => local,
-                    _ => &self.inv_freq,
-                };
+                let freq = rope_of(block.window, &self.inv_freq, self.inv_freq_local.as_ref());
                 self.rope_tables(freq, &cache.pads, cache.len, t)
             }
         };
@@ -1183,10 +1189,7 @@ impl Model {
                 let table = cache
                     .rope
                     .as_ref()
-                    .map(|(global, local)| match block.window {
-                        Some(_) => local.as_ref().unwrap_or(global),
-                        None => global,
-                    });
+                    .map(|(global, local)| rope_of(block.window, global, local.as_ref()));
                 let (q, ck, cv, parts) = match (&block.qkv, head_norms, table, &cache.cursor) {
                     (
                         Projections::Fused { linear, widths },
@@ -1279,32 +1282,35 @@ impl Model {
         let on = self.kernels;
         let attn_norm = Some((&block.attn_norm, eps));
         let attn = self.attention(block, layer, (x.clone(), attn_norm), tables, mask, cache);
-        // Without a post-norm the residual add rides on the projection's final pass.
-        let x = match &block.post_attn_norm {
-            Some(w) => add_rms_norm(
-                Some(x),
-                block.o.forward(attn, on, Epilogue::None, None),
-                w,
-                eps,
-                on,
-            ),
-            None => block.o.forward(attn, on, Epilogue::Residual(&x), None),
-        };
+        let x = self.add_sublayer(x, &block.o, attn, block.post_attn_norm.as_ref());
         let act = match self.config.family {
             Family::Gemma3 => Activation::GeluTanh,
             Family::Qwen2 | Family::Llama => Activation::Silu,
         };
         let ffn_norm = Some((&block.ffn_norm, eps));
         let hidden = block.gate_up.gated(x.clone(), act, on, ffn_norm);
-        match &block.post_ffn_norm {
+        self.add_sublayer(x, &block.down, hidden, block.post_ffn_norm.as_ref())
+    }
+
+    /// residual + output(input), the output post-normed where the family has a post-norm (Gemma-3, the add in
+    /// the RMSNorm launch); without one the add rides on the projection's final pass.
+    fn add_sublayer(
+        &self,
+        residual: Tensor<3>,
+        output: &Linear,
+        input: Tensor<3>,
+        post_norm: Option<&Tensor<1>>,
+    ) -> Tensor<3> {
+        let (on, eps) = (self.kernels, self.config.rms_eps as f32);
+        match post_norm {
             Some(w) => add_rms_norm(
-                Some(x),
-                block.down.forward(hidden, on, Epilogue::None, None),
+                Some(residual),
+                output.forward(input, on, Epilogue::None, None),
                 w,
                 eps,
                 on,
             ),
-            None => block.down.forward(hidden, on, Epilogue::Residual(&x), None),
+            None => output.forward(input, on, Epilogue::Residual(&residual), None),
         }
     }
 
@@ -1406,10 +1412,7 @@ impl Model {
                     Some(m)
                 }
             };
-            let tables = match window {
-                Some(_) => local.as_ref().unwrap_or(&global),
-                None => &global,
-            };
+            let tables = rope_of(window, &global, local.as_ref());
             x = self.inject(x, &pads_for_inject, inputs, layer);
             x = self.block(layer, x, Some(tables), mask, &mut cache);
         }
