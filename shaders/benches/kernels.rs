@@ -35,8 +35,10 @@ fn main() {
     let copy = 2.0 * 4.0 * n as f64 / time(&device, || big.clone() + 1.0);
     drop(big);
     println!("copy bandwidth: {:.0} GB/s\n", copy / 1e9);
-    println!("| kernel | shape | rows | avb us | avb GB/s | of copy bw | generic op | generic us | speed-up |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| kernel | shape | rows | avb us | avb GB/s | of copy bw | avb TFLOP/s | generic op | generic us | speed-up | f32 matmul us (weight dequantized beforehand) | speed-up |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (bits, value) in [(4u32, QuantValue::Q4S), (8, QuantValue::Q8S)] {
         let scheme = QuantScheme::default()
             .with_value(value)
@@ -51,9 +53,8 @@ fn main() {
             let wq = w.quantize_dynamic(&scheme);
             let packed = QuantizedWeight::from_tensor(&wq).expect("packed weight");
             let bytes = (k * out) as f64 * (bits as f64 / 8.0 + 4.0 / 32.0);
-            for rows in [1usize, 4, 8, 16, 64] {
+            for rows in [1usize, 4, 8, 16, 64, 512] {
                 let x: Tensor<2> = Tensor::random([rows, k], Distribution::Default, &device);
-                // Past the kernel's rows (a prefill or a large batch) only the generic path runs.
                 let ours = packed
                     .matvec(&x, None, Epilogue::None, None)
                     .map(|_| time(&device, || packed.matvec(&x, None, Epilogue::None, None)));
@@ -69,17 +70,25 @@ fn main() {
                         time(&device, || x.clone().matmul(wq.clone().dequantize())),
                     )
                 };
+                // burn's f32 matmul with the weight dequantized beforehand: what a product costs with no
+                // dequantizing in it, at 8x the weight's bytes.
+                let dense = wq.clone().dequantize();
+                let dense_us = 1e6 * time(&device, || x.clone().matmul(dense.clone()));
+                drop(dense);
+                let flops = 2.0 * (rows * k * out) as f64;
                 let cells = match ours {
                     Some(o) => format!(
-                        "{:.1} | {:.0} | {:.1}% | {generic_name} | {:.1} | {:.1}x",
+                        "{:.1} | {:.0} | {:.1}% | {:.1} | {generic_name} | {:.1} | {:.1}x | {dense_us:.1} | {:.2}x",
                         o * 1e6,
                         bytes / o / 1e9,
                         100.0 * bytes / o / copy,
+                        flops / o / 1e12,
                         generic * 1e6,
-                        generic / o
+                        generic / o,
+                        dense_us / 1e6 / o
                     ),
                     None => format!(
-                        "- | - | - | {generic_name} | {:.1} ({:.0} GB/s of weights) | -",
+                        "- | - | - | - | {generic_name} | {:.1} ({:.0} GB/s of weights) | - | {dense_us:.1} | -",
                         generic * 1e6,
                         bytes / generic / 1e9
                     ),
@@ -96,7 +105,7 @@ fn main() {
         x.clone() * (ms + 1e-6).sqrt().recip() * wn.clone().unsqueeze::<2>()
     });
     println!(
-        "| rms_norm | d 3584 | 1 | {:.1} | - | - | 6 generic ops | {:.1} | {:.1}x |",
+        "| rms_norm | d 3584 | 1 | {:.1} | - | - | - | 6 generic ops | {:.1} | {:.1}x | - | - |",
         ours * 1e6,
         generic * 1e6,
         generic / ours
@@ -122,7 +131,7 @@ fn main() {
             burn::tensor::activation::softmax(scores, 3).matmul(values.clone())
         });
         println!(
-            "| decode attention | 28/4 heads x 128, cache 256 | {b} | {:.1} | - | - | matmul, softmax, matmul (unmasked) | {:.1} | {:.1}x |",
+            "| decode attention | 28/4 heads x 128, cache 256 | {b} | {:.1} | - | - | - | matmul, softmax, matmul (unmasked) | {:.1} | {:.1}x | - | - |",
             ours * 1e6,
             generic * 1e6,
             generic / ours
@@ -133,7 +142,7 @@ fn main() {
         let ours = time(&device, || argmax(&logits).expect("kernel"));
         let generic = time(&device, || logits.clone().argmax(1));
         println!(
-            "| argmax | vocab 152064 | {b} | {:.1} | - | - | burn argmax | {:.1} | {:.1}x |",
+            "| argmax | vocab 152064 | {b} | {:.1} | - | - | - | burn argmax | {:.1} | {:.1}x | - | - |",
             ours * 1e6,
             generic * 1e6,
             generic / ours

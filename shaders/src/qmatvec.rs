@@ -13,9 +13,10 @@
 //! consecutive words of one weight row: coalesced. Parallelism along k comes from chunks (the grid's second axis):
 //! each chunk writes partial sums, and a second small kernel adds the chunks, the bias and the epilogue.
 //!
-//! 9 to `MAX_ROWS` rows (batched decoding): a tiled kernel stages a block of x and the matching weight rows,
-//! dequantized once, in shared memory, and each thread multiplies a few rows by a few outputs from there
-//! (`qmatmul_tile_kernel`); it writes the same partial sums, summed by the same second kernel.
+//! More rows (batched decoding, prefill): a tiled kernel stages a block of x and the matching weight rows,
+//! dequantized once, in shared memory, and each thread multiplies a register block of rows by outputs from there
+//! (`qmatmul_tile_kernel`); it writes the same partial sums, summed by the same second kernel. Prefill thus reads
+//! the packed weights as decoding does, with no dequantized copy.
 //!
 //! Epilogues: the residual add, or a gated MLP's activation and product when W holds gate and up side by side.
 
@@ -30,8 +31,6 @@ use cubecl::prelude::*;
 
 /// Most rows the matvec kernel takes (its accumulators live in registers: rows x per_word of them per thread).
 const MATVEC_ROWS: usize = 8;
-/// Most rows the kernels take; larger products (prefill) belong to a matmul.
-pub const MAX_ROWS: usize = 64;
 /// Values per scale along the output dimension.
 const BLOCK: usize = 32;
 const THREADS: u32 = 256;
@@ -107,24 +106,32 @@ fn qmatvec_kernel(
     }
 }
 
-/// Outputs of one cube's tile in the tiled kernel (16 columns of threads, 4 outputs each), and the depth of k
-/// staged in shared memory per step.
-const GEMM_TN: u32 = 64;
-const GEMM_TK: u32 = 32;
-/// Cubes the tiled kernel aims for, splitting k into chunks to get there: enough to occupy every multiprocessor
-/// of a large GPU several times over (on the H200, 1024 ran batched projections 1.2-1.4x faster than 256).
-const GEMM_TARGET_CUBES: usize = 1024;
-/// Fewest GEMM_TK steps a chunk takes: a cube that stages only one or two steps costs more in setup and partial
-/// sums than it computes (on a CPU-emulated GPU, lavapipe or SwiftShader, such cubes made a 40-token prefill of
-/// a 135M model take 37 s).
-const GEMM_MIN_STEPS: usize = 8;
+/// Outputs of one cube's tile in the tiled kernel.
+const GEMM_TN: u32 = 256;
+/// Rows of k the tiled kernel stages per step: a tile of 64 rows then takes 11 KiB of workgroup memory, within
+/// WebGPU's default 16 KiB. On the H200 16 rows (21 KiB) ran no faster.
+const GEMM_DEPTH: u32 = 8;
+/// Cubes the tiled kernel aims for, splitting k into chunks to get there: about two waves of a large GPU's
+/// multiprocessors at 256 threads of ~100 registers each.
+const GEMM_TARGET_CUBES: usize = 512;
+/// Fewest rows of k a chunk takes: a cube that stages only a few steps costs more in setup and partial sums than
+/// it computes (on a CPU-emulated GPU, lavapipe or SwiftShader, such cubes made a 40-token prefill of a 135M model
+/// take 37 s).
+const GEMM_MIN_K: usize = 256;
 
-/// Partial sums of x W over one chunk of k for a tile of `tile_rows` rows (16, 32 or 64) by GEMM_TN outputs:
-/// per step, the cube stages GEMM_TK columns of x and the matching weight rows, dequantized once, in shared
-/// memory, and each thread accumulates tile_rows / 16 rows by 4 outputs from there. Every weight word is read
-/// once per row tile, and the per-thread work is plain multiply-adds (the matvec kernel dequantizes every word
-/// for each tile of 8 rows and caps out at a few percent of the arithmetic rate). Writes `partial` like
-/// `qmatvec_kernel`; the chunk-summing pass adds the bias and the epilogue.
+type Quad = Vector<f32, Const<4>>;
+
+/// Partial sums of x W over one chunk of k (the grid's second axis) for a tile of `tile_rows` rows (16, 32 or 64;
+/// the grid's third axis) by GEMM_TN outputs.
+///
+/// Per step the cube stages GEMM_DEPTH columns of x and the matching weight rows, dequantized once, in shared memory
+/// as quads (4 floats); each thread then multiplies a register block of rows by outputs from there (8 x 8 for 32
+/// or 64 rows, 4 x 4 for 16). Every run of 32 threads covers 4 thread rows by 8 thread columns, so that each quad
+/// load is either broadcast or part of 128 contiguous bytes and serves 16-32 multiply-adds: with one row by four
+/// outputs per thread the kernel was bound by shared-memory loads. The next step's words, scales and x are loaded
+/// into registers before this step's products, hiding their latency behind them.
+///
+/// Writes `partial` like `qmatvec_kernel`; the chunk-summing pass adds the bias and the epilogue.
 #[cube(launch)]
 fn qmatmul_tile_kernel(
     x: &Tensor<f32>,
@@ -136,88 +143,208 @@ fn qmatmul_tile_kernel(
     #[comptime] tile_rows: u32,
 ) {
     let per_word = comptime!(32 / bits);
-    let rows_per_thread = comptime!(tile_rows / 16);
+    let rows_per_thread = comptime!(if tile_rows >= 32 { 8u32 } else { 4u32 });
+    let thread_rows = comptime!(tile_rows / rows_per_thread);
+    let thread_cols = comptime!(THREADS / thread_rows);
+    // A thread's outputs: `groups` quads of adjacent columns, thread_cols quads apart.
+    let groups = comptime!((GEMM_TN / thread_cols / 4) as usize);
+    let row_quads = comptime!((rows_per_thread / 4) as usize);
+    let cols_per_thread = comptime!(groups * 4);
+    // Quads of x per step of k, one more than the tile's rows take so that the staging writes of adjacent k
+    // fall in different banks.
+    let x_stride = comptime!(tile_rows / 4 + 1);
+    let w_stride = comptime!(GEMM_TN / 4);
     let words_per_row = comptime!(GEMM_TN / per_word);
-    let (tx, ty) = (UNIT_POS_X % 16, UNIT_POS_X / 16);
+    let word_passes = comptime!((GEMM_DEPTH * words_per_row / THREADS) as usize);
+    let word_quads = comptime!((per_word / 4) as usize);
+    let x_quads = comptime!(GEMM_DEPTH * tile_rows / 4);
+
+    let (run, lane) = (UNIT_POS_X / 32, UNIT_POS_X % 32);
+    let runs_across = comptime!(thread_cols / 8);
+    let tr = (run / runs_across) * 4 + lane / 8;
+    let tc = (run % runs_across) * 8 + lane % 8;
+
     let n_rows = x.shape(0);
+    let row0 = CUBE_POS_Z as usize * tile_rows as usize;
     let (k_dim, n_words) = (words.shape(0), words.shape(1));
     let out_dim = n_words * per_word as usize;
     let o0 = (CUBE_POS_X * GEMM_TN) as usize;
     let k_start = CUBE_POS_Y as usize * chunk_len as usize;
     let k_end = chunk_end(k_start, chunk_len, k_dim);
-    let (xst, wst, sst) = (x.stride(0), words.stride(0), scales.stride(0));
-    let mut xs = Shared::<[f32]>::new_slice(comptime!((tile_rows * GEMM_TK) as usize));
-    let mut wsh = Shared::<[f32]>::new_slice(comptime!((GEMM_TK * GEMM_TN) as usize));
-    let mut acc = Array::<f32>::new(comptime!((rows_per_thread * 4) as usize));
+
+    // What this thread stages: x quad (kk, rq) = rows rq*4.. at k0 + kk, and word w of weight row k0 + kk.
+    let (x_kk, x_rq) = (UNIT_POS_X % GEMM_DEPTH, UNIT_POS_X / GEMM_DEPTH);
+    let mut xv = Array::<f32>::new(4usize);
+    let mut packed = Array::<u32>::new(word_passes);
+    let mut s = Array::<f32>::new(word_passes);
+    stage_loads(
+        x,
+        words,
+        scales,
+        &mut xv,
+        &mut packed,
+        &mut s,
+        k_start,
+        k_end,
+        row0,
+        o0,
+        x_kk,
+        x_rq,
+        bits,
+        tile_rows,
+    );
+
+    let mut xs = Shared::<[Quad]>::new_slice(comptime!((GEMM_DEPTH * x_stride) as usize));
+    let mut wsh = Shared::<[Quad]>::new_slice(comptime!((GEMM_DEPTH * w_stride) as usize));
+    let mut acc = Array::<f32>::new(comptime!(row_quads * 4 * cols_per_thread));
     #[unroll]
-    for i in 0..rows_per_thread * 4 {
-        acc[i as usize] = 0.0;
+    for i in 0..row_quads * 4 * cols_per_thread {
+        acc[i] = 0.0;
     }
+    let mut a = Array::<Quad>::new(row_quads);
+    let mut b = Array::<Quad>::new(groups);
     let mut k0 = k_start;
     while k0 < k_end {
-        // x[.., k0..k0 + GEMM_TK], a warp reading 32 consecutive values of one row; zero past the ends.
-        #[unroll]
-        for i in 0..comptime!(tile_rows * GEMM_TK / 256) {
-            let idx = UNIT_POS_X + i * 256;
-            let (row, k) = ((idx / GEMM_TK) as usize, k0 + (idx % GEMM_TK) as usize);
-            let mut v = 0.0f32;
-            if row < n_rows && k < k_end {
-                v = x[row * xst + k];
-            }
-            xs[idx as usize] = v;
-        }
-        // The weight rows k0..k0 + GEMM_TK of this tile's outputs, dequantized: one word per thread and pass.
-        #[unroll]
-        for i in 0..comptime!(GEMM_TK * words_per_row / 256) {
-            let idx = UNIT_POS_X + i * 256;
-            let (kk, w) = (idx / words_per_row, idx % words_per_row);
-            let word = o0 / per_word as usize + w as usize;
-            let k = k0 + kk as usize;
-            let base = (kk * GEMM_TN + w * per_word) as usize;
-            if word < n_words && k < k_end {
-                let packed = words[k * wst + word];
-                let s = scales[k * sst + word * per_word as usize / 32];
-                #[unroll]
-                for j in 0..per_word {
-                    wsh[base + j as usize] = field_value(packed, j, bits) * s;
-                }
-            } else {
-                #[unroll]
-                for j in 0..per_word {
-                    wsh[base + j as usize] = 0.0;
-                }
-            }
-        }
-        sync_cube();
-        // Outputs tx, tx + 16, ...: a warp's 16 columns read 16 consecutive banks.
-        #[unroll]
-        for kk in 0..GEMM_TK {
+        if UNIT_POS_X < x_quads {
+            let mut q = Quad::empty();
             #[unroll]
-            for r in 0..rows_per_thread {
-                let a = xs[((ty * rows_per_thread + r) * GEMM_TK + kk) as usize];
+            for j in 0..4usize {
+                q.insert(j, xv[j]);
+            }
+            xs[(x_kk * x_stride + x_rq) as usize] = q;
+        }
+        #[unroll]
+        for p in 0..word_passes {
+            let idx = UNIT_POS_X + p as u32 * THREADS;
+            let (kk, w) = (idx / words_per_row, idx % words_per_row);
+            #[unroll]
+            for wq in 0..word_quads {
+                let mut q = Quad::empty();
                 #[unroll]
-                for c in 0..4u32 {
-                    let b = wsh[(kk * GEMM_TN + tx + 16 * c) as usize];
-                    acc[(r * 4 + c) as usize] += a * b;
+                for j in 0..4usize {
+                    let field = comptime!((wq * 4 + j) as u32);
+                    q.insert(j, field_value(packed[p], field, bits) * s[p]);
+                }
+                wsh[(kk * w_stride) as usize + w as usize * word_quads + wq] = q;
+            }
+        }
+        sync_cube();
+        if k0 + (GEMM_DEPTH as usize) < k_end {
+            stage_loads(
+                x,
+                words,
+                scales,
+                &mut xv,
+                &mut packed,
+                &mut s,
+                k0 + GEMM_DEPTH as usize,
+                k_end,
+                row0,
+                o0,
+                x_kk,
+                x_rq,
+                bits,
+                tile_rows,
+            );
+        }
+        #[unroll]
+        for kk in 0..GEMM_DEPTH {
+            #[unroll]
+            for rq in 0..row_quads {
+                a[rq] = xs[(kk * x_stride) as usize + tr as usize * row_quads + rq];
+            }
+            #[unroll]
+            for g in 0..groups {
+                b[g] = wsh[(kk * w_stride + tc) as usize + g * thread_cols as usize];
+            }
+            #[unroll]
+            for rq in 0..row_quads {
+                #[unroll]
+                for i in 0..4usize {
+                    let av = a[rq].extract(i);
+                    #[unroll]
+                    for g in 0..groups {
+                        #[unroll]
+                        for j in 0..4usize {
+                            let at = (rq * 4 + i) * cols_per_thread + g * 4 + j;
+                            acc[at] += av * b[g].extract(j);
+                        }
+                    }
                 }
             }
         }
         sync_cube();
-        k0 += GEMM_TK as usize;
+        k0 += GEMM_DEPTH as usize;
     }
     let (base, row_stride) = (CUBE_POS_Y as usize * partial.stride(0), partial.stride(1));
     #[unroll]
-    for r in 0..rows_per_thread {
-        let row = (ty * rows_per_thread + r) as usize;
+    for r in 0..row_quads * 4 {
+        let row = row0 + tr as usize * row_quads * 4 + r;
         if row < n_rows {
             #[unroll]
-            for c in 0..4u32 {
-                let o = o0 + (tx + 16 * c) as usize;
-                if o < out_dim {
-                    partial[base + row * row_stride + o] = acc[(r * 4 + c) as usize];
+            for g in 0..groups {
+                #[unroll]
+                for j in 0..4usize {
+                    let o = o0 + (g * thread_cols as usize + tc as usize) * 4 + j;
+                    if o < out_dim {
+                        partial[base + row * row_stride + o] = acc[r * cols_per_thread + g * 4 + j];
+                    }
                 }
             }
         }
+    }
+}
+
+/// The global loads of one step of the tiled kernel into registers: this thread's quad of x (zero past the rows
+/// or the chunk) and its words and scales (zero past the outputs or the chunk, which dequantizes to zero).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_loads(
+    x: &Tensor<f32>,
+    words: &Tensor<u32>,
+    scales: &Tensor<f32>,
+    xv: &mut Array<f32>,
+    packed: &mut Array<u32>,
+    s: &mut Array<f32>,
+    k0: usize,
+    k_end: usize,
+    row0: usize,
+    o0: usize,
+    x_kk: u32,
+    x_rq: u32,
+    #[comptime] bits: u32,
+    #[comptime] tile_rows: u32,
+) {
+    let (xst, wst, sst) = (x.stride(0), words.stride(0), scales.stride(0));
+    let per_word = comptime!(32 / bits);
+    let words_per_row = comptime!(GEMM_TN / per_word);
+    let word_passes = comptime!((GEMM_DEPTH * words_per_row / THREADS) as usize);
+    if UNIT_POS_X < comptime!(GEMM_DEPTH * tile_rows / 4) {
+        let k = k0 + x_kk as usize;
+        #[unroll]
+        for j in 0..4usize {
+            let row = row0 + x_rq as usize * 4 + j;
+            let mut v = 0.0f32;
+            if row < x.shape(0) && k < k_end {
+                v = x[row * xst + k];
+            }
+            xv[j] = v;
+        }
+    }
+    #[unroll]
+    for p in 0..word_passes {
+        let idx = UNIT_POS_X + p as u32 * THREADS;
+        let (kk, w) = (idx / words_per_row, idx % words_per_row);
+        let word = o0 / per_word as usize + w as usize;
+        let k = k0 + kk as usize;
+        let mut v = 0u32;
+        let mut scale = 0.0f32;
+        if word < words.shape(1) && k < k_end {
+            v = words[k * wst + word];
+            scale = scales[k * sst + word * per_word as usize / 32];
+        }
+        packed[p] = v;
+        s[p] = scale;
     }
 }
 
@@ -589,9 +716,8 @@ impl QuantizedWeight {
         words.div_ceil(ROW_WORDS as usize) * self.row_chunks().1 <= FOLD_MAX_CUBES
     }
 
-    /// x W (+ bias), then the epilogue, for x [rows, k] with rows <= MAX_ROWS; `None` when x
-    /// is not an f32 tensor on the weight's device, has more rows, or the epilogue does not fit the shapes (the
-    /// caller takes its generic path).
+    /// x W (+ bias), then the epilogue, for x [rows, k]; `None` when x is not an f32 tensor on the weight's
+    /// device or the epilogue does not fit the shapes (the caller takes its generic path).
     ///
     /// With `norm` (weight [k], eps) the product is of RMSNorm(x) instead: folded into a single row's product of
     /// few cubes, a separate RMSNorm launch before the others.
@@ -603,7 +729,7 @@ impl QuantizedWeight {
         norm: Option<(&BurnTensor<1>, f32)>,
     ) -> Option<BurnTensor<2>> {
         let [rows, k] = x.dims();
-        if rows == 0 || rows > MAX_ROWS || k != self.k || x.dtype() != DType::F32 {
+        if rows == 0 || k != self.k || x.dtype() != DType::F32 {
             return None;
         }
         if norm.is_some_and(|(w, _)| w.dims() != [k] || w.dtype() != DType::F32) {
@@ -691,19 +817,25 @@ impl QuantizedWeight {
             );
             partial
         } else {
-            // One tile of 16, 32 or 64 rows; chunks of k (whole GEMM_TK steps) until the cubes fill the device.
-            let tile_rows = rows.next_power_of_two().max(16);
+            // Tiles of 16, 32 or 64 rows; chunks of k (whole steps, GEMM_MIN_K rows at least) until the cubes fill
+            // the device.
+            let tile_rows = rows.next_power_of_two().clamp(16, 64);
+            let row_tiles = rows.div_ceil(tile_rows);
             let tiles = self.out.div_ceil(GEMM_TN as usize);
-            let steps = self.k.div_ceil(GEMM_TK as usize);
+            let steps = self.k.div_ceil(GEMM_DEPTH as usize);
             let chunks = GEMM_TARGET_CUBES
-                .div_ceil(tiles)
-                .min(steps / GEMM_MIN_STEPS)
+                .div_ceil(tiles * row_tiles)
+                .min(self.k / GEMM_MIN_K)
                 .max(1);
-            let chunk_len = steps.div_ceil(chunks) * GEMM_TK as usize;
+            let chunk_len = steps.div_ceil(chunks) * GEMM_DEPTH as usize;
             let partial = partial(self.k.div_ceil(chunk_len));
             qmatmul_tile_kernel::launch(
                 &client,
-                CubeCount::Static(tiles as u32, partial.meta.shape()[0] as u32, 1),
+                CubeCount::Static(
+                    tiles as u32,
+                    partial.meta.shape()[0] as u32,
+                    row_tiles as u32,
+                ),
                 CubeDim::new_1d(THREADS),
                 xc.clone().into_tensor_arg(),
                 self.words.clone().into_tensor_arg(),
