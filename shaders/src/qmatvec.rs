@@ -5,9 +5,10 @@
 //! a u32, low field first, each field a two's-complement integer; `scales` [k, out / 32] holds one f32 per block.
 //! W[i, o] = field(words[i, o / per_word], o % per_word) * scales[i, o / 32].
 //!
-//! A single row (batch-1 decoding): each cube's threads split a chunk of k into interleaved slices for a few
-//! adjacent words and add the slices up in shared memory (`qmatvec_row_kernel`); chunks of k spread the rows over
-//! thousands of cubes so that each thread loads only a few rows, and a second small kernel adds the chunks.
+//! A single row (batch-1 decoding): each thread reads 16-byte quads of adjacent words, a cube's threads split a
+//! chunk of k into interleaved slices and add the slices up in shared memory (`qmatvec_row_kernel`); chunks of k
+//! spread the rows over about a thousand cubes so that each thread loads only a few rows, and a second small
+//! kernel adds the chunks.
 //!
 //! Up to 8 rows: one thread owns one word (per_word adjacent outputs) for every row of x, so a warp reads
 //! consecutive words of one weight row: coalesced. Parallelism along k comes from chunks (the grid's second axis):
@@ -450,49 +451,42 @@ fn accumulate_rows(
     }
 }
 
-#[cube]
-fn accumulate_word(acc: &mut Array<f32>, packed: u32, xv: f32, #[comptime] bits: u32) {
-    let per_word = comptime!(32 / bits);
-    #[unroll]
-    for j in 0..per_word {
-        acc[j as usize] += xv * field_value(packed, j, bits);
-    }
-}
-
-/// Field j of a packed word, a two's-complement integer of `bits` bits, as f32.
+/// Field j of a packed word, a two's-complement integer of `bits` bits, as f32. Without an integer-to-float
+/// conversion (a fraction of the arithmetic rate on NVIDIA GPUs; it held 4-bit single-row products to a fifth of
+/// the bandwidth): the field with its sign bit flipped (v + half) goes into the mantissa of 2^23, and the float
+/// 2^23 + v + half, less 2^23 + half, is v exactly.
 #[cube]
 fn field_value(packed: u32, j: u32, #[comptime] bits: u32) -> f32 {
     let mask = comptime!((1u32 << bits) - 1);
     let half = comptime!(1u32 << (bits - 1));
-    let full = comptime!((1u32 << bits) as f32);
-    let field = (packed >> (j * bits)) & mask;
-    if field >= half {
-        f32::cast_from(field) - full
-    } else {
-        f32::cast_from(field)
-    }
+    let biased = ((packed >> (j * bits)) & mask) ^ comptime!(half | 0x4B00_0000u32);
+    f32::reinterpret(biased) - comptime!(8_388_608.0f32 + half as f32)
 }
 
 /// Rows of k (or chunks, when summing them) a thread of these kernels loads at once.
 const ROW_UNROLL: u32 = 4;
-/// Words (of per_word outputs each) one cube of the single-row kernel owns, and the slices of k its threads split.
-const ROW_WORDS: u32 = 8;
-const ROW_SLICES: u32 = 32;
-/// Rounds of ROW_UNROLL rows each thread of the single-row kernel takes at least, and the most chunks of k it
-/// splits into (longer k takes more rounds). One chunk per projection held a thread to a hundred rows, waiting
-/// on memory (the 3584-wide projections took 32 us each on the H200); a round or two per chunk spends as much on
-/// each cube's reduction and partial sums. On the H200 (Qwen2.5-7B shape, batch 1) 1 round and 64 chunks decoded
-/// at 59 tokens/s, 2 and 32 at 69-70, 8 and 16 at 71-76, 16 and 8 at 72.
-const ROW_MIN_ROUNDS: usize = 8;
-const ROW_MAX_CHUNKS: usize = 16;
-/// Most cubes of a single row's product that computes its input's RMSNorm itself (see `folds_norm`).
-const FOLD_MAX_CUBES: usize = 1024;
+/// Quads of words (16 bytes: 32 outputs at 4 bits, 16 at 8) one cube of the single-row kernel owns, and the slices
+/// of k its threads split: a run of 32 threads reads 4 rows x 128 contiguous bytes.
+const ROW_QUADS: u32 = 8;
+const ROW_SLICES: u32 = 16;
+const ROW_THREADS: u32 = ROW_QUADS * ROW_SLICES;
 /// Rows of k one round of a single-row cube covers.
 const ROW_ROUND: usize = (ROW_SLICES * ROW_UNROLL) as usize;
+/// Cubes a single row's product aims for, splitting k into chunks to get there, and the fewest rounds a chunk
+/// takes (each chunk's partial sums are written and added again). On the H200 (Qwen2.5-7B, batch 1) 512 or 2048
+/// cubes, and 1 or 4 rounds, decoded within 3% of these.
+const ROW_TARGET_CUBES: usize = 1024;
+const ROW_MIN_ROUNDS: usize = 2;
+/// Most cubes of a single row's product that computes its input's RMSNorm itself (see `folds_norm`).
+const FOLD_MAX_CUBES: usize = 1024;
 
-/// Partial sums of x W over one chunk of k (the grid's second axis) for a single row x: the cube's 256 threads
-/// split the chunk into ROW_SLICES interleaved slices for ROW_WORDS adjacent words (a warp reads 4 rows x 32
-/// contiguous bytes) and add the slices up in shared memory. Writes `partial` like `qmatvec_kernel`.
+type WordQuad = Vector<u32, Const<4>>;
+
+/// Partial sums of x W over one chunk of k (the grid's second axis) for a single row x: each thread owns a quad of
+/// adjacent words, loaded as one 16-byte vector (with 4-byte words the kernel reached a fifth of the copy
+/// bandwidth: too few bytes in flight), the cube's ROW_SLICES slices of k take interleaved rows, and the slices'
+/// sums are halved together in shared memory. A quad's outputs share one scale (a block of 32 holds one quad of
+/// 4-bit words, two of 8-bit ones). Writes `partial` like `qmatvec_kernel`.
 ///
 /// With `normed`, the product is of RMSNorm(x) with weight `norm` instead (x * inv_rms * norm): every cube computes
 /// the row's inverse RMS itself (x is one row, read from cache, summed in the same order by every cube), scales x by
@@ -501,7 +495,7 @@ const ROW_ROUND: usize = (ROW_SLICES * ROW_UNROLL) as usize;
 #[allow(clippy::too_many_arguments)]
 fn qmatvec_row_kernel(
     x: &Tensor<f32>,
-    words: &Tensor<u32>,
+    words: &Tensor<WordQuad>,
     scales: &Tensor<f32>,
     norm: &Tensor<f32>,
     partial: &mut Tensor<f32>,
@@ -511,36 +505,38 @@ fn qmatvec_row_kernel(
     #[comptime] normed: bool,
 ) {
     let per_word = comptime!(32 / bits);
+    let outs = comptime!((4 * per_word) as usize);
     let mut inv_rms = 1.0f32;
     if normed {
-        inv_rms = crate::norm::row_inv_rms(x, 0, x.shape(1), eps, THREADS);
+        inv_rms = crate::norm::row_inv_rms(x, 0, x.shape(1), eps, ROW_THREADS);
     }
-    let lw = UNIT_POS_X % ROW_WORDS;
-    let slice = UNIT_POS_X / ROW_WORDS;
+    let lq = UNIT_POS_X % ROW_QUADS;
+    let slice = UNIT_POS_X / ROW_QUADS;
+    // Shape and strides count words; indices count quads.
     let n_words = words.shape(1);
-    let word = (CUBE_POS_X * ROW_WORDS + lw) as usize;
+    let word0 = ((CUBE_POS_X * ROW_QUADS + lq) * 4) as usize;
     let k_dim = words.shape(0);
     let k0 = CUBE_POS_Y as usize * chunk_len as usize;
     let k1 = chunk_end(k0, chunk_len, k_dim);
-    let mut acc = Array::<f32>::new(comptime!(per_word as usize));
+    let mut acc = Array::<f32>::new(outs);
     #[unroll]
-    for j in 0..per_word {
-        acc[j as usize] = 0.0;
+    for j in 0..outs {
+        acc[j] = 0.0;
     }
-    if word < n_words {
-        let scale_col = word * per_word as usize / 32;
+    if word0 < n_words {
+        let scale_col = word0 * per_word as usize / 32;
         let (ws, ss) = (words.stride(0), scales.stride(0));
         // ROW_UNROLL rows per round, their loads issued together: a thread's loads overlap instead of each
         // waiting out the memory latency alone.
         let mut k = k0 + slice as usize;
         let last_of_round = ((ROW_UNROLL - 1) * ROW_SLICES) as usize;
         while k + last_of_round < k1 {
-            let mut packed = Array::<u32>::new(comptime!(ROW_UNROLL as usize));
+            let mut packed = Array::<WordQuad>::new(comptime!(ROW_UNROLL as usize));
             let mut xv = Array::<f32>::new(comptime!(ROW_UNROLL as usize));
             #[unroll]
             for u in 0..ROW_UNROLL {
                 let row = k + (u * ROW_SLICES) as usize;
-                packed[u as usize] = words[row * ws + word];
+                packed[u as usize] = words[(row * ws + word0) / 4];
                 xv[u as usize] = x[row] * scales[row * ss + scale_col];
                 if normed {
                     xv[u as usize] *= norm[row];
@@ -548,7 +544,7 @@ fn qmatvec_row_kernel(
             }
             #[unroll]
             for u in 0..ROW_UNROLL {
-                accumulate_word(&mut acc, packed[u as usize], xv[u as usize], bits);
+                accumulate_quad(&mut acc, packed[u as usize], xv[u as usize], bits);
             }
             k += ROW_ROUND;
         }
@@ -557,39 +553,55 @@ fn qmatvec_row_kernel(
             if normed {
                 xv *= norm[k];
             }
-            accumulate_word(&mut acc, words[k * ws + word], xv, bits);
+            accumulate_quad(&mut acc, words[(k * ws + word0) / 4], xv, bits);
             k += ROW_SLICES as usize;
         }
     }
-    let mut sums =
-        Shared::<[f32]>::new_slice(comptime!((ROW_SLICES * ROW_WORDS * per_word) as usize));
-    let mine = ((slice * ROW_WORDS + lw) * per_word) as usize;
-    #[unroll]
-    for j in 0..per_word {
-        sums[mine + j as usize] = acc[j as usize];
-    }
-    sync_cube();
+    // The upper half of the live slices hands its sums to the lower half, until slice 0 holds the cube's. Stored
+    // output-major, so that a run of 32 threads writes 32 consecutive floats (different banks).
+    let stride = comptime!((ROW_SLICES / 2 * ROW_QUADS) as usize);
+    let mut sums = Shared::<[f32]>::new_slice(comptime!(outs * stride));
     // Halved each round; taken from the cube size (a runtime value) so that it can change.
-    let mut step = CUBE_DIM_X / (2 * ROW_WORDS);
-    while step > 0 {
-        if slice < step {
-            let other = mine + (step * ROW_WORDS * per_word) as usize;
+    let mut half = CUBE_DIM_X / (2 * ROW_QUADS);
+    while half > 0 {
+        if slice >= half && slice < 2 * half {
+            let at = ((slice - half) * ROW_QUADS + lq) as usize;
             #[unroll]
-            for j in 0..per_word {
-                let v = sums[mine + j as usize] + sums[other + j as usize];
-                sums[mine + j as usize] = v;
+            for j in 0..outs {
+                sums[j * stride + at] = acc[j];
             }
         }
         sync_cube();
-        step /= 2;
+        if slice < half {
+            let at = (slice * ROW_QUADS + lq) as usize;
+            #[unroll]
+            for j in 0..outs {
+                acc[j] += sums[j * stride + at];
+            }
+        }
+        sync_cube();
+        half /= 2;
     }
-    // One thread per output of this cube writes its chunk's sum.
-    let t = UNIT_POS_X;
-    let first = (CUBE_POS_X * ROW_WORDS * per_word) as usize;
-    let o = first + t as usize;
-    if t < ROW_WORDS * per_word && o < n_words * per_word as usize {
-        let at = CUBE_POS_Y as usize * partial.stride(0) + o;
-        partial[at] = sums[t as usize] * inv_rms;
+    if slice == 0 && word0 < n_words {
+        let at = CUBE_POS_Y as usize * partial.stride(0) + word0 * per_word as usize;
+        #[unroll]
+        for j in 0..outs {
+            partial[at + j] = acc[j] * inv_rms;
+        }
+    }
+}
+
+/// acc[w * per_word + j] += xv * field j of word w of the quad.
+#[cube]
+fn accumulate_quad(acc: &mut Array<f32>, packed: WordQuad, xv: f32, #[comptime] bits: u32) {
+    let per_word = comptime!(32 / bits);
+    #[unroll]
+    for w in 0..4usize {
+        let word = packed.extract(w);
+        #[unroll]
+        for j in 0..per_word {
+            acc[w * per_word as usize + j as usize] += xv * field_value(word, j, bits);
+        }
     }
 }
 
@@ -689,7 +701,13 @@ impl QuantizedWeight {
         let (words, scales) = to_cube(w)?.quantized_handles()?;
         let per_word = 32 / bits as usize;
         let (ws, ss) = (words.meta.shape(), scales.meta.shape());
-        if ws[..] != [k, out / per_word] || ss[..] != [k, out / BLOCK] || out % BLOCK != 0 {
+        // The single-row kernel reads the words of a row as 16-byte quads.
+        let quad_rows = words.meta.strides()[1] == 1 && words.meta.strides()[0] % 4 == 0;
+        if ws[..] != [k, out / per_word]
+            || ss[..] != [k, out / BLOCK]
+            || out % BLOCK != 0
+            || !quad_rows
+        {
             return None;
         }
         Some(QuantizedWeight {
@@ -703,17 +721,27 @@ impl QuantizedWeight {
 
     /// (chunk length, chunks) of a single row's product.
     fn row_chunks(&self) -> (usize, usize) {
-        let rounds = ROW_MIN_ROUNDS.max(self.k.div_ceil(ROW_MAX_CHUNKS * ROW_ROUND));
-        let chunk_len = rounds * ROW_ROUND;
+        let rounds = self.k.div_ceil(ROW_ROUND);
+        let chunks = ROW_TARGET_CUBES
+            .div_ceil(self.row_columns())
+            .min(rounds / ROW_MIN_ROUNDS)
+            .max(1);
+        let chunk_len = rounds.div_ceil(chunks) * ROW_ROUND;
         (chunk_len, self.k.div_ceil(chunk_len))
     }
 
-    /// Whether a single row's product takes its input's RMSNorm in: where its cubes fit in about one wave of the
-    /// device. Each cube computes the row's norm itself, which cost the 8000 cubes of Qwen2.5-7B's gate/up 17 us
-    /// on the H200 against 4 us for the 300 of q/k/v (a separate RMSNorm launch: 9 us).
-    fn folds_norm(&self) -> bool {
+    /// Cubes across the outputs of a single row's product.
+    fn row_columns(&self) -> usize {
         let words = self.out / (32 / self.bits as usize);
-        words.div_ceil(ROW_WORDS as usize) * self.row_chunks().1 <= FOLD_MAX_CUBES
+        words.div_ceil(4 * ROW_QUADS as usize)
+    }
+
+    /// Whether a single row's product takes its input's RMSNorm in: where its cubes fit in about one wave of the
+    /// device. Each cube computes the row's norm itself: with 4-byte loads that cost the 8000 cubes of Qwen2.5-7B's
+    /// gate/up 17 us on the H200 against 4 us for the 300 of q/k/v (a separate RMSNorm launch: 9 us); with quads
+    /// (1036 cubes) folding gate/up as well decoded at the same rate.
+    fn folds_norm(&self) -> bool {
+        self.row_columns() * self.row_chunks().1 <= FOLD_MAX_CUBES
     }
 
     /// x W (+ bias), then the epilogue, for x [rows, k]; `None` when x is not an f32 tensor on the weight's
@@ -772,12 +800,8 @@ impl QuantizedWeight {
             };
             qmatvec_row_kernel::launch(
                 &client,
-                CubeCount::Static(
-                    n_words.div_ceil(ROW_WORDS as usize) as u32,
-                    partial.meta.shape()[0] as u32,
-                    1,
-                ),
-                CubeDim::new_1d(ROW_WORDS * ROW_SLICES),
+                CubeCount::Static(self.row_columns() as u32, partial.meta.shape()[0] as u32, 1),
+                CubeDim::new_1d(ROW_THREADS),
                 xc.clone().into_tensor_arg(),
                 self.words.clone().into_tensor_arg(),
                 self.scales.clone().into_tensor_arg(),
