@@ -10,7 +10,9 @@
 // range requests, without downloading the file. `condition` is native (the row is already in the AV's space), cross (through `map`)
 // or cross-washout (through `map`, mixed with `washout` at `washout-weight`). Decoding is greedy unless
 // `temperature` is above 0 (then nucleus sampling with `top-p`, default 0.9, from `seed`). Model text is inserted
-// as text.
+// as text. When done the element fires `av-done` with the explanation record (`explanation`, `raw`, `tokens`,
+// `finish`, ... and `steps`: how many decoding steps were replayed from a recording and how many launched kernel by
+// kernel); failures fire `av-error`.
 
 import { describeError, openBundle, openCrossMap, openRemoteFeatures } from './avb.js';
 
@@ -131,7 +133,8 @@ class AvExplain extends HTMLElement {
       const rate = tokens > 1 ? (tokens - 1) / ((performance.now() - first) / 1000) : 0;
       this.$('.text').textContent = result.explanation;
       this.$('.stats').textContent =
-        `${result.tokens} tokens in ${seconds.toFixed(1)} s (first token ${((first - started) / 1000).toFixed(1)} s, ${rate.toPrecision(2)} tokens/s), ${result.finish}`;
+        `${result.tokens} tokens in ${seconds.toFixed(1)} s (first token ${((first - started) / 1000).toFixed(1)} s, ${rate.toPrecision(2)} tokens/s, ` +
+        `${result.steps.replayed} of ${result.steps.replayed + result.steps.launched} steps replayed), ${result.finish}`;
       this.status('');
       this.dispatchEvent(new CustomEvent('av-done', { detail: result }));
     } catch (e) {

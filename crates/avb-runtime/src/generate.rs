@@ -267,6 +267,7 @@ impl<'m> Decoder<'m> {
             // The cache no longer fits the kernels (e.g. it grew past the attention kernel's limit).
             self.steps = Steps::Host;
         }
+        model.count_step(false);
         let feed: Vec<Input> = next.iter().map(|id| Input::ids(vec![*id])).collect();
         let hidden = model.forward_to(&feed, model.config.num_layers - 1, Some(&mut self.cache))?;
         Ok(choose(model, &self.opts.sampling, hidden))
@@ -291,8 +292,11 @@ impl<'m> Decoder<'m> {
                 .replay()
                 .map_err(|e| AvbError::Invalid(format!("replaying a decoding step failed: {e}")))?;
             self.cache.advance();
+            model.count_step(true);
             return Ok(out.clone());
         }
+        // Every way on runs the step once for real (a recording's own run only records).
+        model.count_step(false);
         if !*record {
             return run(&mut self.cache);
         }

@@ -25,4 +25,4 @@ pub use config::{Family, ModelConfig};
 pub use generate::{
     generate, generate_async, Control, Decoder, Finish, GenerateOptions, Generation, Sampling,
 };
-pub use model::{Injection, Input, KvCache, Model, Precision};
+pub use model::{DecodeSteps, Injection, Input, KvCache, Model, Precision};

@@ -14,6 +14,7 @@ use avb_model::bundle::{self, Bits};
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
 use burn::tensor::{activation, module, Bool, Device, Distribution, Int, Tensor, TensorData};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One sequence: token ids, and vectors that replace the residual stream at given positions.
 #[derive(Clone, Debug, Default)]
@@ -464,9 +465,34 @@ pub struct Model {
     inv_freq_local: Option<Vec<f32>>,
     /// avbridge's own GPU kernels where they apply (on by default; off runs burn's generic ops everywhere).
     kernels: bool,
-    /// Record a decoding step once and replay it (CubeCL graphs), where the kernels take whole steps. On by
-    /// default natively; off in the browser until the WebGPU e2e covers it.
+    /// Record a decoding step once and replay it (CubeCL graphs), where the kernels take whole steps.
     graphs: bool,
+    /// Decoding steps this model ran, by how they ran.
+    steps: StepCounters,
+}
+
+/// Decoding steps run so far: `launched` through burn and CubeCL kernel by kernel, `replayed` from a recording.
+/// Reports read them where nothing else shows how steps ran (a browser page).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DecodeSteps {
+    pub launched: u64,
+    pub replayed: u64,
+}
+
+impl DecodeSteps {
+    /// The steps run between `earlier` and these counts.
+    pub fn since(self, earlier: DecodeSteps) -> DecodeSteps {
+        DecodeSteps {
+            launched: self.launched - earlier.launched,
+            replayed: self.replayed - earlier.replayed,
+        }
+    }
+}
+
+#[derive(Default)]
+struct StepCounters {
+    launched: AtomicU64,
+    replayed: AtomicU64,
 }
 
 fn tensor2(data: Vec<f32>, shape: [usize; 2], device: &Device) -> Tensor<2> {
@@ -829,7 +855,8 @@ impl Model {
             inv_freq: c.rope.inv_freq(hd),
             inv_freq_local: c.rope_local.as_ref().map(|r| r.inv_freq(hd)),
             kernels: true,
-            graphs: cfg!(not(target_family = "wasm")),
+            graphs: true,
+            steps: StepCounters::default(),
             config,
         })
     }
@@ -846,6 +873,23 @@ impl Model {
 
     pub fn graphs(&self) -> bool {
         self.graphs
+    }
+
+    /// Decoding steps this model has run so far, by how they ran.
+    pub fn decode_steps(&self) -> DecodeSteps {
+        DecodeSteps {
+            launched: self.steps.launched.load(Ordering::Relaxed),
+            replayed: self.steps.replayed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Count one decoding step, replayed from a recording or launched.
+    pub(crate) fn count_step(&self, replayed: bool) {
+        let counter = match replayed {
+            true => &self.steps.replayed,
+            false => &self.steps.launched,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn device(&self) -> Device {

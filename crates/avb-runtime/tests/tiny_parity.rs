@@ -138,6 +138,7 @@ fn check_family(family: &str) {
     // On a GPU device the decoder records a step once and replays it; the same tokens come out with recording
     // off, and on the CPU no step is recorded.
     let on_gpu = std::env::var("AVB_TEST_DEVICE").is_ok_and(|d| d != "cpu");
+    let before = model.decode_steps();
     let mut decoder = Decoder::new(&model, &prompts, &opts).unwrap();
     let mut steps = 0;
     while let Some(readback) = decoder.readback() {
@@ -154,9 +155,26 @@ fn check_family(family: &str) {
         }
     }
     let replayed = decoder.finish();
+    // The model's step counts: every step after the prefill's token, all but the recorded first replayed on GPUs.
+    let counted = model.decode_steps().since(before);
+    assert_eq!(
+        counted.launched + counted.replayed,
+        steps - 1,
+        "{family}: steps counted"
+    );
+    let expected_replays = if on_gpu { steps - 2 } else { 0 };
+    assert_eq!(
+        counted.replayed, expected_replays,
+        "{family}: replayed steps"
+    );
     let mut unrecorded = Model::load(&d, &device).unwrap();
     unrecorded.set_graphs(false);
     let plain = generate(&unrecorded, &prompts, &opts, &mut |_, _| Control::Continue).unwrap();
+    assert_eq!(
+        unrecorded.decode_steps().replayed,
+        0,
+        "{family}: nothing replayed with recording off"
+    );
     for (i, (a, b)) in replayed.iter().zip(&plain).enumerate() {
         assert_eq!(
             a.ids, b.ids,

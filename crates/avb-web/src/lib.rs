@@ -206,8 +206,9 @@ impl WebVerbalizer {
 
     /// Verbalize one vector of this model's residual space. `on_text(text)` sees the text so far after every
     /// token; returning `false` from it cancels. `temperature` 0 decodes greedily (the published examples' way);
-    /// above 0 it samples with nucleus `top_p` from `seed`. Resolves to the explanation as JSON (the fields of a
-    /// native `avb explain` record's explanation).
+    /// above 0 it samples with nucleus `top_p` from `seed`. Resolves to the explanation as JSON: the fields of a
+    /// native `avb explain` record's explanation, and `steps` ({launched, replayed}: how its decoding steps ran;
+    /// explanations running at once on one verbalizer count each other's steps too).
     pub async fn explain(
         &self,
         vector: Vec<f32>,
@@ -229,6 +230,7 @@ impl WebVerbalizer {
             };
         }
         opts.batch_size = 1;
+        let before = self.av.lm.model.decode_steps();
         let out = self
             .av
             .explain_async(&[vector], &opts, &mut |_, text| {
@@ -236,7 +238,10 @@ impl WebVerbalizer {
             })
             .await
             .map_err(js_err)?;
-        serde_json::to_string(&out[0]).map_err(|e| JsError::new(&e.to_string()))
+        let mut record = serde_json::to_value(&out[0]).map_err(|e| JsError::new(&e.to_string()))?;
+        let steps = self.av.lm.model.decode_steps().since(before);
+        record["steps"] = serde_json::json!(steps);
+        Ok(record.to_string())
     }
 
     /// Greedy continuation of `prompt` (a user turn in the chat template when `chat`), what `avb generate`
