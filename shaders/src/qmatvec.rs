@@ -231,6 +231,8 @@ fn qmatmul_tile_kernel(
             }
         }
         sync_cube();
+        // The next step's loads. (One call site for both loads, in a loop whose first pass only loads, ran 0.78x
+        // as fast at batch 16 and 0.92x at 64 on the H200.)
         if k0 + (GEMM_DEPTH as usize) < k_end {
             stage_loads(
                 x,
