@@ -156,13 +156,13 @@ fn time_batch(model: &Model, inputs: &[Input], new: usize, warm_up: bool) -> Res
     // `generate`'s loop, timed by part.
     let t = Instant::now();
     let (mut issue, mut wait, mut steps) = (0.0, 0.0, 0usize);
+    let before = model.decode_steps();
     let mut decoder = Decoder::new(model, inputs, &opts)?;
     // The first token's ids, read once here to end the prefill (the loop reads them again: a few bytes).
     if let Some(first) = decoder.readback() {
         first.read()?;
     }
     let prefill_s = t.elapsed().as_secs_f64();
-    let mut replayed = false;
     loop {
         let t0 = Instant::now();
         let Some(readback) = decoder.readback() else {
@@ -172,7 +172,6 @@ fn time_batch(model: &Model, inputs: &[Input], new: usize, warm_up: bool) -> Res
         let host = readback.read()?;
         let t2 = Instant::now();
         decoder.advance(host, &mut on_token)?;
-        replayed |= decoder.replaying();
         issue += (t1 - t0).as_secs_f64() + t2.elapsed().as_secs_f64();
         wait += (t2 - t1).as_secs_f64();
         steps += 1;
@@ -183,7 +182,7 @@ fn time_batch(model: &Model, inputs: &[Input], new: usize, warm_up: bool) -> Res
         generate_s: t.elapsed().as_secs_f64(),
         issue_s: issue / steps,
         wait_s: wait / steps,
-        replayed,
+        replayed: model.decode_steps().since(before).replayed > 0,
     })
 }
 

@@ -245,11 +245,6 @@ impl<'m> Decoder<'m> {
         self.next.clone()
     }
 
-    /// Whether steps are being replayed from a recording (CubeCL graphs).
-    pub fn replaying(&self) -> bool {
-        matches!(&self.steps, Steps::Device(d) if d.recorded.is_some())
-    }
-
     /// Run the next step of every row from `next` (the chosen ids): the readback of the step after.
     fn step(&mut self, next: &[u32]) -> Result<Readback> {
         let model = self.model;

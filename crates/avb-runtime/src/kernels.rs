@@ -182,7 +182,7 @@ pub(crate) fn gather_rows(
     None
 }
 
-/// Overwrite an i32 tensor's buffer in place; false where it cannot (then the caller makes a new tensor).
+/// Overwrite an i32 tensor's buffer in place; false where it cannot (off a CubeCL device, another length or dtype).
 #[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
 pub(crate) fn write_i32(t: &Tensor<1, Int>, values: &[i32]) -> bool {
     avb_shaders::write_i32(t, values)

@@ -97,8 +97,9 @@ struct Linear {
     bias: Option<Tensor<1>>,
     /// The same weight as the decode kernels bind it (block-quantized weights on a GPU).
     kernel: KernelWeight,
-    /// Multiply by the dequantized weight outside the decode kernel: burn-cubecl 0.22.1's 4-bit matmul asks for
-    /// 72 KiB of shared memory where wgpu allows 48 KiB (seen on an H100 through Vulkan).
+    /// Multiply by the dequantized weight where the kernels are off (GPU products otherwise read the packed
+    /// weight): burn-cubecl 0.22.1's 4-bit matmul asks for 72 KiB of shared memory where wgpu allows 48 KiB (seen
+    /// on an H100 through Vulkan).
     dequantize: bool,
 }
 
@@ -700,7 +701,8 @@ impl Model {
             Some(Bits::Q4) => inp * out / 2,
             None => inp * out * 4,
         };
-        // Bytes of an [in, out] weight as a product binds it: dequantized to f32 where it is dequantized.
+        // Bytes of an [in, out] weight as a product may bind it: dequantized to f32 where the kernels are off and
+        // the weight is dequantized, so that both paths fit one binding.
         let bound_bytes = |inp: usize, out: usize| match dequantize {
             true => 4 * inp * out,
             false => stored_bytes(inp, out),
@@ -794,7 +796,7 @@ impl Model {
         }
         // The embedding table (f32) and the LM head (as stored: quantized on the compact path) are held in
         // vocabulary ranges on GPUs, each within a storage binding; the CPU backend holds them whole. Where the
-        // head's weight is dequantized for a product (prefill), that copy is 4 bytes a weight.
+        // head's weight is dequantized for a product (the kernels off), that copy is 4 bytes a weight.
         let ranges = vocab_ranges(c.vocab_size, 4 * d, host_quantized);
         let head_ranges = vocab_ranges(c.vocab_size, bound_bytes(d, 1).max(1), host_quantized);
         let mut embed = Vec::with_capacity(ranges.len());
