@@ -12,6 +12,9 @@ const THREADS: u32 = 256;
 /// Values a thread loads at once: one at a time, a 3584-wide row waited out 28 memory latencies per pass
 /// (22 us a row on the H200, 57 launches a Qwen2.5-7B step).
 const UNROLL: usize = 4;
+/// Values a thread loads at once for the sum of squares: a 3584-wide row is one round for the 256 threads of a norm
+/// launch and two for the 128 of a single-row product that folds the norm in.
+const SUM_UNROLL: usize = 16;
 
 #[cube(launch)]
 fn rms_norm_kernel(
@@ -73,18 +76,18 @@ pub(crate) fn row_inv_rms(
     let mut i = tid;
     while i < d {
         // Indices past the row read its last value, counted as 0.
-        let mut v = Array::<f32>::new(UNROLL);
+        let mut v = Array::<f32>::new(SUM_UNROLL);
         #[unroll]
-        for u in 0..UNROLL {
+        for u in 0..SUM_UNROLL {
             v[u] = x[x0 + min(i + u * step, d - 1)];
         }
         #[unroll]
-        for u in 0..UNROLL {
+        for u in 0..SUM_UNROLL {
             if i + u * step < d {
                 sum += v[u] * v[u];
             }
         }
-        i += UNROLL * step;
+        i += SUM_UNROLL * step;
     }
     let mut partial = Shared::<[f32]>::new_slice(threads as usize);
     partial[tid] = sum;

@@ -243,7 +243,7 @@ fn decode_attention_equals_masked_softmax() {
         case(3, 4, 1, 256, 256, 200, &[0, 17, 60], Some(64), None),
         case(2, 8, 8, 128, 128, 128, &[5, 0], None, Some(50.0)),
         case(2, 28, 4, 128, 2048, 1500, &[0, 700], Some(1024), None),
-        // A head dimension of 8: four loads in flight instead of sixteen.
+        // A head dimension of 8: two quads, loaded together.
         case(2, 8, 4, 8, 64, 40, &[3, 0], None, None),
     ];
     for c in cases {
