@@ -11,8 +11,8 @@
 // or cross-washout (through `map`, mixed with `washout` at `washout-weight`). Decoding is greedy unless
 // `temperature` is above 0 (then nucleus sampling with `top-p`, default 0.9, from `seed`). Model text is inserted
 // as text. When done the element fires `av-done` with the explanation record (`explanation`, `raw`, `tokens`,
-// `finish`, ... and `steps`: how many decoding steps were replayed from a recording and how many launched kernel by
-// kernel); failures fire `av-error`.
+// `finish`, ... and `steps`: how many decoding steps were replayed from a recording, how many of those were queued
+// before the previous step's token was read, and how many launched kernel by kernel); failures fire `av-error`.
 
 import { describeError, openBundle, openCrossMap, openRemoteFeatures } from './avb.js';
 
@@ -134,7 +134,7 @@ class AvExplain extends HTMLElement {
       this.$('.text').textContent = result.explanation;
       this.$('.stats').textContent =
         `${result.tokens} tokens in ${seconds.toFixed(1)} s (first token ${((first - started) / 1000).toFixed(1)} s, ${rate.toPrecision(2)} tokens/s, ` +
-        `${result.steps.replayed} of ${result.steps.replayed + result.steps.launched} steps replayed), ${result.finish}`;
+        `${result.steps.replayed} of ${result.steps.replayed + result.steps.launched} steps replayed, ${result.steps.ahead} queued ahead), ${result.finish}`;
       this.status('');
       this.dispatchEvent(new CustomEvent('av-done', { detail: result }));
     } catch (e) {

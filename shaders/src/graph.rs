@@ -4,11 +4,14 @@
 //! reruns the kernels on the buffers they were recorded with, so a recorded step reads its inputs from
 //! buffers written in place between replays ([`write_i32`]) and takes none from the host.
 
-use crate::cube::to_cube_int;
-use burn::tensor::{Int, Tensor as BurnTensor};
+use crate::cube::{empty_like, from_cube_int, to_cube_int};
+use burn::tensor::{DType, Int, Tensor as BurnTensor};
 use burn_cubecl::cubecl;
+use burn_cubecl::kernel::into_contiguous;
 use cubecl::bytes::Bytes;
+use cubecl::calculate_cube_count_elemwise;
 use cubecl::client::{Client, Graph};
+use cubecl::prelude::*;
 
 /// Write `values` into the buffer of `t` in place (same device memory, so a recorded step that reads it sees
 /// them), ordered after the work queued before. False off a CubeCL device or when the lengths differ.
@@ -92,4 +95,59 @@ impl StepGraph {
         // see `StepGraph`), and one thread drives the stream, so no other work touches them during the replay.
         unsafe { self.graph.replay() }.map_err(message)
     }
+}
+
+#[cube(launch)]
+fn copy_i32_kernel(src: &Tensor<i32>, dst: &mut Tensor<i32>) {
+    let i = ABSOLUTE_POS;
+    if i < dst.len() {
+        dst[i] = src[i];
+    }
+}
+
+/// Copy the i32 values of `src` into the buffer of `dst` in place (a step's chosen ids into the ids the next step
+/// reads, inside the recording, so that replays chain on the device). False off a CubeCL device or where the
+/// element counts or dtypes differ.
+pub fn copy_i32_into<const D: usize>(src: &BurnTensor<D, Int>, dst: &BurnTensor<1, Int>) -> bool {
+    let (Some(s), Some(d)) = (to_cube_int(src), to_cube_int(dst)) else {
+        return false;
+    };
+    if src.dims().iter().product::<usize>() != dst.dims()[0]
+        || s.dtype != DType::I32
+        || d.dtype != DType::I32
+    {
+        return false;
+    }
+    let s = into_contiguous(s);
+    let dim = CubeDim::new_1d(64);
+    let client = d.client.clone();
+    copy_i32_kernel::launch(
+        &client,
+        calculate_cube_count_elemwise(&client, dst.dims()[0], dim),
+        dim,
+        s.into_tensor_arg(),
+        d.into_tensor_arg(),
+    );
+    true
+}
+
+/// A copy of `src` (i32) in a buffer of its own: a replayed step's chosen ids, kept from the next replay, which
+/// writes the same buffer. `None` off a CubeCL device or for another dtype.
+pub fn snapshot_i32<const D: usize>(src: &BurnTensor<D, Int>) -> Option<BurnTensor<D, Int>> {
+    let s = to_cube_int(src)?;
+    if s.dtype != DType::I32 {
+        return None;
+    }
+    let n = src.dims().iter().product::<usize>();
+    let copy = empty_like(&s, [n], DType::I32);
+    let s = into_contiguous(s);
+    let dim = CubeDim::new_1d(64);
+    copy_i32_kernel::launch(
+        &copy.client,
+        calculate_cube_count_elemwise(&copy.client, n, dim),
+        dim,
+        s.into_tensor_arg(),
+        copy.clone().into_tensor_arg(),
+    );
+    Some(from_cube_int::<1>(copy).reshape(src.dims()))
 }

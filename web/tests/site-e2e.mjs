@@ -1,9 +1,9 @@
 // End-to-end test of a site written by `avb site build` and served by `avb site serve`: open a feature page in
 // Chromium with WebGPU (SwiftShader), click Explain on its cross-washout widget, and require the streamed greedy
 // explanation to equal `avb explain`'s on the same bundle, map, washout and weight (same text, same token count, same
-// finish), its decoding steps replayed from a recording after the first. Then open the page without WebGPU and
-// require the widget's clear message, and point the cross widget at OTHER_MAP (a map into another model's space) and
-// require it to be refused. Screenshots land in OUT.
+// finish), its decoding steps replayed from a recording after the first and queued ahead of the host's reads. Then
+// open the page without WebGPU and require the widget's clear message, and point the cross widget at OTHER_MAP (a
+// map into another model's space) and require it to be refused. Screenshots land in OUT.
 //   node web/tests/site-e2e.mjs BASE_URL PAGE EXPECTED_JSONL OUT OTHER_MAP
 import fs from 'node:fs';
 import path from 'node:path';
@@ -61,6 +61,9 @@ if (gpu.error) {
   const steps = gpu.done.steps;
   if (!(steps?.replayed > 0)) failures.push(`no decoding step was replayed: ${JSON.stringify(steps)}`);
   else console.log(`ok: ${steps.replayed} of ${steps.replayed + steps.launched} decoding steps replayed`);
+  // Greedy with one input: replayed steps are queued before the previous step's token is read.
+  if (!(steps?.ahead > 0)) failures.push(`no decoding step was queued ahead: ${JSON.stringify(steps)}`);
+  else console.log(`ok: ${steps.ahead} decoding steps queued ahead of the host's read`);
   // Streaming: the text grows through prefixes of the final explanation.
   const prefixes = gpu.streamed.filter((t) => t.length > 0);
   if (prefixes.length < 2 || !prefixes.every((t, i) => i === 0 || t.startsWith(prefixes[i - 1].trimEnd()) || gpu.done.explanation === t)) {

@@ -148,11 +148,13 @@ enum Steps {
 }
 
 struct DeviceSteps {
-    /// [rows] (i32).
+    /// [rows] (i32); every device step writes its chosen ids here too (greedy), so that replays chain.
     ids: Tensor<1, Int>,
     recorded: Option<(crate::kernels::StepGraph, Readback)>,
     /// Whether to record (off once a recording failed, or when the model's graphs are off).
     record: bool,
+    /// The readback of a step launched one ahead of its turn (see `Decoder::looks_ahead`).
+    ahead: Option<Readback>,
 }
 
 impl<'m> Decoder<'m> {
@@ -217,6 +219,7 @@ impl<'m> Decoder<'m> {
                 ),
                 recorded: None,
                 record: model.graphs(),
+                ahead: None,
             })),
             false => Steps::Host,
         };
@@ -278,9 +281,15 @@ impl<'m> Decoder<'m> {
             ids,
             recorded,
             record,
+            ..
         } = device.as_mut();
         let run = |cache: &mut KvCache| -> Result<Readback> {
-            Ok(choose(model, sampling, model.decode_step(ids, cache)?))
+            let out = choose(model, sampling, model.decode_step(ids, cache)?);
+            if let Readback::Ids(chosen) = &out {
+                // The next step's ids, on the device: a step launched ahead reads them from here.
+                crate::kernels::copy_i32_into(chosen, ids);
+            }
+            Ok(out)
         };
         if let Some((graph, out)) = recorded {
             graph
@@ -288,7 +297,15 @@ impl<'m> Decoder<'m> {
                 .map_err(|e| AvbError::Invalid(format!("replaying a decoding step failed: {e}")))?;
             self.cache.advance();
             model.count_step(true);
-            return Ok(out.clone());
+            // The next replay writes the same buffer, possibly before these ids are read: keep a copy.
+            return Ok(match out {
+                Readback::Ids(chosen) => {
+                    Readback::Ids(crate::kernels::snapshot_i32(chosen).ok_or_else(|| {
+                        AvbError::Invalid("keeping a replayed step's ids failed".into())
+                    })?)
+                }
+                logits => logits.clone(),
+            });
         }
         // Every way on runs the step once for real (a recording's own run only records).
         model.count_step(false);
@@ -383,7 +400,17 @@ impl<'m> Decoder<'m> {
             ));
         };
         if self.rows.iter().any(Option::is_some) {
-            upcoming = self.step(&next)?;
+            upcoming = match self.take_ahead() {
+                Some(launched) => launched,
+                None => self.step(&next)?,
+            };
+            if self.looks_ahead() && self.model.prepare_device_step(&mut self.cache) {
+                let launched = self.device_step()?;
+                self.model.count_ahead();
+                if let Steps::Device(device) = &mut self.steps {
+                    device.ahead = Some(launched);
+                }
+            }
         }
         let free: Vec<usize> = (0..n_rows).filter(|r| self.rows[*r].is_none()).collect();
         let start = self.next_input;
@@ -416,6 +443,34 @@ impl<'m> Decoder<'m> {
         }
         self.next = Some(upcoming).filter(|_| self.rows.iter().any(Option::is_some));
         Ok(())
+    }
+
+    /// Whether to launch the step after the one just launched now, before the host has its ids: where a recorded
+    /// greedy step chains its ids on the device, no input waits to start (a refill would change the rows and the
+    /// recording), and some running row still needs that step. The device then runs the next step while the host
+    /// reads this one and queues the one after, instead of waiting on the host between steps; a row that stops
+    /// on a stop token has run one step for nothing.
+    fn looks_ahead(&self) -> bool {
+        let Steps::Device(device) = &self.steps else {
+            return false;
+        };
+        device.recorded.is_some()
+            && device.ahead.is_none()
+            && matches!(self.opts.sampling, Sampling::Greedy)
+            && self.next_input == self.inputs.len()
+            && self
+                .rows
+                .iter()
+                .flatten()
+                .any(|&i| self.out[i].ids.len() + 2 <= self.opts.max_new_tokens)
+    }
+
+    /// The step launched ahead, if any (taken).
+    fn take_ahead(&mut self) -> Option<Readback> {
+        match &mut self.steps {
+            Steps::Device(device) => device.ahead.take(),
+            Steps::Host => None,
+        }
     }
 
     /// The inputs that finished since the last call, with their generations (taken: `finish` then holds empty

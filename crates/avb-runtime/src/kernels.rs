@@ -193,6 +193,28 @@ pub(crate) fn write_i32(_t: &Tensor<1, Int>, _values: &[i32]) -> bool {
     false
 }
 
+/// Copy a step's chosen ids (i32) into the ids the next step reads, in place; false where it cannot.
+#[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
+pub(crate) fn copy_i32_into(src: &Tensor<2, Int>, dst: &Tensor<1, Int>) -> bool {
+    avb_shaders::copy_i32_into(src, dst)
+}
+
+#[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+pub(crate) fn copy_i32_into(_src: &Tensor<2, Int>, _dst: &Tensor<1, Int>) -> bool {
+    false
+}
+
+/// A copy of an i32 tensor in a buffer of its own, `None` where it cannot.
+#[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
+pub(crate) fn snapshot_i32(src: &Tensor<2, Int>) -> Option<Tensor<2, Int>> {
+    avb_shaders::snapshot_i32(src)
+}
+
+#[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+pub(crate) fn snapshot_i32(_src: &Tensor<2, Int>) -> Option<Tensor<2, Int>> {
+    None
+}
+
 #[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
 pub(crate) use avb_shaders::{Recording, StepGraph};
 

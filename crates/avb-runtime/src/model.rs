@@ -478,6 +478,8 @@ pub struct Model {
 pub struct DecodeSteps {
     pub launched: u64,
     pub replayed: u64,
+    /// Of the replayed, those queued before the host had read the previous step's ids (the device chains them).
+    pub ahead: u64,
 }
 
 impl DecodeSteps {
@@ -486,6 +488,7 @@ impl DecodeSteps {
         DecodeSteps {
             launched: self.launched - earlier.launched,
             replayed: self.replayed - earlier.replayed,
+            ahead: self.ahead - earlier.ahead,
         }
     }
 }
@@ -494,6 +497,7 @@ impl DecodeSteps {
 struct StepCounters {
     launched: AtomicU64,
     replayed: AtomicU64,
+    ahead: AtomicU64,
 }
 
 fn tensor2(data: Vec<f32>, shape: [usize; 2], device: &Device) -> Tensor<2> {
@@ -882,7 +886,13 @@ impl Model {
         DecodeSteps {
             launched: self.steps.launched.load(Ordering::Relaxed),
             replayed: self.steps.replayed.load(Ordering::Relaxed),
+            ahead: self.steps.ahead.load(Ordering::Relaxed),
         }
+    }
+
+    /// Count one decoding step queued ahead of the host's read of the previous one.
+    pub(crate) fn count_ahead(&self) {
+        self.steps.ahead.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Count one decoding step, replayed from a recording or launched.

@@ -155,7 +155,8 @@ fn check_family(family: &str) {
         }
     }
     let replayed = decoder.finish();
-    // The model's step counts: every step after the prefill's token, all but the recorded first replayed on GPUs.
+    // The model's step counts: every step after the prefill's token, all but the recorded first replayed on GPUs
+    // (the tokens above say that steps queued ahead chain the right ids).
     let counted = model.decode_steps().since(before);
     assert_eq!(
         counted.launched + counted.replayed,
@@ -166,6 +167,12 @@ fn check_family(family: &str) {
     assert_eq!(
         counted.replayed, expected_replays,
         "{family}: replayed steps"
+    );
+    // Greedy rows with no input waiting: every replayed step is queued before the previous one's ids are read,
+    // and none past the budget.
+    assert_eq!(
+        counted.ahead, expected_replays,
+        "{family}: steps queued ahead"
     );
     let mut unrecorded = Model::load(&d, &device).unwrap();
     unrecorded.set_graphs(false);
