@@ -8,6 +8,7 @@ use crate::cube::{empty_like, from_cube_int, to_cube_int};
 use burn::tensor::{DType, Int, Tensor as BurnTensor};
 use burn_cubecl::cubecl;
 use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
 use cubecl::bytes::Bytes;
 use cubecl::calculate_cube_count_elemwise;
 use cubecl::client::{Client, Graph};
@@ -118,16 +119,7 @@ pub fn copy_i32_into<const D: usize>(src: &BurnTensor<D, Int>, dst: &BurnTensor<
     {
         return false;
     }
-    let s = into_contiguous(s);
-    let dim = CubeDim::new_1d(64);
-    let client = d.client.clone();
-    copy_i32_kernel::launch(
-        &client,
-        calculate_cube_count_elemwise(&client, dst.dims()[0], dim),
-        dim,
-        s.into_tensor_arg(),
-        d.into_tensor_arg(),
-    );
+    launch_copy_i32(s, d);
     true
 }
 
@@ -138,16 +130,22 @@ pub fn snapshot_i32<const D: usize>(src: &BurnTensor<D, Int>) -> Option<BurnTens
     if s.dtype != DType::I32 {
         return None;
     }
-    let n = src.dims().iter().product::<usize>();
-    let copy = empty_like(&s, [n], DType::I32);
-    let s = into_contiguous(s);
-    let dim = CubeDim::new_1d(64);
-    copy_i32_kernel::launch(
-        &copy.client,
-        calculate_cube_count_elemwise(&copy.client, n, dim),
-        dim,
-        s.into_tensor_arg(),
-        copy.clone().into_tensor_arg(),
-    );
+    let copy = empty_like(&s, [src.dims().iter().product::<usize>()], DType::I32);
+    launch_copy_i32(s, copy.clone());
     Some(from_cube_int::<1>(copy).reshape(src.dims()))
+}
+
+/// `dst`'s elements from `src`'s, in order (same count, both i32).
+fn launch_copy_i32(src: CubeTensor, dst: CubeTensor) {
+    let src = into_contiguous(src);
+    let dim = CubeDim::new_1d(64);
+    let client = dst.client.clone();
+    let count = calculate_cube_count_elemwise(&client, dst.meta.num_elements(), dim);
+    copy_i32_kernel::launch(
+        &client,
+        count,
+        dim,
+        src.into_tensor_arg(),
+        dst.into_tensor_arg(),
+    );
 }

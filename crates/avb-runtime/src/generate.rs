@@ -285,9 +285,14 @@ impl<'m> Decoder<'m> {
         } = device.as_mut();
         let run = |cache: &mut KvCache| -> Result<Readback> {
             let out = choose(model, sampling, model.decode_step(ids, cache)?);
+            // The next step's ids, on the device: a step launched ahead reads them from here, so a copy that
+            // cannot be made must stop decoding rather than let that step read stale ids.
             if let Readback::Ids(chosen) = &out {
-                // The next step's ids, on the device: a step launched ahead reads them from here.
-                crate::kernels::copy_i32_into(chosen, ids);
+                if !crate::kernels::copy_i32_into(chosen, ids) {
+                    return Err(AvbError::Invalid(
+                        "copying a step's token ids on the device failed".into(),
+                    ));
+                }
             }
             Ok(out)
         };
