@@ -34,4 +34,4 @@ pub use embed::gather_rows;
 pub use graph::{copy_i32_into, snapshot_i32, write_i32, Recording, StepGraph};
 pub use norm::rms_norm;
 pub use qmatvec::{Activation, Epilogue, QuantizedWeight};
-pub use rope::{rope, rope_into_cache};
+pub use rope::{rope, rope_into_cache, QkvSource};

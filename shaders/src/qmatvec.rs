@@ -8,7 +8,8 @@
 //! A single row (batch-1 decoding): each thread reads 16-byte quads of adjacent words, a cube's threads split a
 //! chunk of k into interleaved slices and add the slices up in shared memory (`qmatvec_row_kernel`); chunks of k
 //! spread the rows over about a thousand cubes so that each thread loads only a few rows, and a second small
-//! kernel adds the chunks.
+//! kernel adds the chunks (or the kernel that reads the product adds them itself: `partial_sums`, which the RoPE
+//! launch of a fused q/k/v projection takes).
 //!
 //! Up to 8 rows: one thread owns one word (per_word adjacent outputs) for every row of x, so a warp reads
 //! consecutive words of one weight row: coalesced. Parallelism along k comes from chunks (the grid's second axis):
@@ -386,28 +387,27 @@ fn chunk_end(k0: usize, chunk_len: u32, k_dim: usize) -> usize {
     }
 }
 
-/// The sum over chunks of partial[c, r, o], ROW_UNROLL chunks' loads at a time.
+/// The sum over chunks of partial[c, r, o], in chunk order, CHUNK_UNROLL chunks' loads in flight at a time (loads
+/// past the last chunk read it again and are left out of the sum).
 #[cube]
-fn chunk_sum(partial: &Tensor<f32>, r: usize, o: usize) -> f32 {
+pub(crate) fn chunk_sum(partial: &Tensor<f32>, r: usize, o: usize) -> f32 {
     let (chunks, cs) = (partial.shape(0), partial.stride(0));
     let at = r * partial.stride(1) + o;
     let mut s = 0.0f32;
     let mut c = 0;
-    while c + (ROW_UNROLL as usize) <= chunks {
-        let mut v = Array::<f32>::new(comptime!(ROW_UNROLL as usize));
-        #[unroll]
-        for u in 0..ROW_UNROLL {
-            v[u as usize] = partial[(c + u as usize) * cs + at];
-        }
-        #[unroll]
-        for u in 0..ROW_UNROLL {
-            s += v[u as usize];
-        }
-        c += ROW_UNROLL as usize;
-    }
     while c < chunks {
-        s += partial[c * cs + at];
-        c += 1;
+        let mut v = Array::<f32>::new(CHUNK_UNROLL);
+        #[unroll]
+        for u in 0..CHUNK_UNROLL {
+            v[u] = partial[min(c + u, chunks - 1) * cs + at];
+        }
+        #[unroll]
+        for u in 0..CHUNK_UNROLL {
+            if c + u < chunks {
+                s += v[u];
+            }
+        }
+        c += CHUNK_UNROLL;
     }
     s
 }
@@ -466,8 +466,11 @@ fn field_value(packed: u32, j: u32, #[comptime] bits: u32) -> f32 {
     f32::reinterpret(biased) - comptime!(8_388_608.0f32 + half as f32)
 }
 
-/// Rows of k (or chunks, when summing them) a thread of these kernels loads at once.
+/// Rows of k a thread of these kernels loads at once.
 const ROW_UNROLL: u32 = 4;
+/// Chunks' partial sums a thread loads at once when adding them up: the sums' loads wait on one another, so a
+/// down projection's 74 chunks took 19 waits with 4 in flight.
+const CHUNK_UNROLL: usize = 16;
 /// Quads of words (16 bytes: 32 outputs at 4 bits, 16 at 8) one cube of the single-row kernel owns, and the slices
 /// of k its threads split: a run of 32 threads reads 4 rows x 128 contiguous bytes.
 const ROW_QUADS: u32 = 8;
@@ -842,17 +845,7 @@ impl QuantizedWeight {
         epilogue: Epilogue<'_>,
         norm: Option<(&BurnTensor<1>, f32)>,
     ) -> Option<BurnTensor<2>> {
-        let [rows, k] = x.dims();
-        if rows == 0 || k != self.k || x.dtype() != DType::F32 {
-            return None;
-        }
-        if norm.is_some_and(|(w, _)| w.dims() != [k] || w.dtype() != DType::F32) {
-            return None;
-        }
-        if let Some((w, eps)) = norm.filter(|_| rows > 1 || !self.folds_norm()) {
-            let normed = crate::rms_norm(x, w, eps, None)?;
-            return self.matvec(&normed, bias, epilogue, None);
-        }
+        let rows = x.dims()[0];
         let (out, residual, epilogue) = match epilogue {
             Epilogue::None => (self.out, None, EPILOGUE_NONE),
             Epilogue::Residual(r) if r.dims() == [rows, self.out] && r.dtype() == DType::F32 => {
@@ -864,14 +857,55 @@ impl QuantizedWeight {
             Epilogue::Gated(Activation::Silu) => (self.out / 2, None, EPILOGUE_SILU),
             Epilogue::Gated(Activation::GeluTanh) => (self.out / 2, None, EPILOGUE_GELU_TANH),
         };
-        let xc = into_contiguous(to_cube(x)?);
         let bias = match bias {
-            Some(b) => Some(to_cube(b)?),
+            Some(b) if b.dims() == [self.out] && b.dtype() == DType::F32 => Some(to_cube(b)?),
+            Some(_) => return None,
             None => None,
         };
+        let partial = to_cube(&self.partial_sums(x, norm)?)?;
+        let client = partial.client.clone();
+        let y = empty_like(&partial, [rows, out], DType::F32);
+        let dim = CubeDim::new_1d(THREADS);
+        // Absent bias and residual bind a stand-in buffer the kernel never reads.
+        sum_chunks_kernel::launch(
+            &client,
+            calculate_cube_count_elemwise(&client, rows * out, dim),
+            dim,
+            partial.clone().into_tensor_arg(),
+            bias.clone().unwrap_or(partial.clone()).into_tensor_arg(),
+            residual
+                .clone()
+                .unwrap_or(partial.clone())
+                .into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            bias.is_some(),
+            epilogue,
+        );
+        Some(from_cube(y))
+    }
+
+    /// The partial sums of x W (of RMSNorm(x) with `norm`) over chunks of k, [chunks, rows, out], for x [rows, k]:
+    /// what `matvec` adds up, for a consumer that adds them itself (`rope_into_cache`). `None` where `matvec`
+    /// would decline.
+    pub fn partial_sums(
+        &self,
+        x: &BurnTensor<2>,
+        norm: Option<(&BurnTensor<1>, f32)>,
+    ) -> Option<BurnTensor<3>> {
+        let [rows, k] = x.dims();
+        if rows == 0 || k != self.k || x.dtype() != DType::F32 {
+            return None;
+        }
+        if norm.is_some_and(|(w, _)| w.dims() != [k] || w.dtype() != DType::F32) {
+            return None;
+        }
+        if let Some((w, eps)) = norm.filter(|_| rows > 1 || !self.folds_norm()) {
+            let normed = crate::rms_norm(x, w, eps, None)?;
+            return self.partial_sums(&normed, None);
+        }
+        let xc = into_contiguous(to_cube(x)?);
         let client = xc.client.clone();
         let n_words = self.words.meta.shape()[1];
-        let y = empty_like(&xc, [rows, out], DType::F32);
         let weight_bytes =
             self.k * self.out * self.bits as usize / 8 + self.k * self.out / BLOCK * 4;
         let partial = |chunks: usize| empty_like(&xc, [chunks, rows, self.out], DType::F32);
@@ -957,22 +991,6 @@ impl QuantizedWeight {
             );
             partial
         };
-        let dim = CubeDim::new_1d(THREADS);
-        // Absent bias and residual bind a stand-in buffer the kernel never reads.
-        sum_chunks_kernel::launch(
-            &client,
-            calculate_cube_count_elemwise(&client, rows * out, dim),
-            dim,
-            partial.clone().into_tensor_arg(),
-            bias.clone().unwrap_or(partial.clone()).into_tensor_arg(),
-            residual
-                .clone()
-                .unwrap_or(partial.clone())
-                .into_tensor_arg(),
-            y.clone().into_tensor_arg(),
-            bias.is_some(),
-            epilogue,
-        );
-        Some(from_cube(y))
+        Some(from_cube(partial))
     }
 }

@@ -47,16 +47,57 @@ fn rotated_at(
     inv_rms: f32,
     #[comptime] normed: bool,
 ) -> f32 {
-    let half = hd / 2;
-    let partner = if d < half { d + half } else { d - half };
+    let partner = partner_of(d, hd);
     let mut own = x[x0 + d * xs];
     let mut other = x[x0 + partner * xs];
     if normed {
         own *= inv_rms * w[d];
         other *= inv_rms * w[partner];
     }
-    let rotated = if d < half { -other } else { other };
+    rotate_pair(own, other, d < hd / 2, cos, sin)
+}
+
+/// The element rotate-half RoPE pairs with element d of a head of hd.
+#[cube]
+fn partner_of(d: usize, hd: usize) -> usize {
+    let half = hd / 2;
+    if d < half {
+        d + half
+    } else {
+        d - half
+    }
+}
+
+/// own * cos + rotate_half * sin, where rotate_half is -other in the first half of the head and other in the second.
+#[cube]
+fn rotate_pair(own: f32, other: f32, first_half: bool, cos: f32, sin: f32) -> f32 {
+    let rotated = if first_half { -other } else { other };
     own * cos + rotated * sin
+}
+
+/// Column `col` of row (b, p) of the fused q/k/v projection: read from its output qkv [b, t, width], or, with
+/// `from_partial`, added up from its partial sums [chunks, b * t, width] and the bias.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn qkv_at(
+    qkv: &Tensor<f32>,
+    bias: &Tensor<f32>,
+    b: usize,
+    p: usize,
+    t: usize,
+    col: usize,
+    #[comptime] from_partial: bool,
+    #[comptime] has_bias: bool,
+) -> f32 {
+    if from_partial {
+        let mut v = crate::qmatvec::chunk_sum(qkv, b * t + p, col);
+        if has_bias {
+            v += bias[col];
+        }
+        v
+    } else {
+        qkv[b * qkv.stride(0) + p * qkv.stride(1) + col * qkv.stride(2)]
+    }
 }
 
 /// 1 / sqrt(mean of squares + eps) of the head at x[x0 + j * xs], j < hd.
@@ -104,6 +145,7 @@ pub fn rope(x: &BurnTensor<4>, cos: &BurnTensor<4>, sin: &BurnTensor<4>) -> Opti
 #[allow(clippy::too_many_arguments)]
 fn rope_into_cache_kernel(
     qkv: &Tensor<f32>,
+    bias: &Tensor<f32>,
     table: &Tensor<f32>,
     cursor: &Tensor<i32>,
     q_norm: &Tensor<f32>,
@@ -113,6 +155,8 @@ fn rope_into_cache_kernel(
     values: &mut Tensor<f32>,
     eps: f32,
     #[comptime] normed: bool,
+    #[comptime] from_partial: bool,
+    #[comptime] has_bias: bool,
 ) {
     let (b_dim, heads, t, hd) = (
         q_out.shape(0),
@@ -161,17 +205,26 @@ fn rope_into_cache_kernel(
     let half = hd / 2;
     let angle = pos * table.stride(0) + (d % half) * table.stride(1);
     let (cos, sin) = (table[angle], table[angle + half * table.stride(1)]);
-    let x0 = b * qkv.stride(0) + p * qkv.stride(1) + (col0 + h * hd) * qkv.stride(2);
-    let xs = qkv.stride(2);
-    let mut value = qkv[x0 + d * xs];
-    let mut inv_rms = 1.0f32;
-    if normed && part < 2 {
-        inv_rms = head_inv_rms(qkv, x0, xs, hd, eps);
-    }
-    if part == 0 {
-        value = rotated_at(qkv, x0, xs, d, hd, cos, sin, q_norm, inv_rms, normed);
-    } else if part == 1 {
-        value = rotated_at(qkv, x0, xs, d, hd, cos, sin, k_norm, inv_rms, normed);
+    let col = col0 + h * hd;
+    let partner = partner_of(d, hd);
+    let mut own = qkv_at(qkv, bias, b, p, t, col + d, from_partial, has_bias);
+    let mut value = own;
+    if part < 2 {
+        let mut other = qkv_at(qkv, bias, b, p, t, col + partner, from_partial, has_bias);
+        // Per-head norms read the projection's output (the host passes no partial sums with them).
+        if normed {
+            let xs = qkv.stride(2);
+            let x0 = b * qkv.stride(0) + p * qkv.stride(1) + col * xs;
+            let inv_rms = head_inv_rms(qkv, x0, xs, hd, eps);
+            let (wo, wp) = if part == 0 {
+                (q_norm[d], q_norm[partner])
+            } else {
+                (k_norm[d], k_norm[partner])
+            };
+            own *= inv_rms * wo;
+            other *= inv_rms * wp;
+        }
+        value = rotate_pair(own, other, d < hd / 2, cos, sin);
     }
     if part == 0 {
         q_out[i] = value;
@@ -190,6 +243,21 @@ fn rope_into_cache_kernel(
             values[o] = value;
         }
     }
+}
+
+/// Where `rope_into_cache` reads the fused q/k/v projection from.
+#[derive(Clone, Copy)]
+pub enum QkvSource<'a> {
+    /// Its output, [b, t, width].
+    Output(&'a BurnTensor<3>),
+    /// Its partial sums over chunks of k, [chunks, b * t, width] (`QuantizedWeight::partial_sums`), and its bias:
+    /// the launch that would add them up is folded into this one. Not with per-head norms, whose every thread
+    /// would add up a whole head.
+    Partial {
+        sums: &'a BurnTensor<3>,
+        bias: Option<&'a BurnTensor<1>>,
+        t: usize,
+    },
 }
 
 /// The CubeCL tensor under `t`, by value (so that a cache buffer nothing else holds can be written in place).
@@ -211,16 +279,27 @@ fn into_cube<const D: usize>(t: BurnTensor<D>) -> Option<CubeTensor> {
 /// rotation. Returns (q, keys, values); q is `None`, and the caches come back untouched, when the kernel does not
 /// apply (another backend, shapes that do not fit, or a cache buffer shared with another tensor).
 pub fn rope_into_cache(
-    qkv: &BurnTensor<3>,
+    source: QkvSource<'_>,
     table: &BurnTensor<2>,
     cursor: &BurnTensor<1, Int>,
     heads: usize,
     (keys, values): (BurnTensor<4>, BurnTensor<4>),
     head_norms: Option<(&BurnTensor<1>, &BurnTensor<1>, f32)>,
 ) -> (Option<BurnTensor<4>>, BurnTensor<4>, BurnTensor<4>) {
-    let [b, t, width] = qkv.dims();
     let [kb, kv_heads, _, hd] = keys.dims();
+    let (qkv, bias, [b, t, width]) = match source {
+        QkvSource::Output(qkv) => (qkv, None, qkv.dims()),
+        QkvSource::Partial { sums, bias, t } => {
+            let [_, rows, width] = sums.dims();
+            if head_norms.is_some() || rows != kb * t {
+                return (None, keys, values);
+            }
+            (sums, bias, [kb, t, width])
+        }
+    };
+    let from_partial = matches!(source, QkvSource::Partial { .. });
     let fits = qkv.dtype() == DType::F32
+        && bias.is_none_or(|bias| bias.dims() == [width] && bias.dtype() == DType::F32)
         && keys.dtype() == DType::F32
         && values.dims() == keys.dims()
         && kb == b
@@ -238,6 +317,11 @@ pub fn rope_into_cache(
     }
     let (Some(qc), Some(tc), Some(cc)) = (to_cube(qkv), to_cube(table), to_cube_int(cursor)) else {
         return (None, keys, values);
+    };
+    let bias = match bias.map(to_cube) {
+        Some(None) => return (None, keys, values),
+        Some(b) => b,
+        None => None,
     };
     // Without norms the kernel binds the table in their place and never reads it as such.
     let norms = match head_norms {
@@ -260,6 +344,8 @@ pub fn rope_into_cache(
         calculate_cube_count_elemwise(&q.client, b * (heads + 2 * kv_heads) * t * hd, dim),
         dim,
         qc.into_tensor_arg(),
+        // Without a bias the kernel binds the table in its place and never reads it as such.
+        bias.clone().unwrap_or(tc.clone()).into_tensor_arg(),
         tc.clone().into_tensor_arg(),
         cc.into_tensor_arg(),
         norms
@@ -272,6 +358,8 @@ pub fn rope_into_cache(
         vc.clone().into_tensor_arg(),
         norms.as_ref().map_or(0.0, |n| n.2),
         norms.is_some(),
+        from_partial,
+        bias.is_some(),
     );
     (Some(from_cube(q)), from_cube(kc), from_cube(vc))
 }

@@ -8,7 +8,7 @@
 //! `cargo test -p avb-runtime -p avb-shaders --features avb-runtime/wgpu,avb-shaders/wgpu --test kernels`.
 #![cfg(feature = "wgpu")]
 
-use avb_shaders::{decode_attention, rms_norm, Activation, Epilogue, QuantizedWeight};
+use avb_shaders::{decode_attention, rms_norm, Activation, Epilogue, QkvSource, QuantizedWeight};
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
 use burn::tensor::{activation, Bool, Device, Distribution, Int, Tensor, TensorData};
 
@@ -400,9 +400,14 @@ fn rope_into_cache_equals_rope_and_cache_writes() {
         let (keys, values) = (keys.clone().add_scalar(0.0), values.clone().add_scalar(0.0));
         let norms = normed.then_some((&q_norm, &k_norm, eps as f32));
         let at_cursor = cursor(pads, at, &dev);
-        let (Some(q), k, v) =
-            avb_shaders::rope_into_cache(&qkv, &table, &at_cursor, heads, (keys, values), norms)
-        else {
+        let (Some(q), k, v) = avb_shaders::rope_into_cache(
+            QkvSource::Output(&qkv),
+            &table,
+            &at_cursor,
+            heads,
+            (keys, values),
+            norms,
+        ) else {
             panic!("the kernel applies");
         };
         for (name, ours, reference) in [("q", q, q_ref), ("keys", k, k_ref), ("values", v, v_ref)] {
@@ -426,7 +431,7 @@ fn rope_into_cache_equals_rope_and_cache_writes() {
     let keys: Tensor<4> = Tensor::zeros([b, kv_heads, 8, hd], &dev);
     let held = keys.clone();
     let (q, back, _) = avb_shaders::rope_into_cache(
-        &qkv,
+        QkvSource::Output(&qkv),
         &table,
         &cursor(&[0], 0, &dev),
         heads,
@@ -436,6 +441,82 @@ fn rope_into_cache_equals_rope_and_cache_writes() {
     assert!(q.is_none(), "a shared cache buffer must not be written");
     assert_eq!(host(back.reshape([1, 8 * hd])), vec![0.0; 8 * hd]);
     drop(held);
+}
+
+/// The fused q/k/v projection's partial sums and bias handed to `rope_into_cache`, which adds them up itself: the
+/// same q and cache writes, bit for bit, as from the summed product (a decoding step's single row, and a prefill's
+/// rows through the tiled kernel); declined with per-head norms.
+#[test]
+fn rope_into_cache_adds_partial_sums() {
+    let dev = device();
+    dev.seed(23);
+    let (heads, kv_heads, hd, k, capacity) = (8, 2, 64, 512, 32);
+    let width = (heads + 2 * kv_heads) * hd;
+    let w: Tensor<2> = Tensor::random([k, width], Distribution::Normal(0.0, 0.05), &dev);
+    let packed = QuantizedWeight::from_tensor(&w.quantize_dynamic(&scheme(QuantValue::Q4S)))
+        .expect("a packed quantized weight");
+    let bias: Tensor<1> = Tensor::random([width], Distribution::Normal(0.0, 1.0), &dev);
+    for (pads, t, at) in [(&[0usize][..], 1, 7), (&[0, 3][..], 20, 4)] {
+        let b = pads.len();
+        let x: Tensor<2> = Tensor::random([b * t, k], Distribution::Normal(0.0, 1.0), &dev);
+        let summed = packed
+            .matvec(&x, Some(&bias), Epilogue::None, None)
+            .expect("the product")
+            .reshape([b, t, width]);
+        let sums = packed.partial_sums(&x, None).expect("the partial sums");
+        let (table, _, _) = position_tables(capacity, hd, pads, (at, t), &dev);
+        let at_cursor = cursor(pads, at, &dev);
+        let cache: Tensor<4> =
+            Tensor::random([b, kv_heads, capacity, hd], Distribution::Default, &dev);
+        let run = |source: QkvSource<'_>| {
+            let caches = (cache.clone().add_scalar(0.0), cache.clone().add_scalar(0.0));
+            let (q, keys, values) =
+                avb_shaders::rope_into_cache(source, &table, &at_cursor, heads, caches, None);
+            let q = q.expect("the kernel applies");
+            [q, keys, values].map(|t| {
+                let n = t.dims().iter().product::<usize>();
+                host(t.reshape([1, n]))
+            })
+        };
+        let from_output = run(QkvSource::Output(&summed));
+        let from_sums = run(QkvSource::Partial {
+            sums: &sums,
+            bias: Some(&bias),
+            t,
+        });
+        for (name, ours, reference) in [
+            ("q", &from_sums[0], &from_output[0]),
+            ("keys", &from_sums[1], &from_output[1]),
+            ("values", &from_sums[2], &from_output[2]),
+        ] {
+            assert_eq!(ours, reference, "{name} from partial sums, t {t}");
+        }
+        println!("rope into cache from partial sums, t {t}: q, keys and values equal to the summed product's");
+    }
+    // Per-head norms would have every thread add up a whole head: declined, the caches untouched.
+    let x: Tensor<2> = Tensor::random([1, k], Distribution::Normal(0.0, 1.0), &dev);
+    let sums = packed.partial_sums(&x, None).expect("the partial sums");
+    let (table, _, _) = position_tables(capacity, hd, &[0], (0, 1), &dev);
+    let norm: Tensor<1> = Tensor::ones([hd], &dev);
+    let cache: Tensor<4> = Tensor::zeros([1, kv_heads, capacity, hd], &dev);
+    let (q, keys, _) = avb_shaders::rope_into_cache(
+        QkvSource::Partial {
+            sums: &sums,
+            bias: None,
+            t: 1,
+        },
+        &table,
+        &cursor(&[0], 0, &dev),
+        heads,
+        (cache.clone(), cache.clone()),
+        Some((&norm, &norm, 1e-6)),
+    );
+    assert!(
+        q.is_none(),
+        "partial sums with per-head norms must be declined"
+    );
+    let n = kv_heads * capacity * hd;
+    assert_eq!(host(keys.reshape([1, n])), vec![0.0; n]);
 }
 
 /// Embedding rows from ids on the device, the table in three ranges, scaled (Gemma) and not.

@@ -65,6 +65,29 @@ impl KernelWeight {
     ) -> Option<Tensor<3>> {
         None
     }
+
+    /// The product's partial sums over chunks of k, [chunks, b * t, out], for x [b, t, in] (of RMSNorm(x) with
+    /// `norm`), for a kernel that adds them up itself; `None` where `matvec` would decline.
+    #[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
+    pub(crate) fn partial_sums(
+        &self,
+        x: &Tensor<3>,
+        norm: Option<(&Tensor<1>, f32)>,
+    ) -> Option<Tensor<3>> {
+        let [b, t, k] = x.dims();
+        self.packed
+            .as_ref()?
+            .partial_sums(&x.clone().reshape([b * t, k]), norm)
+    }
+
+    #[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+    pub(crate) fn partial_sums(
+        &self,
+        _x: &Tensor<3>,
+        _norm: Option<(&Tensor<1>, f32)>,
+    ) -> Option<Tensor<3>> {
+        None
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -259,24 +282,47 @@ pub(crate) fn rope(_x: &Tensor<4>, _cos: &Tensor<4>, _sin: &Tensor<4>) -> Option
 /// Per-head q and k norm weights and eps (Gemma-3), applied before RoPE.
 pub(crate) type HeadNorms<'a> = Option<(&'a Tensor<1>, &'a Tensor<1>, f32)>;
 
+/// Where `rope_into_cache` reads the fused q/k/v projection from (read by the kernel only: builds without a GPU
+/// backend never look inside).
+#[derive(Clone, Copy)]
+#[cfg_attr(
+    not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")),
+    allow(dead_code)
+)]
+pub(crate) enum QkvInput<'a> {
+    /// Its output, [b, t, width].
+    Output(&'a Tensor<3>),
+    /// Its partial sums ([`KernelWeight::partial_sums`]) and bias, added up by the kernel itself.
+    Partial {
+        sums: &'a Tensor<3>,
+        bias: Option<&'a Tensor<1>>,
+        t: usize,
+    },
+}
+
 /// A step's q rotated, and k rotated and v written into the KV cache at the cursor's index, from the fused
-/// projection's output, each q and k head normalised first when `head_norms` are given, in one kernel (see
+/// projection, each q and k head normalised first when `head_norms` are given, in one kernel (see
 /// avb_shaders::rope_into_cache): (q, keys, values), q `None` and the caches untouched when it does not apply.
 #[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
 pub(crate) fn rope_into_cache(
-    qkv: &Tensor<3>,
+    qkv: QkvInput<'_>,
     table: &Tensor<2>,
     cursor: &Tensor<1, Int>,
     heads: usize,
     cache: (Tensor<4>, Tensor<4>),
     head_norms: HeadNorms<'_>,
 ) -> (Option<Tensor<4>>, Tensor<4>, Tensor<4>) {
-    avb_shaders::rope_into_cache(qkv, table, cursor, heads, cache, head_norms)
+    use avb_shaders::QkvSource;
+    let source = match qkv {
+        QkvInput::Output(qkv) => QkvSource::Output(qkv),
+        QkvInput::Partial { sums, bias, t } => QkvSource::Partial { sums, bias, t },
+    };
+    avb_shaders::rope_into_cache(source, table, cursor, heads, cache, head_norms)
 }
 
 #[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
 pub(crate) fn rope_into_cache(
-    _qkv: &Tensor<3>,
+    _qkv: QkvInput<'_>,
     _table: &Tensor<2>,
     _cursor: &Tensor<1, Int>,
     _heads: usize,

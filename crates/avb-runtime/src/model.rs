@@ -6,7 +6,7 @@
 //! any block (the forward pass stops there) and input embeddings can be replaced at given positions.
 
 use crate::config::{Family, ModelConfig};
-use crate::kernels::{Activation, Epilogue, KernelWeight};
+use crate::kernels::{Activation, Epilogue, KernelWeight, QkvInput};
 use crate::weights::{LayerTensor, TensorId, WeightSource};
 use avb_core::matrix::transpose;
 use avb_core::{AvbError, Result};
@@ -1253,17 +1253,41 @@ impl Model {
                         Some(table),
                         Some(cursor),
                     ) if self.kernels => {
-                        let qkv = linear.forward(x, true, Epilogue::None, norm);
+                        // Without per-head norms the projection's partial sums go to the rope launch, which adds
+                        // them up (one launch a layer fewer).
+                        let sums = match norms {
+                            None => linear.kernel.partial_sums(&x, norm),
+                            Some(_) => None,
+                        };
+                        let qkv = match sums {
+                            Some(_) => None,
+                            None => Some(linear.forward(x.clone(), true, Epilogue::None, norm)),
+                        };
+                        let source = match (&sums, &qkv) {
+                            (Some(sums), _) => QkvInput::Partial {
+                                sums,
+                                bias: linear.bias.as_ref(),
+                                t,
+                            },
+                            (None, Some(qkv)) => QkvInput::Output(qkv),
+                            (None, None) => {
+                                unreachable!("the product runs when its sums are not kept")
+                            }
+                        };
                         let (q, ck, cv) = crate::kernels::rope_into_cache(
-                            &qkv,
+                            source,
                             table,
                             cursor,
                             h,
                             (ck, cv),
                             norms,
                         );
-                        // Where the kernel does not apply, the same product serves the generic path.
-                        let parts = q.is_none().then(|| narrow_parts(qkv, widths));
+                        // Where the kernel does not apply, the product serves the generic path.
+                        let parts = q.is_none().then(|| {
+                            let qkv = qkv
+                                .unwrap_or_else(|| linear.forward(x, true, Epilogue::None, norm));
+                            narrow_parts(qkv, widths)
+                        });
                         (q, ck, cv, parts)
                     }
                     _ => (None, ck, cv, Some(block.qkv.split(x, self.kernels, norm))),
