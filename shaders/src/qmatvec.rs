@@ -387,29 +387,35 @@ fn chunk_end(k0: usize, chunk_len: u32, k_dim: usize) -> usize {
     }
 }
 
-/// The sum over chunks of partial[c, r, o], in chunk order, CHUNK_UNROLL chunks' loads in flight at a time (loads
-/// past the last chunk read it again and are left out of the sum).
+/// The sums over chunks of partial[c, r, o] and partial[c, r, o2], each in chunk order, CHUNK_UNROLL chunks' loads
+/// of each in flight at a time (loads past the last chunk read it again and are left out of the sums). Two columns
+/// at once: a gated epilogue's gate and up, a RoPE pair.
 #[cube]
-pub(crate) fn chunk_sum(partial: &Tensor<f32>, r: usize, o: usize) -> f32 {
+pub(crate) fn chunk_sums(partial: &Tensor<f32>, r: usize, o: usize, o2: usize) -> (f32, f32) {
     let (chunks, cs) = (partial.shape(0), partial.stride(0));
-    let at = r * partial.stride(1) + o;
+    let row = r * partial.stride(1);
     let mut s = 0.0f32;
+    let mut s2 = 0.0f32;
     let mut c = 0;
     while c < chunks {
         let mut v = Array::<f32>::new(CHUNK_UNROLL);
+        let mut v2 = Array::<f32>::new(CHUNK_UNROLL);
         #[unroll]
         for u in 0..CHUNK_UNROLL {
-            v[u] = partial[min(c + u, chunks - 1) * cs + at];
+            let at = min(c + u, chunks - 1) * cs + row;
+            v[u] = partial[at + o];
+            v2[u] = partial[at + o2];
         }
         #[unroll]
         for u in 0..CHUNK_UNROLL {
             if c + u < chunks {
                 s += v[u];
+                s2 += v2[u];
             }
         }
         c += CHUNK_UNROLL;
     }
-    s
+    (s, s2)
 }
 
 /// The gated epilogues' activation of a gate value.
@@ -710,21 +716,10 @@ fn sum_chunks_kernel(
         terminate!();
     }
     let (row, o) = (i / out, i % out);
-    let mut up = 0.0f32;
-    if comptime!(epilogue == EPILOGUE_SILU || epilogue == EPILOGUE_GELU_TANH) {
-        up = chunk_sum(partial, row, o + out);
-    }
-    let s = finish_output(
-        chunk_sum(partial, row, o),
-        up,
-        bias,
-        residual,
-        row,
-        o,
-        out,
-        has_bias,
-        epilogue,
-    );
+    // The gated forms add up the matching up column too (its sum unused otherwise).
+    let gated = comptime!(epilogue == EPILOGUE_SILU || epilogue == EPILOGUE_GELU_TANH);
+    let (sum, up) = chunk_sums(partial, row, o, if gated { o + out } else { o });
+    let s = finish_output(sum, up, bias, residual, row, o, out, has_bias, epilogue);
     let at = row * y.stride(0) + o;
     y[at] = s;
 }

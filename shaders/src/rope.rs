@@ -27,12 +27,11 @@ fn rope_kernel(x: &Tensor<f32>, cos: &Tensor<f32>, sin: &Tensor<f32>, y: &mut Te
     let b = rest / n;
     let x0 = b * x.stride(0) + p * x.stride(1) + h * x.stride(2);
     let c = b * cos.stride(0) + p * cos.stride(2) + d * cos.stride(3);
-    y[i] = rotated_at(x, x0, x.stride(3), d, hd, cos[c], sin[c], cos, 1.0, false);
+    y[i] = rotated_at(x, x0, x.stride(3), d, hd, cos[c], sin[c]);
 }
 
 /// Element d of one head's rotate-half RoPE: x * cos + rotate_half(x) * sin with (cos, sin) of element d's
-/// angle, the head's values at x[x0 + j * xs]; with `normed`, of the head RMS-normalised first:
-/// x[j] * inv_rms * w[j].
+/// angle, the head's values at x[x0 + j * xs].
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn rotated_at(
@@ -43,29 +42,11 @@ fn rotated_at(
     hd: usize,
     cos: f32,
     sin: f32,
-    w: &Tensor<f32>,
-    inv_rms: f32,
-    #[comptime] normed: bool,
 ) -> f32 {
-    let partner = partner_of(d, hd);
-    let mut own = x[x0 + d * xs];
-    let mut other = x[x0 + partner * xs];
-    if normed {
-        own *= inv_rms * w[d];
-        other *= inv_rms * w[partner];
-    }
-    rotate_pair(own, other, d < hd / 2, cos, sin)
-}
-
-/// The element rotate-half RoPE pairs with element d of a head of hd.
-#[cube]
-fn partner_of(d: usize, hd: usize) -> usize {
     let half = hd / 2;
-    if d < half {
-        d + half
-    } else {
-        d - half
-    }
+    let first_half = d < half;
+    let partner = if first_half { d + half } else { d - half };
+    rotate_pair(x[x0 + d * xs], x[x0 + partner * xs], first_half, cos, sin)
 }
 
 /// own * cos + rotate_half * sin, where rotate_half is -other in the first half of the head and other in the second.
@@ -75,28 +56,34 @@ fn rotate_pair(own: f32, other: f32, first_half: bool, cos: f32, sin: f32) -> f3
     own * cos + rotated * sin
 }
 
-/// Column `col` of row (b, p) of the fused q/k/v projection: read from its output qkv [b, t, width], or, with
-/// `from_partial`, added up from its partial sums [chunks, b * t, width] and the bias.
+/// Columns `col` and `col2` of row (b, p) of the fused q/k/v projection: read from its output qkv [b, t, width],
+/// or, with `from_partial`, added up from its partial sums [chunks, b * t, width] and the bias.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn qkv_at(
+fn qkv_pair(
     qkv: &Tensor<f32>,
     bias: &Tensor<f32>,
     b: usize,
     p: usize,
     t: usize,
     col: usize,
+    col2: usize,
     #[comptime] from_partial: bool,
     #[comptime] has_bias: bool,
-) -> f32 {
+) -> (f32, f32) {
     if from_partial {
-        let mut v = crate::qmatvec::chunk_sum(qkv, b * t + p, col);
+        let (mut v, mut v2) = crate::qmatvec::chunk_sums(qkv, b * t + p, col, col2);
         if has_bias {
             v += bias[col];
+            v2 += bias[col2];
         }
-        v
+        (v, v2)
     } else {
-        qkv[b * qkv.stride(0) + p * qkv.stride(1) + col * qkv.stride(2)]
+        let x0 = b * qkv.stride(0) + p * qkv.stride(1);
+        (
+            qkv[x0 + col * qkv.stride(2)],
+            qkv[x0 + col2 * qkv.stride(2)],
+        )
     }
 }
 
@@ -165,8 +152,10 @@ fn rope_into_cache_kernel(
         q_out.shape(3),
     );
     let kv_heads = keys.shape(1);
-    let n_q = b_dim * heads * t * hd;
-    let n_kv = b_dim * kv_heads * t * hd;
+    // One thread per rotation pair (d, d + hd / 2) of a head: both of its outputs from the same two values.
+    let half = hd / 2;
+    let n_q = b_dim * heads * t * half;
+    let n_kv = b_dim * kv_heads * t * half;
     let mut i = ABSOLUTE_POS;
     if i >= n_q + 2 * n_kv {
         terminate!();
@@ -186,8 +175,8 @@ fn rope_into_cache_kernel(
             col0 = (heads + kv_heads) * hd;
         }
     }
-    let d = i % hd;
-    let rest = i / hd;
+    let d = i % half;
+    let rest = i / half;
     let p = rest % t;
     let rest = rest / t;
     let h = rest % n;
@@ -202,45 +191,57 @@ fn rope_into_cache_kernel(
     if pos >= table.shape(0) {
         pos = table.shape(0) - 1;
     }
-    let half = hd / 2;
-    let angle = pos * table.stride(0) + (d % half) * table.stride(1);
+    let angle = pos * table.stride(0) + d * table.stride(1);
     let (cos, sin) = (table[angle], table[angle + half * table.stride(1)]);
     let col = col0 + h * hd;
-    let partner = partner_of(d, hd);
-    let mut own = qkv_at(qkv, bias, b, p, t, col + d, from_partial, has_bias);
-    let mut value = own;
+    let (mut first, mut second) = qkv_pair(
+        qkv,
+        bias,
+        b,
+        p,
+        t,
+        col + d,
+        col + d + half,
+        from_partial,
+        has_bias,
+    );
     if part < 2 {
-        let mut other = qkv_at(qkv, bias, b, p, t, col + partner, from_partial, has_bias);
         // Per-head norms read the projection's output (the host passes no partial sums with them).
         if normed {
             let xs = qkv.stride(2);
             let x0 = b * qkv.stride(0) + p * qkv.stride(1) + col * xs;
             let inv_rms = head_inv_rms(qkv, x0, xs, hd, eps);
-            let (wo, wp) = if part == 0 {
-                (q_norm[d], q_norm[partner])
+            let (w1, w2) = if part == 0 {
+                (q_norm[d], q_norm[d + half])
             } else {
-                (k_norm[d], k_norm[partner])
+                (k_norm[d], k_norm[d + half])
             };
-            own *= inv_rms * wo;
-            other *= inv_rms * wp;
+            first *= inv_rms * w1;
+            second *= inv_rms * w2;
         }
-        value = rotate_pair(own, other, d < hd / 2, cos, sin);
+        let rotated = rotate_pair(first, second, true, cos, sin);
+        second = rotate_pair(second, first, false, cos, sin);
+        first = rotated;
     }
     if part == 0 {
-        q_out[i] = value;
+        let o = ((b * heads + h) * t + p) * hd + d;
+        q_out[o] = first;
+        q_out[o + half] = second;
     } else if index < keys.shape(2) {
         if part == 1 {
-            let o = b * keys.stride(0)
-                + h * keys.stride(1)
-                + index * keys.stride(2)
-                + d * keys.stride(3);
-            keys[o] = value;
+            let (o, ds) = (
+                b * keys.stride(0) + h * keys.stride(1) + index * keys.stride(2),
+                keys.stride(3),
+            );
+            keys[o + d * ds] = first;
+            keys[o + (d + half) * ds] = second;
         } else {
-            let o = b * values.stride(0)
-                + h * values.stride(1)
-                + index * values.stride(2)
-                + d * values.stride(3);
-            values[o] = value;
+            let (o, ds) = (
+                b * values.stride(0) + h * values.stride(1) + index * values.stride(2),
+                values.stride(3),
+            );
+            values[o + d * ds] = first;
+            values[o + (d + half) * ds] = second;
         }
     }
 }
@@ -341,7 +342,7 @@ pub fn rope_into_cache(
     let dim = CubeDim::new_1d(THREADS);
     rope_into_cache_kernel::launch(
         &q.client,
-        calculate_cube_count_elemwise(&q.client, b * (heads + 2 * kv_heads) * t * hd, dim),
+        calculate_cube_count_elemwise(&q.client, b * (heads + 2 * kv_heads) * t * hd / 2, dim),
         dim,
         qc.into_tensor_arg(),
         // Without a bias the kernel binds the table in its place and never reads it as such.
