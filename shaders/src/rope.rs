@@ -33,7 +33,6 @@ fn rope_kernel(x: &Tensor<f32>, cos: &Tensor<f32>, sin: &Tensor<f32>, y: &mut Te
 /// Element d of one head's rotate-half RoPE: x * cos + rotate_half(x) * sin with (cos, sin) of element d's
 /// angle, the head's values at x[x0 + j * xs].
 #[cube]
-#[allow(clippy::too_many_arguments)]
 fn rotated_at(
     x: &Tensor<f32>,
     x0: usize,
