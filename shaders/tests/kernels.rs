@@ -1,10 +1,10 @@
 //! Each kernel against burn's generic tensor ops on the same device, on fresh random inputs: the quantized matvec
 //! against a matmul with the dequantized weight (8- and 4-bit; one tile of rows and several; with and without
-//! bias; a k that does not divide into chunks; of RMSNorm(x); with the residual and gated-MLP epilogues), RMSNorm, RoPE (alone
-//! and fused with the KV-cache writes), and decode attention with left padding, grouped heads, a
-//! sliding window and soft-capping against the masked-softmax formulation, the embedding gather, and a recorded
-//! step replayed with its inputs written in place. Runs on wgpu (Mesa lavapipe in CI, a
-//! real GPU through Vulkan on the GPU machine):
+//! bias; a k that does not divide into chunks; of RMSNorm(x); with the residual and gated-MLP epilogues), RMSNorm,
+//! RoPE (alone and fused with the KV-cache writes, also from the q/k/v product's partial sums), and decode
+//! attention with left padding, grouped heads, a sliding window and soft-capping against the masked-softmax
+//! formulation, the embedding gather, and a recorded step replayed with its inputs written in place. Runs on wgpu
+//! (Mesa lavapipe in CI, a real GPU through Vulkan on the GPU machine):
 //! `cargo test -p avb-runtime -p avb-shaders --features avb-runtime/wgpu,avb-shaders/wgpu --test kernels`.
 #![cfg(feature = "wgpu")]
 
