@@ -387,11 +387,17 @@ fn chunk_end(k0: usize, chunk_len: u32, k_dim: usize) -> usize {
     }
 }
 
-/// The sums over chunks of partial[c, r, o] and partial[c, r, o2], each in chunk order, CHUNK_UNROLL chunks' loads
-/// of each in flight at a time (loads past the last chunk read it again and are left out of the sums). Two columns
-/// at once: a gated epilogue's gate and up, a RoPE pair.
+/// The sums over chunks of partial[c, r, o] and, with `two`, of partial[c, r, o2] (0 without), each in chunk order,
+/// CHUNK_UNROLL chunks' loads of each in flight at a time (loads past the last chunk read it again and are left
+/// out of the sums). Two columns at once: a gated epilogue's gate and up, a RoPE pair.
 #[cube]
-pub(crate) fn chunk_sums(partial: &Tensor<f32>, r: usize, o: usize, o2: usize) -> (f32, f32) {
+pub(crate) fn chunk_sums(
+    partial: &Tensor<f32>,
+    r: usize,
+    o: usize,
+    o2: usize,
+    #[comptime] two: bool,
+) -> (f32, f32) {
     let (chunks, cs) = (partial.shape(0), partial.stride(0));
     let row = r * partial.stride(1);
     let mut s = 0.0f32;
@@ -404,13 +410,17 @@ pub(crate) fn chunk_sums(partial: &Tensor<f32>, r: usize, o: usize, o2: usize) -
         for u in 0..CHUNK_UNROLL {
             let at = min(c + u, chunks - 1) * cs + row;
             v[u] = partial[at + o];
-            v2[u] = partial[at + o2];
+            if two {
+                v2[u] = partial[at + o2];
+            }
         }
         #[unroll]
         for u in 0..CHUNK_UNROLL {
             if c + u < chunks {
                 s += v[u];
-                s2 += v2[u];
+                if two {
+                    s2 += v2[u];
+                }
             }
         }
         c += CHUNK_UNROLL;
@@ -716,9 +726,9 @@ fn sum_chunks_kernel(
         terminate!();
     }
     let (row, o) = (i / out, i % out);
-    // The gated forms add up the matching up column too (its sum unused otherwise).
+    // The gated forms add up the matching up column too.
     let gated = comptime!(epilogue == EPILOGUE_SILU || epilogue == EPILOGUE_GELU_TANH);
-    let (sum, up) = chunk_sums(partial, row, o, if gated { o + out } else { o });
+    let (sum, up) = chunk_sums(partial, row, o, o + out, gated);
     let s = finish_output(sum, up, bias, residual, row, o, out, has_bias, epilogue);
     let at = row * y.stride(0) + o;
     y[at] = s;

@@ -71,7 +71,7 @@ fn qkv_pair(
     #[comptime] has_bias: bool,
 ) -> (f32, f32) {
     if from_partial {
-        let (mut v, mut v2) = crate::qmatvec::chunk_sums(qkv, b * t + p, col, col2);
+        let (mut v, mut v2) = crate::qmatvec::chunk_sums(qkv, b * t + p, col, col2, true);
         if has_bias {
             v += bias[col];
             v2 += bias[col2];

@@ -1259,10 +1259,9 @@ impl Model {
                             None => linear.kernel.partial_sums(&x, norm),
                             Some(_) => None,
                         };
-                        let qkv = match sums {
-                            Some(_) => None,
-                            None => Some(linear.forward(x.clone(), true, Epilogue::None, norm)),
-                        };
+                        let qkv = sums
+                            .is_none()
+                            .then(|| linear.forward(x.clone(), true, Epilogue::None, norm));
                         let source = match (&sums, &qkv) {
                             (Some(sums), _) => QkvInput::Partial {
                                 sums,
