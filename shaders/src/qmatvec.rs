@@ -29,7 +29,9 @@ use burn_cubecl::cubecl;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::calculate_cube_count_elemwise;
+use cubecl::ir::{features::MmaConfig, ElemType, FloatKind};
 use cubecl::prelude::*;
+use half::f16;
 
 /// Most rows the matvec kernel takes (its accumulators live in registers: rows x per_word of them per thread).
 const MATVEC_ROWS: usize = 8;
@@ -297,6 +299,278 @@ fn qmatmul_tile_kernel(
                 }
             }
         }
+    }
+}
+
+/// Outputs of one cube's tile in the tensor-core kernel, and rows of k it stages per step.
+const MMA_TN: u32 = 256;
+/// The tensor cores' fragment: 16 x 16 x 16, f16 inputs, f32 accumulators.
+const FRAG: u32 = 16;
+const F16_MAX: f32 = 65504.0;
+/// Shared-memory row stride of the staged weight tile, in f16 (and of the x tile, past its depth): 8 more than the
+/// tile's width, so that the fragment loads' 16 rows start in different banks.
+const MMA_W_STRIDE: u32 = MMA_TN + 8;
+const MMA_PAD: u32 = 8;
+
+/// Rows of k the tensor-core kernel stages per step: 64 for tiles of 16 or 32 rows (half the steps, and syncs, of
+/// 32); 32 for 64 rows, whose 64 accumulators a thread leave few registers for a deeper step. Either way the
+/// kernel's shared memory stays within 48 KiB.
+const fn mma_depth(tile_rows: u32) -> u32 {
+    if tile_rows >= 64 {
+        32
+    } else {
+        64
+    }
+}
+
+/// Four f16 values: the tensor-core kernel's shared-memory element (8-byte stores, and fragment loads the driver
+/// knows to be 8-byte aligned).
+type Half4 = Vector<f16, Const<4>>;
+type Float4 = Vector<f32, Const<4>>;
+
+/// The tiled kernel's partial sums on tensor cores (where the device has f16 cooperative matrices: Vulkan through
+/// SPIR-V, CUDA): per step the cube stages `mma_depth` columns of x and the matching weight rows, dequantized, as f16
+/// in shared memory, and each of its 8 planes multiplies a 16-row slice of the tile by its share of the outputs into
+/// f32 accumulators. The inputs' rounding to f16 (2^-11 relative at most) is the only difference from the f32
+/// kernels: the accumulation stays f32. Writes `partial` like `qmatmul_tile_kernel`.
+#[cube(launch)]
+fn qmatmul_mma_kernel(
+    x: &Tensor<f32>,
+    words: &Tensor<WordQuad>,
+    scales: &Tensor<f32>,
+    partial: &mut Tensor<f32>,
+    chunk_len: u32,
+    #[comptime] bits: u32,
+    #[comptime] tile_rows: u32,
+) {
+    let per_word = comptime!(32 / bits);
+    // Planes over the tile: m_frags 16-row slices, each split across planes_n planes of n_frags fragments.
+    let m_frags = comptime!(tile_rows / FRAG);
+    let planes_n = comptime!(THREADS / 32 / m_frags);
+    let n_frags = comptime!((MMA_TN / FRAG / planes_n) as usize);
+    let quads_per_row = comptime!(MMA_TN / (4 * per_word));
+    let depth = comptime!(mma_depth(tile_rows));
+    let x_stride = comptime!(depth + MMA_PAD);
+    let quad_passes = comptime!((depth * quads_per_row / THREADS) as usize);
+    let x_passes = comptime!((tile_rows * depth / 4).div_ceil(THREADS) as usize);
+
+    let plane = UNIT_POS_X / 32;
+    let (plane_m, plane_n) = (plane / planes_n, plane % planes_n);
+    let row0 = CUBE_POS_Z as usize * tile_rows as usize;
+    let o0 = (CUBE_POS_X * MMA_TN) as usize;
+    let k_dim = words.shape(0);
+    let k_start = CUBE_POS_Y as usize * chunk_len as usize;
+    let k_end = chunk_end(k_start, chunk_len, k_dim);
+
+    let mut xv = Array::<Float4>::new(x_passes);
+    let mut packed = Array::<WordQuad>::new(quad_passes);
+    let mut s = Array::<f32>::new(quad_passes);
+    mma_stage_loads(
+        x,
+        words,
+        scales,
+        &mut xv,
+        &mut packed,
+        &mut s,
+        k_start,
+        k_end,
+        row0,
+        o0,
+        bits,
+        tile_rows,
+    );
+    let mut xs = Shared::<[Half4]>::new_slice(comptime!((tile_rows * x_stride / 4) as usize));
+    let mut wsh = Shared::<[Half4]>::new_slice(comptime!((depth * MMA_W_STRIDE / 4) as usize));
+    let mut accs = Sequence::<cmma::Matrix<f32>>::new();
+    #[unroll]
+    for _ in 0..n_frags {
+        accs.push(cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::Undefined,
+            0.0,
+        ));
+    }
+    let bound = Float4::new(F16_MAX);
+    let mut k0 = k_start;
+    while k0 < k_end {
+        // x clamped to f16's largest finite value: an activation past it would otherwise turn its row's sums to NaN.
+        #[unroll]
+        for p in 0..x_passes {
+            let i = UNIT_POS_X + p as u32 * THREADS;
+            if i < comptime!(tile_rows * depth / 4) {
+                let (row, kq) = (i / (depth / 4), i % (depth / 4));
+                let v = clamp(xv[p], -bound, bound);
+                xs[(row * x_stride / 4 + kq) as usize] = Half4::cast_from(v);
+            }
+        }
+        #[unroll]
+        for p in 0..quad_passes {
+            let idx = UNIT_POS_X + p as u32 * THREADS;
+            let (kk, q) = (idx / quads_per_row, idx % quads_per_row);
+            let w_at = ((kk * MMA_W_STRIDE + q * 4 * per_word) / 4) as usize;
+            #[unroll]
+            for w in 0..4usize {
+                let word = packed[p].extract(w);
+                #[unroll]
+                for h in 0..comptime!(per_word / 4) {
+                    let mut v = Float4::empty();
+                    #[unroll]
+                    for j in 0..4u32 {
+                        v.insert(
+                            j as usize,
+                            field_value(word, comptime!(h * 4 + j), bits) * s[p],
+                        );
+                    }
+                    wsh[w_at + comptime!(w * (per_word / 4) as usize + h as usize)] =
+                        Half4::cast_from(v);
+                }
+            }
+        }
+        sync_cube();
+        if k0 + (depth as usize) < k_end {
+            mma_stage_loads(
+                x,
+                words,
+                scales,
+                &mut xv,
+                &mut packed,
+                &mut s,
+                k0 + depth as usize,
+                k_end,
+                row0,
+                o0,
+                bits,
+                tile_rows,
+            );
+        }
+        #[unroll]
+        for kf in 0..depth / FRAG {
+            let a_at = ((plane_m * FRAG * x_stride + kf * FRAG) / 4) as usize;
+            let mut a = unsafe {
+                cmma::Matrix::<f16>::uninitialized(
+                    cmma::MatrixIdent::A,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::RowMajor,
+                )
+            };
+            cmma::load(
+                &mut a,
+                &xs[a_at..a_at + comptime!((FRAG * x_stride / 4) as usize)],
+                x_stride,
+            );
+            #[unroll]
+            for f in 0..n_frags {
+                let col = (plane_n as usize * n_frags + f) * FRAG as usize;
+                let b_at = (kf * FRAG * MMA_W_STRIDE / 4) as usize + col / 4;
+                let mut b = unsafe {
+                    cmma::Matrix::<f16>::uninitialized(
+                        cmma::MatrixIdent::B,
+                        16usize,
+                        16usize,
+                        16usize,
+                        cmma::MatrixLayout::RowMajor,
+                    )
+                };
+                cmma::load(
+                    &mut b,
+                    &wsh[b_at..b_at + comptime!((FRAG * MMA_W_STRIDE / 4) as usize)],
+                    MMA_W_STRIDE,
+                );
+                let acc = accs.index(f);
+                cmma::execute(&a, &b, acc, acc);
+            }
+        }
+        sync_cube();
+        k0 += depth as usize;
+    }
+    // Each plane's accumulators go through its own 16 x 16 of shared memory, so that rows past x's and outputs past
+    // the weight's are left out (a fragment's store has no bounds).
+    let mut out_tile = Shared::<[f32]>::new_slice(comptime!((THREADS / 32 * FRAG * FRAG) as usize));
+    let tile_at = (plane * FRAG * FRAG) as usize;
+    let (base, row_stride) = (CUBE_POS_Y as usize * partial.stride(0), partial.stride(1));
+    // The words' shape counts words (the quads' indices count quads).
+    let (n_rows, out_dim) = (x.shape(0), words.shape(1) * per_word as usize);
+    let lane = UNIT_POS_X % 32;
+    #[unroll]
+    for f in 0..n_frags {
+        cmma::store(
+            &mut out_tile[tile_at..tile_at + comptime!((FRAG * FRAG) as usize)],
+            accs.index(f),
+            FRAG,
+            cmma::MatrixLayout::RowMajor,
+        );
+        sync_plane();
+        #[unroll]
+        for i in 0..comptime!(FRAG * FRAG / 32) {
+            let e = lane + i * 32;
+            let row = row0 + (plane_m * FRAG + e / FRAG) as usize;
+            let o = o0 + (plane_n as usize * n_frags + f) * FRAG as usize + (e % FRAG) as usize;
+            if row < n_rows && o < out_dim {
+                partial[base + row * row_stride + o] = out_tile[tile_at + e as usize];
+            }
+        }
+        sync_plane();
+    }
+}
+
+/// The global loads of one step of the tensor-core kernel into registers: this thread's quads of x (zero past the
+/// rows or the chunk) and its quads of words with their scales (zero past the outputs or the chunk, which
+/// dequantizes to zero).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn mma_stage_loads(
+    x: &Tensor<f32>,
+    words: &Tensor<WordQuad>,
+    scales: &Tensor<f32>,
+    xv: &mut Array<Float4>,
+    packed: &mut Array<WordQuad>,
+    s: &mut Array<f32>,
+    k0: usize,
+    k_end: usize,
+    row0: usize,
+    o0: usize,
+    #[comptime] bits: u32,
+    #[comptime] tile_rows: u32,
+) {
+    let per_word = comptime!(32 / bits);
+    let quads_per_row = comptime!(MMA_TN / (4 * per_word));
+    let depth = comptime!(mma_depth(tile_rows));
+    let quad_passes = comptime!((depth * quads_per_row / THREADS) as usize);
+    let x_passes = comptime!((tile_rows * depth / 4).div_ceil(THREADS) as usize);
+    let (xst, wst, sst) = (x.stride(0), words.stride(0), scales.stride(0));
+    #[unroll]
+    for p in 0..x_passes {
+        let i = UNIT_POS_X + p as u32 * THREADS;
+        let (row, kq) = (row0 + (i / (depth / 4)) as usize, i % (depth / 4));
+        let mut v = Float4::new(0.0);
+        #[unroll]
+        for j in 0..4u32 {
+            let k = k0 + (kq * 4 + j) as usize;
+            if row < x.shape(0) && k < k_end {
+                v.insert(j as usize, x[row * xst + k]);
+            }
+        }
+        xv[p] = v;
+    }
+    #[unroll]
+    for p in 0..quad_passes {
+        let idx = UNIT_POS_X + p as u32 * THREADS;
+        let (kk, q) = (idx / quads_per_row, idx % quads_per_row);
+        let word = o0 / per_word as usize + (q * 4) as usize;
+        let k = k0 + kk as usize;
+        let mut v = WordQuad::new(0u32);
+        let mut scale = 0.0f32;
+        if word < words.shape(1) && k < k_end {
+            v = words[(k * wst + word) / 4];
+            scale = scales[k * sst + word * per_word as usize / 32];
+        }
+        packed[p] = v;
+        s[p] = scale;
     }
 }
 
@@ -838,6 +1112,29 @@ impl QuantizedWeight {
         self.row_columns() * self.row_chunks().1 <= FOLD_MAX_CUBES
     }
 
+    /// Whether the product with x takes f16 inputs on tensor cores: more rows than the matvec kernel takes, on a
+    /// device with 16 x 16 x 16 f16 cooperative matrices (f32 accumulators) and planes of 32 (Vulkan through SPIR-V,
+    /// CUDA; not WebGPU, whose WGSL has no matrix types). The result then differs from the f32 kernels' only by the
+    /// rounding of x and of the dequantized weight to f16 (x clamped to f16's range, ±65504).
+    pub fn rounds_to_f16(&self, x: &BurnTensor<2>) -> bool {
+        let Some(xc) = to_cube(x) else {
+            return false;
+        };
+        let props = xc.client.properties();
+        let f16_mma = MmaConfig {
+            a_type: ElemType::Float(FloatKind::F16),
+            b_type: ElemType::Float(FloatKind::F16),
+            cd_type: ElemType::Float(FloatKind::F32),
+            m: FRAG,
+            n: FRAG,
+            k: FRAG,
+        };
+        x.dims()[0] > MATVEC_ROWS
+            && props.features.matmul.cmma.contains(&f16_mma)
+            && props.hardware.plane_size_min == 32
+            && props.hardware.plane_size_max == 32
+    }
+
     /// x W (+ bias), then the epilogue, for x [rows, k]; `None` when x is not an f32 tensor on the weight's
     /// device or the epilogue does not fit the shapes (the caller takes its generic path).
     ///
@@ -970,30 +1267,62 @@ impl QuantizedWeight {
             // the device.
             let tile_rows = rows.next_power_of_two().clamp(16, 64);
             let row_tiles = rows.div_ceil(tile_rows);
-            let tiles = self.out.div_ceil(GEMM_TN as usize);
-            let steps = self.k.div_ceil(GEMM_DEPTH as usize);
+            let tensor_cores = self.rounds_to_f16(x);
+            let (tile_outs, depth) = match tensor_cores {
+                true => (MMA_TN, mma_depth(tile_rows as u32)),
+                false => (GEMM_TN, GEMM_DEPTH),
+            };
+            let tiles = self.out.div_ceil(tile_outs as usize);
+            let steps = self.k.div_ceil(depth as usize);
             let chunks = GEMM_TARGET_CUBES
                 .div_ceil(tiles * row_tiles)
                 .min(self.k / GEMM_MIN_K)
                 .max(1);
-            let chunk_len = steps.div_ceil(chunks) * GEMM_DEPTH as usize;
+            let chunk_len = steps.div_ceil(chunks) * depth as usize;
             let partial = partial(self.k.div_ceil(chunk_len));
-            qmatmul_tile_kernel::launch(
-                &client,
-                CubeCount::Static(
-                    tiles as u32,
-                    partial.meta.shape()[0] as u32,
-                    row_tiles as u32,
-                ),
-                CubeDim::new_1d(THREADS),
+            let count = CubeCount::Static(
+                tiles as u32,
+                partial.meta.shape()[0] as u32,
+                row_tiles as u32,
+            );
+            let dim = CubeDim::new_1d(THREADS);
+            let (x, words, scales) = (
                 xc.clone().into_tensor_arg(),
                 self.words.clone().into_tensor_arg(),
                 self.scales.clone().into_tensor_arg(),
+            );
+            let (out, bits, tile_rows) = (
                 partial.clone().into_tensor_arg(),
-                chunk_len as u32,
                 self.bits,
                 tile_rows as u32,
             );
+            if tensor_cores {
+                qmatmul_mma_kernel::launch(
+                    &client,
+                    count,
+                    dim,
+                    x,
+                    words,
+                    scales,
+                    out,
+                    chunk_len as u32,
+                    bits,
+                    tile_rows,
+                );
+            } else {
+                qmatmul_tile_kernel::launch(
+                    &client,
+                    count,
+                    dim,
+                    x,
+                    words,
+                    scales,
+                    out,
+                    chunk_len as u32,
+                    bits,
+                    tile_rows,
+                );
+            }
             partial
         };
         Some(from_cube(partial))

@@ -5,12 +5,15 @@
 //! attention with left padding, grouped heads, a sliding window and soft-capping against the masked-softmax
 //! formulation, the embedding gather, and a recorded step replayed with its inputs written in place. Runs on wgpu
 //! (Mesa lavapipe in CI, a real GPU through Vulkan on the GPU machine):
-//! `cargo test -p avb-runtime -p avb-shaders --features avb-runtime/wgpu,avb-shaders/wgpu --test kernels`.
+//! `cargo test -p avb-runtime -p avb-shaders --features avb-runtime/wgpu,avb-shaders/wgpu --test kernels`; with
+//! `avb-shaders/vulkan` the kernels compile to SPIR-V, and products of more than 8 rows run on tensor cores where
+//! the device has them (checked against the reference with f16-rounded inputs).
 #![cfg(feature = "wgpu")]
 
 use avb_shaders::{decode_attention, rms_norm, Activation, Epilogue, QkvSource, QuantizedWeight};
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
 use burn::tensor::{activation, Bool, Device, Distribution, Int, Tensor, TensorData};
+use half::f16;
 
 fn device() -> Device {
     Device::wgpu(Default::default())
@@ -32,6 +35,33 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den).sqrt()
 }
+
+/// t with every value rounded to f16 and back.
+fn rounded_to_f16(t: &Tensor<2>) -> Tensor<2> {
+    let values = host(t.clone())
+        .into_iter()
+        .map(|v| f16::from_f32(v).to_f32())
+        .collect();
+    Tensor::from_data(TensorData::new(values, t.dims()), &t.device())
+}
+
+/// The reference product's inputs for x times `packed`: x and the dequantized weight as they are, or rounded to
+/// f16 where the kernel takes f16 inputs on tensor cores (so the comparison still checks the summation to f32
+/// precision; `F16_ERROR` bounds what the rounding itself changes).
+fn reference_inputs(
+    packed: &QuantizedWeight,
+    x: &Tensor<2>,
+    w: &Tensor<2>,
+) -> (Tensor<2>, Tensor<2>) {
+    match packed.rounds_to_f16(x) {
+        true => (rounded_to_f16(x), rounded_to_f16(w)),
+        false => (x.clone(), w.clone()),
+    }
+}
+
+/// The relative error the f16 rounding of both inputs (2^-11 relative each at most) may add to a product over
+/// random inputs: about 4e-4 is typical, this bound leaves room.
+const F16_ERROR: f64 = 2e-3;
 
 fn scheme(value: QuantValue) -> QuantScheme {
     QuantScheme::default()
@@ -56,18 +86,32 @@ fn quantized_matvec_equals_dequantized_matmul() {
             // 65 and 200: several tiles of rows, the last one partial (a prefill's rows).
             for rows in [1, 3, 8, 13, 21, 64, 65, 200] {
                 let x: Tensor<2> = Tensor::random([rows, k], Distribution::Normal(0.0, 1.0), &dev);
+                let (x_in, w_in) = reference_inputs(&packed, &x, &reference_w);
                 for with_bias in [false, true] {
                     let b = with_bias.then_some(&bias);
-                    let ours = packed
-                        .matvec(&x, b, Epilogue::None, None)
-                        .expect("the kernel applies");
-                    let mut reference = x.clone().matmul(reference_w.clone());
+                    let ours = host(
+                        packed
+                            .matvec(&x, b, Epilogue::None, None)
+                            .expect("the kernel applies"),
+                    );
+                    let mut reference = x_in.clone().matmul(w_in.clone());
+                    let mut exact = x.clone().matmul(reference_w.clone());
                     if let Some(b) = b {
                         reference = reference + b.clone().unsqueeze::<2>();
+                        exact = exact + b.clone().unsqueeze::<2>();
                     }
-                    let err = rel_err(&host(ours), &host(reference));
-                    println!("q{bits} k {k} out {out} rows {rows} bias {with_bias}: relative error {err:.2e}");
+                    let err = rel_err(&ours, &host(reference));
+                    let f16_err = rel_err(&ours, &host(exact));
+                    println!(
+                        "q{bits} k {k} out {out} rows {rows} bias {with_bias}: relative error {err:.2e} \
+                         (f16 inputs {}: {f16_err:.2e} against f32 inputs)",
+                        packed.rounds_to_f16(&x)
+                    );
                     assert!(err < 1e-5, "q{bits} k {k} out {out} rows {rows}: {err}");
+                    assert!(
+                        f16_err < F16_ERROR,
+                        "q{bits} k {k} out {out} rows {rows}: {f16_err}"
+                    );
                 }
                 // Of RMSNorm(x): folded into a single row's product, a separate launch before more rows'.
                 let (norm, eps) = (&norm_weights[..k], 1e-6);
@@ -77,10 +121,17 @@ fn quantized_matvec_equals_dequantized_matmul() {
                     .expect("the kernel applies");
                 let mean_square = x.clone().square().mean_dim(1);
                 let normed = x.clone() * (mean_square + eps).sqrt().recip() * norm.unsqueeze::<2>();
-                let err = rel_err(&host(ours), &host(normed.matmul(reference_w.clone())));
+                let (normed, w_in) = reference_inputs(&packed, &normed, &reference_w);
+                let err = rel_err(&host(ours), &host(normed.matmul(w_in)));
                 println!("q{bits} k {k} out {out} rows {rows} normed: relative error {err:.2e}");
+                // With f16 inputs, the kernel's and the reference's RMSNorm (equal to about 1e-7) round a few values
+                // to neighbouring f16s, each a 2^-11 change in one term.
+                let tolerance = match packed.rounds_to_f16(&x) {
+                    true => 5e-5,
+                    false => 1e-5,
+                };
                 assert!(
-                    err < 1e-5,
+                    err < tolerance,
                     "q{bits} k {k} out {out} rows {rows} normed: {err}"
                 );
             }
@@ -102,7 +153,8 @@ fn matvec_epilogues_equal_generic_ops() {
     let reference_w = wq.dequantize();
     for rows in [1, 3, 8, 13, 21, 64, 65] {
         let x: Tensor<2> = Tensor::random([rows, k], Distribution::Normal(0.0, 1.0), &dev);
-        let product = x.clone().matmul(reference_w.clone());
+        let (x_in, w_in) = reference_inputs(&packed, &x, &reference_w);
+        let product = x_in.matmul(w_in);
         let residual: Tensor<2> = Tensor::random([rows, 2 * half], Distribution::Default, &dev);
         let ours = packed
             .matvec(&x, None, Epilogue::Residual(&residual), None)
