@@ -313,14 +313,26 @@ const MMA_W_STRIDE: u32 = MMA_TN + 8;
 const MMA_PAD: u32 = 8;
 
 /// Rows of k the tensor-core kernel stages per step: 64 for tiles of 16 or 32 rows (half the steps, and syncs, of
-/// 32); 32 for 64 rows, whose 64 accumulators a thread leave few registers for a deeper step. Either way the
-/// kernel's shared memory stays within 48 KiB.
+/// 32), 32 for 64 rows, where 64 would take the kernel's shared memory past 48 KiB (Vulkan's usual limit).
 const fn mma_depth(tile_rows: u32) -> u32 {
     if tile_rows >= 64 {
         32
     } else {
         64
     }
+}
+
+/// Rows of the tiles a product of `rows` rows runs in (the tiled kernels'): 16, 32 or 64.
+fn tile_rows(rows: usize) -> usize {
+    rows.next_power_of_two().clamp(16, 64)
+}
+
+/// Bytes of shared memory the tensor-core kernel takes for a tile of `tile_rows`: the x and weight tiles in f16 and
+/// the planes' 16 x 16 f32 output staging.
+const fn mma_shared_bytes(tile_rows: u32) -> usize {
+    let depth = mma_depth(tile_rows);
+    let f16_values = tile_rows * (depth + MMA_PAD) + depth * MMA_W_STRIDE;
+    (2 * f16_values + 4 * (THREADS / 32) * FRAG * FRAG) as usize
 }
 
 /// Four f16 values: the tensor-core kernel's shared-memory element (8-byte stores, and fragment loads the driver
@@ -1113,9 +1125,10 @@ impl QuantizedWeight {
     }
 
     /// Whether the product with x takes f16 inputs on tensor cores: more rows than the matvec kernel takes, on a
-    /// device with 16 x 16 x 16 f16 cooperative matrices (f32 accumulators) and planes of 32 (Vulkan through SPIR-V,
-    /// CUDA; not WebGPU, whose WGSL has no matrix types). The result then differs from the f32 kernels' only by the
-    /// rounding of x and of the dequantized weight to f16 (x clamped to f16's range, ±65504).
+    /// device with 16 x 16 x 16 f16 cooperative matrices (f32 accumulators), planes of 32 and the shared memory the
+    /// kernel takes (46 KiB at most): Vulkan through SPIR-V, CUDA; not WebGPU, whose WGSL has no matrix types. The
+    /// result then differs from the f32 kernels' only by the rounding of x and of the dequantized weight to f16 (x
+    /// clamped to f16's range, ±65504).
     pub fn rounds_to_f16(&self, x: &BurnTensor<2>) -> bool {
         let Some(xc) = to_cube(x) else {
             return false;
@@ -1129,8 +1142,10 @@ impl QuantizedWeight {
             n: FRAG,
             k: FRAG,
         };
-        x.dims()[0] > MATVEC_ROWS
+        let rows = x.dims()[0];
+        rows > MATVEC_ROWS
             && props.features.matmul.cmma.contains(&f16_mma)
+            && props.hardware.max_shared_memory_size >= mma_shared_bytes(tile_rows(rows) as u32)
             && props.hardware.plane_size_min == 32
             && props.hardware.plane_size_max == 32
     }
@@ -1265,7 +1280,7 @@ impl QuantizedWeight {
         } else {
             // Tiles of 16, 32 or 64 rows; chunks of k (whole steps, GEMM_MIN_K rows at least) until the cubes fill
             // the device.
-            let tile_rows = rows.next_power_of_two().clamp(16, 64);
+            let tile_rows = tile_rows(rows);
             let row_tiles = rows.div_ceil(tile_rows);
             let tensor_cores = self.rounds_to_f16(x);
             let (tile_outs, depth) = match tensor_cores {
