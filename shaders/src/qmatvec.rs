@@ -338,7 +338,6 @@ const fn mma_shared_bytes(tile_rows: u32) -> usize {
 /// Four f16 values: the tensor-core kernel's shared-memory element (8-byte stores, and fragment loads the driver
 /// knows to be 8-byte aligned).
 type Half4 = Vector<f16, Const<4>>;
-type Float4 = Vector<f32, Const<4>>;
 
 /// The tiled kernel's partial sums on tensor cores (where the device has f16 cooperative matrices: Vulkan through
 /// SPIR-V, CUDA): per step the cube stages `mma_depth` columns of x and the matching weight rows, dequantized, as f16
@@ -374,7 +373,7 @@ fn qmatmul_mma_kernel(
     let k_start = CUBE_POS_Y as usize * chunk_len as usize;
     let k_end = chunk_end(k_start, chunk_len, k_dim);
 
-    let mut xv = Array::<Float4>::new(x_passes);
+    let mut xv = Array::<Quad>::new(x_passes);
     let mut packed = Array::<WordQuad>::new(quad_passes);
     let mut s = Array::<f32>::new(quad_passes);
     mma_stage_loads(
@@ -405,7 +404,7 @@ fn qmatmul_mma_kernel(
             0.0,
         ));
     }
-    let bound = Float4::new(F16_MAX);
+    let bound = Quad::new(F16_MAX);
     let mut k0 = k_start;
     while k0 < k_end {
         // x clamped to f16's largest finite value: an activation past it would otherwise turn its row's sums to NaN.
@@ -428,7 +427,7 @@ fn qmatmul_mma_kernel(
                 let word = packed[p].extract(w);
                 #[unroll]
                 for h in 0..comptime!(per_word / 4) {
-                    let mut v = Float4::empty();
+                    let mut v = Quad::empty();
                     #[unroll]
                     for j in 0..4u32 {
                         v.insert(
@@ -539,7 +538,7 @@ fn mma_stage_loads(
     x: &Tensor<f32>,
     words: &Tensor<WordQuad>,
     scales: &Tensor<f32>,
-    xv: &mut Array<Float4>,
+    xv: &mut Array<Quad>,
     packed: &mut Array<WordQuad>,
     s: &mut Array<f32>,
     k0: usize,
@@ -559,7 +558,7 @@ fn mma_stage_loads(
     for p in 0..x_passes {
         let i = UNIT_POS_X + p as u32 * THREADS;
         let (row, kq) = (row0 + (i / (depth / 4)) as usize, i % (depth / 4));
-        let mut v = Float4::new(0.0);
+        let mut v = Quad::new(0.0);
         #[unroll]
         for j in 0..4u32 {
             let k = k0 + (kq * 4 + j) as usize;
