@@ -335,6 +335,32 @@ const fn mma_shared_bytes(tile_rows: u32) -> usize {
     (2 * f16_values + 4 * (THREADS / 32) * FRAG * FRAG) as usize
 }
 
+/// The bits that flip a word's two's-complement fields to unsigned ones (field + 2^(bits-1)).
+const fn field_sign_bits(bits: u32) -> u32 {
+    if bits == 4 {
+        0x8888_8888
+    } else {
+        0x8080_8080
+    }
+}
+
+/// What an unsigned field u reads as in `f16_field_pair`'s halves (1024 + u), less the sign flip's 2^(bits-1): the
+/// field's value once subtracted.
+const fn f16_field_bias(bits: u32) -> f32 {
+    (1024 + (1 << (bits - 1))) as f32
+}
+
+/// Fields j and j + per_word / 2 of an unsigned word (a field of 4 or 8 bits in each 16-bit half) as the two f16
+/// values 1024 + field, exactly: f16's 10-bit mantissa under the exponent of 1024 (0x6400) is the field itself. Two
+/// values take three integer operations instead of a conversion each.
+#[cube]
+fn f16_field_pair(unsigned: u32, j: u32, #[comptime] bits: u32) -> u32 {
+    let low_fields = comptime!(((1u32 << bits) - 1) * 0x0001_0001);
+    ((unsigned >> (j * bits)) & low_fields) | 0x6400_6400
+}
+
+type WordPair = Vector<u32, Const<2>>;
+
 /// Four f16 values: the tensor-core kernel's shared-memory element (8-byte stores, and fragment loads the driver
 /// knows to be 8-byte aligned).
 type Half4 = Vector<f16, Const<4>>;
@@ -342,8 +368,10 @@ type Half4 = Vector<f16, Const<4>>;
 /// The tiled kernel's partial sums on tensor cores (where the device has f16 cooperative matrices: Vulkan through
 /// SPIR-V, CUDA): per step the cube stages `mma_depth` columns of x and the matching weight rows, dequantized, as f16
 /// in shared memory, and each of its 8 planes multiplies a 16-row slice of the tile by its share of the outputs into
-/// f32 accumulators. The inputs' rounding to f16 (2^-11 relative at most) is the only difference from the f32
-/// kernels: the accumulation stays f32. Writes `partial` like `qmatmul_tile_kernel`.
+/// f32 accumulators. The weights dequantize in f16 pairs (`f16_field_pair`, then field x scale in f16 arithmetic),
+/// so a word's outputs are staged in the order its pairs come out, and put back in order when written out. The
+/// rounding of x, of the scale and of each weight to f16 (2^-11 relative at most each) is the only difference from
+/// the f32 kernels: the accumulation stays f32. Writes `partial` like `qmatmul_tile_kernel`.
 #[cube(launch)]
 fn qmatmul_mma_kernel(
     x: &Tensor<f32>,
@@ -422,21 +450,18 @@ fn qmatmul_mma_kernel(
             let idx = UNIT_POS_X + p as u32 * THREADS;
             let (kk, q) = (idx / quads_per_row, idx % quads_per_row);
             let w_at = ((kk * MMA_W_STRIDE + q * 4 * per_word) / 4) as usize;
+            let scale = Half4::new(f16::cast_from(f32::min(s[p], F16_MAX)));
             #[unroll]
             for w in 0..4usize {
-                let word = packed[p].extract(w);
+                let unsigned = packed[p].extract(w) ^ comptime!(field_sign_bits(bits));
                 #[unroll]
                 for h in 0..comptime!(per_word / 4) {
-                    let mut v = Quad::empty();
-                    #[unroll]
-                    for j in 0..4u32 {
-                        v.insert(
-                            j as usize,
-                            field_value(word, comptime!(h * 4 + j), bits) * s[p],
-                        );
-                    }
+                    let mut pairs = WordPair::empty();
+                    pairs.insert(0usize, f16_field_pair(unsigned, comptime!(2 * h), bits));
+                    pairs.insert(1usize, f16_field_pair(unsigned, comptime!(2 * h + 1), bits));
+                    let biased = Half4::reinterpret(pairs);
                     wsh[w_at + comptime!(w * (per_word / 4) as usize + h as usize)] =
-                        Half4::cast_from(v);
+                        (biased - Half4::new(f16::new(comptime!(f16_field_bias(bits))))) * scale;
                 }
             }
         }
@@ -520,7 +545,12 @@ fn qmatmul_mma_kernel(
         for i in 0..comptime!(FRAG * FRAG / 32) {
             let e = lane + i * 32;
             let row = row0 + (plane_m * FRAG + e / FRAG) as usize;
-            let o = o0 + (plane_n as usize * n_frags + f) * FRAG as usize + (e % FRAG) as usize;
+            // Column c of a word's per_word staged columns holds its field c / 2 + (c % 2) per_word / 2.
+            let column = e % per_word;
+            let field = column / 2 + (column % 2) * comptime!(per_word / 2);
+            let o = o0
+                + (plane_n as usize * n_frags + f) * FRAG as usize
+                + (e % FRAG - column + field) as usize;
             if row < n_rows && o < out_dim {
                 partial[base + row * row_stride + o] = out_tile[tile_at + e as usize];
             }
@@ -1126,8 +1156,8 @@ impl QuantizedWeight {
     /// Whether the product with x takes f16 inputs on tensor cores: more rows than the matvec kernel takes, on a
     /// device with 16 x 16 x 16 f16 cooperative matrices (f32 accumulators), planes of 32 and the shared memory the
     /// kernel takes (46 KiB at most): Vulkan through SPIR-V, CUDA; not WebGPU, whose WGSL has no matrix types. The
-    /// result then differs from the f32 kernels' only by the rounding of x and of the dequantized weight to f16 (x
-    /// clamped to f16's range, ±65504).
+    /// result then differs from the f32 kernels' only by the rounding to f16 of x, of each block's scale and of
+    /// each dequantized weight (x and the scales clamped to f16's range, ±65504).
     pub fn rounds_to_f16(&self, x: &BurnTensor<2>) -> bool {
         let Some(xc) = to_cube(x) else {
             return false;

@@ -11,8 +11,8 @@
 #![cfg(feature = "wgpu")]
 
 use avb_shaders::{decode_attention, rms_norm, Activation, Epilogue, QkvSource, QuantizedWeight};
-use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
-use burn::tensor::{activation, Bool, Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, QuantizedBytes, ScaleDtype};
+use burn::tensor::{activation, Bool, DType, Device, Distribution, Int, Tensor, TensorData};
 use half::f16;
 
 fn device() -> Device {
@@ -45,16 +45,44 @@ fn rounded_to_f16(t: &Tensor<2>) -> Tensor<2> {
     Tensor::from_data(TensorData::new(values, t.dims()), &t.device())
 }
 
-/// The reference product's inputs for x times `packed`: x and the dequantized weight as they are, or rounded to
-/// f16 where the kernel takes f16 inputs on tensor cores (so the comparison still checks the summation to f32
-/// precision; `F16_ERROR` bounds what the rounding itself changes).
+/// The quantized weight as the tensor-core kernel stages it: each field times its block's scale rounded to f16,
+/// the product rounded to f16.
+fn f16_staged_weight(wq: &Tensor<2>) -> Tensor<2> {
+    let data = wq.to_data();
+    let DType::QFloat(scheme) = data.dtype() else {
+        panic!("a quantized tensor, not {:?}", data.dtype())
+    };
+    let shape = data.shape().clone();
+    let out = shape[1];
+    let quantized = QuantizedBytes {
+        shape: shape.clone(),
+        bytes: data.into_bytes(),
+        scheme,
+    };
+    let (fields, scales) = quantized.into_vec_i8();
+    let values = fields
+        .iter()
+        .enumerate()
+        .map(|(i, &field)| {
+            let scale =
+                f16::from_f32(scales.block[i / out * (out / 32) + i % out / 32].min(65504.0));
+            f16::from_f32(field as f32 * scale.to_f32()).to_f32()
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, shape), &wq.device())
+}
+
+/// The reference product's inputs for x times `packed` (the quantized `wq`, dequantized `w`): x and w as they are,
+/// or as the kernel rounds them to f16 where it takes f16 inputs on tensor cores (so the comparison still checks
+/// the summation to f32 precision; `F16_ERROR` bounds what the rounding itself changes).
 fn reference_inputs(
     packed: &QuantizedWeight,
     x: &Tensor<2>,
+    wq: &Tensor<2>,
     w: &Tensor<2>,
 ) -> (Tensor<2>, Tensor<2>) {
     match packed.rounds_to_f16(x) {
-        true => (rounded_to_f16(x), rounded_to_f16(w)),
+        true => (rounded_to_f16(x), f16_staged_weight(wq)),
         false => (x.clone(), w.clone()),
     }
 }
@@ -86,7 +114,7 @@ fn quantized_matvec_equals_dequantized_matmul() {
             // 65 and 200: several tiles of rows, the last one partial (a prefill's rows).
             for rows in [1, 3, 8, 13, 21, 64, 65, 200] {
                 let x: Tensor<2> = Tensor::random([rows, k], Distribution::Normal(0.0, 1.0), &dev);
-                let (x_in, w_in) = reference_inputs(&packed, &x, &reference_w);
+                let (x_in, w_in) = reference_inputs(&packed, &x, &wq, &reference_w);
                 for with_bias in [false, true] {
                     let b = with_bias.then_some(&bias);
                     let ours = host(
@@ -121,7 +149,7 @@ fn quantized_matvec_equals_dequantized_matmul() {
                     .expect("the kernel applies");
                 let mean_square = x.clone().square().mean_dim(1);
                 let normed = x.clone() * (mean_square + eps).sqrt().recip() * norm.unsqueeze::<2>();
-                let (normed, w_in) = reference_inputs(&packed, &normed, &reference_w);
+                let (normed, w_in) = reference_inputs(&packed, &normed, &wq, &reference_w);
                 let err = rel_err(&host(ours), &host(normed.matmul(w_in)));
                 println!("q{bits} k {k} out {out} rows {rows} normed: relative error {err:.2e}");
                 // With f16 inputs, the kernel's and the reference's RMSNorm (equal to about 1e-7) round a few values
@@ -150,10 +178,10 @@ fn matvec_epilogues_equal_generic_ops() {
     let w: Tensor<2> = Tensor::random([k, 2 * half], Distribution::Normal(0.0, 0.05), &dev);
     let wq = w.quantize_dynamic(&scheme(QuantValue::Q4S));
     let packed = QuantizedWeight::from_tensor(&wq).expect("a packed quantized weight");
-    let reference_w = wq.dequantize();
+    let reference_w = wq.clone().dequantize();
     for rows in [1, 3, 8, 13, 21, 64, 65] {
         let x: Tensor<2> = Tensor::random([rows, k], Distribution::Normal(0.0, 1.0), &dev);
-        let (x_in, w_in) = reference_inputs(&packed, &x, &reference_w);
+        let (x_in, w_in) = reference_inputs(&packed, &x, &wq, &reference_w);
         let product = x_in.matmul(w_in);
         let residual: Tensor<2> = Tensor::random([rows, 2 * half], Distribution::Default, &dev);
         let ours = packed
