@@ -383,9 +383,10 @@ fn qmatmul_mma_kernel(
     #[comptime] tile_rows: u32,
 ) {
     let per_word = comptime!(32 / bits);
-    // Planes over the tile: m_frags 16-row slices, each split across planes_n planes of n_frags fragments.
-    let m_frags = comptime!(tile_rows / FRAG);
-    let planes_n = comptime!(THREADS / 32 / m_frags);
+    // Planes over the tile: slices of plane_frags x 16 rows, each split across planes_n planes of n_frags fragments
+    // of 16 outputs. A plane of two 16-row fragments uses each loaded fragment of x and of the weight twice.
+    let plane_frags = comptime!(if tile_rows >= 32 { 2u32 } else { 1u32 });
+    let planes_n = comptime!(THREADS / 32 / (tile_rows / FRAG / plane_frags));
     let n_frags = comptime!((MMA_TN / FRAG / planes_n) as usize);
     let quads_per_row = comptime!(MMA_TN / (4 * per_word));
     let depth = comptime!(mma_depth(tile_rows));
@@ -420,9 +421,10 @@ fn qmatmul_mma_kernel(
     );
     let mut xs = Shared::<[Half4]>::new_slice(comptime!((tile_rows * x_stride / 4) as usize));
     let mut wsh = Shared::<[Half4]>::new_slice(comptime!((depth * MMA_W_STRIDE / 4) as usize));
+    // Fragment (m, f) of the plane's accumulators at m * n_frags + f.
     let mut accs = Sequence::<cmma::Matrix<f32>>::new();
     #[unroll]
-    for _ in 0..n_frags {
+    for _ in 0..comptime!(plane_frags as usize * n_frags) {
         accs.push(cmma::Matrix::<f32>::from_value(
             cmma::MatrixIdent::Accumulator,
             16usize,
@@ -484,21 +486,27 @@ fn qmatmul_mma_kernel(
         }
         #[unroll]
         for kf in 0..depth / FRAG {
-            let a_at = ((plane_m * FRAG * x_stride + kf * FRAG) / 4) as usize;
-            let mut a = unsafe {
-                cmma::Matrix::<f16>::uninitialized(
-                    cmma::MatrixIdent::A,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::RowMajor,
-                )
-            };
-            cmma::load(
-                &mut a,
-                &xs[a_at..a_at + comptime!((FRAG * x_stride / 4) as usize)],
-                x_stride,
-            );
+            let mut a = Sequence::<cmma::Matrix<f16>>::new();
+            #[unroll]
+            for m in 0..comptime!(plane_frags as usize) {
+                let slice = plane_m * plane_frags + m as u32;
+                let a_at = ((slice * FRAG * x_stride + kf * FRAG) / 4) as usize;
+                let mut fragment = unsafe {
+                    cmma::Matrix::<f16>::uninitialized(
+                        cmma::MatrixIdent::A,
+                        16usize,
+                        16usize,
+                        16usize,
+                        cmma::MatrixLayout::RowMajor,
+                    )
+                };
+                cmma::load(
+                    &mut fragment,
+                    &xs[a_at..a_at + comptime!((FRAG * x_stride / 4) as usize)],
+                    x_stride,
+                );
+                a.push(fragment);
+            }
             #[unroll]
             for f in 0..n_frags {
                 let col = (plane_n as usize * n_frags + f) * FRAG as usize;
@@ -517,8 +525,11 @@ fn qmatmul_mma_kernel(
                     &wsh[b_at..b_at + comptime!((FRAG * MMA_W_STRIDE / 4) as usize)],
                     MMA_W_STRIDE,
                 );
-                let acc = accs.index(f);
-                cmma::execute(&a, &b, acc, acc);
+                #[unroll]
+                for m in 0..comptime!(plane_frags as usize) {
+                    let acc = accs.index(m * n_frags + f);
+                    cmma::execute(a.index(m), &b, acc, acc);
+                }
             }
         }
         sync_cube();
@@ -533,10 +544,11 @@ fn qmatmul_mma_kernel(
     let (n_rows, out_dim) = (x.shape(0), words.shape(1) * per_word as usize);
     let lane = UNIT_POS_X % 32;
     #[unroll]
-    for f in 0..n_frags {
+    for acc_index in 0..comptime!(plane_frags as usize * n_frags) {
+        let (m, f) = comptime!((acc_index / n_frags, acc_index % n_frags));
         cmma::store(
             &mut out_tile[tile_at..tile_at + comptime!((FRAG * FRAG) as usize)],
-            accs.index(f),
+            accs.index(acc_index),
             FRAG,
             cmma::MatrixLayout::RowMajor,
         );
@@ -544,7 +556,8 @@ fn qmatmul_mma_kernel(
         #[unroll]
         for i in 0..comptime!(FRAG * FRAG / 32) {
             let e = lane + i * 32;
-            let row = row0 + (plane_m * FRAG + e / FRAG) as usize;
+            let slice = plane_m * plane_frags + comptime!(m as u32);
+            let row = row0 + (slice * FRAG + e / FRAG) as usize;
             // Column c of a word's per_word staged columns holds its field c / 2 + (c % 2) per_word / 2.
             let column = e % per_word;
             let field = column / 2 + (column % 2) * comptime!(per_word / 2);
