@@ -303,7 +303,7 @@ fn decode_attention_equals_masked_softmax() {
         head_dim: usize,
         capacity: usize,
         written: usize,
-        pads: &'static [usize],
+        pads: Vec<usize>,
         window: Option<usize>,
         softcap: Option<f32>,
     }
@@ -319,18 +319,42 @@ fn decode_attention_equals_masked_softmax() {
         softcap,
     };
     let cases = [
-        case(1, 9, 3, 64, 192, 150, &[0], None, None),
-        case(3, 4, 1, 256, 256, 200, &[0, 17, 60], Some(64), None),
-        case(2, 8, 8, 128, 128, 128, &[5, 0], None, Some(50.0)),
-        case(2, 28, 4, 128, 2048, 1500, &[0, 700], Some(1024), None),
+        case(1, 9, 3, 64, 192, 150, vec![0], None, None),
+        case(3, 4, 1, 256, 256, 200, vec![0, 17, 60], Some(64), None),
+        case(2, 8, 8, 128, 128, 128, vec![5, 0], None, Some(50.0)),
+        case(2, 28, 4, 128, 2048, 1500, vec![0, 700], Some(1024), None),
         // A head dimension of 8: two quads, loaded together.
-        case(2, 8, 4, 8, 64, 40, &[3, 0], None, None),
+        case(2, 8, 4, 8, 64, 40, vec![3, 0], None, None),
+        // Batches whose cubes take a whole group of heads where the shared memory allows (Qwen2.5-7B's heads at
+        // batch 64; Gemma-3-27B's at batch 16, with a window and soft-capping).
+        case(
+            64,
+            28,
+            4,
+            128,
+            256,
+            200,
+            (0..64).map(|r| r * 7 % 90).collect(),
+            None,
+            None,
+        ),
+        case(
+            16,
+            32,
+            16,
+            128,
+            256,
+            180,
+            (0..16).map(|r| r * 11 % 60).collect(),
+            Some(100),
+            Some(50.0),
+        ),
     ];
     for c in cases {
         let (b, h, kvh, hd, cap, total) = (
             c.rows, c.heads, c.kv_heads, c.head_dim, c.capacity, c.written,
         );
-        let (pads, window, softcap) = (c.pads, c.window, c.softcap);
+        let (pads, window, softcap) = (&c.pads[..], c.window, c.softcap);
         let q: Tensor<4> = Tensor::random([b, h, 1, hd], Distribution::Normal(0.0, 1.0), &dev);
         let keys: Tensor<4> =
             Tensor::random([b, kvh, cap, hd], Distribution::Normal(0.0, 1.0), &dev);
