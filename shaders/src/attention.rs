@@ -153,8 +153,7 @@ fn decode_attention_kernel(
                 for i in 0..heads {
                     #[unroll]
                     for u in 0..key_unroll {
-                        dot[i] =
-                            dot[i] + qs[i * hq + (d0 * key_unroll + u) as usize] * kv[u as usize];
+                        dot[i] += qs[i * hq + (d0 * key_unroll + u) as usize] * kv[u as usize];
                     }
                 }
             }
@@ -268,7 +267,7 @@ fn decode_attention_kernel(
                 } else {
                     0.0f32
                 };
-                acc[i] = acc[i] + Quad::empty().fill(p) * vv[u];
+                acc[i] += Quad::empty().fill(p) * vv[u];
             }
         }
         j += VALUE_KEYS * groups;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): avbridge's kernels checked against burn's generic ops on the real GPU through
 # wgpu/Vulkan (the kernels test binary, when carried), their timings (the kernels bench binary), then `avb bench decode` for the given shapes (random weights of the released AVs' shapes) against
-# transformers (bf16, sdpa) in the same run. Binaries are built here and carried gzipped in .carry/ (see
+# transformers (bf16, sdpa) in the same run. Binaries are built here and carried gzipped or xz-compressed in .carry/ (see
 # docs/performance.md for the build commands); Vulkan loaders in .gl/ (the device tool's recipe).
 #   bash tests/scripts/gpu_decode_bench.sh PRECISION SHAPE [SHAPE ...]     (tables land in $OUT)
 set -uo pipefail
@@ -12,7 +12,9 @@ ldconfig
 if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
   export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 fi
+shopt -s nullglob
 for f in .carry/*.gz; do gunzip -kf "$f"; done
+for f in .carry/*.xz; do xz -dkf "$f"; done
 chmod +x .carry/avb .carry/kernels .carry/kbench 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 export AVB_REPO_ROOT="$PWD" AVB_TEST_DEVICE=wgpu PYTHONUNBUFFERED=1
