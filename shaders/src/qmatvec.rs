@@ -367,8 +367,8 @@ type Half4 = Vector<f16, Const<4>>;
 
 /// The tiled kernel's partial sums on tensor cores (where the device has f16 cooperative matrices: Vulkan through
 /// SPIR-V, CUDA): per step the cube stages `mma_depth` columns of x and the matching weight rows, dequantized, as f16
-/// in shared memory, and each of its 8 planes multiplies a 16-row slice of the tile by its share of the outputs into
-/// f32 accumulators. The weights dequantize in f16 pairs (`f16_field_pair`, then field x scale in f16 arithmetic),
+/// in shared memory, and each of its 8 planes multiplies a slice of the tile (32 rows where the tile has them, else
+/// 16) by its share of the outputs into f32 accumulators. The weights dequantize in f16 pairs (`f16_field_pair`, then field x scale in f16 arithmetic),
 /// so a word's outputs are staged in the order its pairs come out, and put back in order when written out. The
 /// rounding of x, of the scale and of each weight to f16 (2^-11 relative at most each) is the only difference from
 /// the f32 kernels: the accumulation stays f32. Writes `partial` like `qmatmul_tile_kernel`.
