@@ -491,39 +491,20 @@ fn qmatmul_mma_kernel(
             for m in 0..comptime!(plane_frags as usize) {
                 let slice = plane_m * plane_frags + m as u32;
                 let a_at = ((slice * FRAG * x_stride + kf * FRAG) / 4) as usize;
-                let mut fragment = unsafe {
-                    cmma::Matrix::<f16>::uninitialized(
-                        cmma::MatrixIdent::A,
-                        16usize,
-                        16usize,
-                        16usize,
-                        cmma::MatrixLayout::RowMajor,
-                    )
-                };
-                cmma::load(
-                    &mut fragment,
+                a.push(f16_fragment(
                     &xs[a_at..a_at + comptime!((FRAG * x_stride / 4) as usize)],
                     x_stride,
-                );
-                a.push(fragment);
+                    cmma::MatrixIdent::A,
+                ));
             }
             #[unroll]
             for f in 0..n_frags {
                 let col = (plane_n as usize * n_frags + f) * FRAG as usize;
                 let b_at = (kf * FRAG * MMA_W_STRIDE / 4) as usize + col / 4;
-                let mut b = unsafe {
-                    cmma::Matrix::<f16>::uninitialized(
-                        cmma::MatrixIdent::B,
-                        16usize,
-                        16usize,
-                        16usize,
-                        cmma::MatrixLayout::RowMajor,
-                    )
-                };
-                cmma::load(
-                    &mut b,
+                let b = f16_fragment(
                     &wsh[b_at..b_at + comptime!((FRAG * MMA_W_STRIDE / 4) as usize)],
                     MMA_W_STRIDE,
+                    cmma::MatrixIdent::B,
                 );
                 #[unroll]
                 for m in 0..comptime!(plane_frags as usize) {
@@ -570,6 +551,27 @@ fn qmatmul_mma_kernel(
         }
         sync_plane();
     }
+}
+
+/// A 16 x 16 f16 fragment of the tensor-core products (`ident`: the A or B operand), loaded row-major from `tile`,
+/// whose rows lie `stride` f16 apart.
+#[cube]
+fn f16_fragment(
+    tile: &[Half4],
+    stride: u32,
+    #[comptime] ident: cmma::MatrixIdent,
+) -> cmma::Matrix<f16> {
+    let mut fragment = unsafe {
+        cmma::Matrix::<f16>::uninitialized(
+            ident,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::RowMajor,
+        )
+    };
+    cmma::load(&mut fragment, tile, stride);
+    fragment
 }
 
 /// The global loads of one step of the tensor-core kernel into registers: this thread's quads of x (zero past the
