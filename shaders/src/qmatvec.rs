@@ -117,7 +117,7 @@ const GEMM_TN: u32 = 256;
 const GEMM_DEPTH: u32 = 8;
 /// Cubes the tiled kernel aims for, splitting k into chunks to get there: about two waves of a large GPU's
 /// multiprocessors at 256 threads of ~100 registers each (on the H200, batches of 16 and 64: 256 decoded 0.83x as
-/// fast, 1024 within 2%).
+/// fast, 1024 within 2%; on tensor cores at batch 64, 264 cubes 0.97x, 1024 0.92x, 2048 0.82x).
 const GEMM_TARGET_CUBES: usize = 512;
 /// Fewest rows of k a chunk takes: a cube that stages only a few steps costs more in setup and partial sums than
 /// it computes (on a CPU-emulated GPU, lavapipe or SwiftShader, such cubes made a 40-token prefill of a 135M model
@@ -313,7 +313,7 @@ const MMA_W_STRIDE: u32 = MMA_TN + 8;
 const MMA_PAD: u32 = 8;
 
 /// Rows of k the tensor-core kernel stages per step: 64 for tiles of 16 or 32 rows (half the steps, and syncs, of
-/// 32), 32 for 64 rows, where 64 would take the kernel's shared memory past 48 KiB (Vulkan's usual limit).
+/// 32), 32 for 64 and 128 rows, where 64 would take the kernel's shared memory past 48 KiB (Vulkan's usual limit).
 const fn mma_depth(tile_rows: u32) -> u32 {
     if tile_rows >= 64 {
         32
@@ -322,9 +322,12 @@ const fn mma_depth(tile_rows: u32) -> u32 {
     }
 }
 
-/// Rows of the tiles a product of `rows` rows runs in (the tiled kernels'): 16, 32 or 64.
-fn tile_rows(rows: usize) -> usize {
-    rows.next_power_of_two().clamp(16, 64)
+/// Rows of the tiles a product of `rows` rows runs in: 16, 32 or 64 in the f32 tiled kernel (its register blocks),
+/// up to 128 on tensor cores, where a plane's 64 x 64 outputs load 8 fragments per 16 products (6 per 8 at 64 rows)
+/// and each dequantized weight serves twice the rows.
+fn tile_rows(rows: usize, tensor_cores: bool) -> usize {
+    rows.next_power_of_two()
+        .clamp(16, if tensor_cores { 128 } else { 64 })
 }
 
 /// Bytes of shared memory the tensor-core kernel takes for a tile of `tile_rows`: the x and weight tiles in f16 and
@@ -367,9 +370,10 @@ type Half4 = Vector<f16, Const<4>>;
 
 /// The tiled kernel's partial sums on tensor cores (where the device has f16 cooperative matrices: Vulkan through
 /// SPIR-V, CUDA): per step the cube stages `mma_depth` columns of x and the matching weight rows, dequantized, as f16
-/// in shared memory, and each of its 8 planes multiplies a slice of the tile (32 rows where the tile has them, else
-/// 16) by its share of the outputs into f32 accumulators. The weights dequantize in f16 pairs (`f16_field_pair`, then field x scale in f16 arithmetic),
-/// so a word's outputs are staged in the order its pairs come out, and put back in order when written out. The
+/// in shared memory, and each of its 8 planes multiplies a slice of the tile (64 rows of a 128-row tile, 32 of a
+/// 32- or 64-row one, else 16) by its share of the outputs into f32 accumulators. The weights dequantize in f16
+/// pairs (`f16_field_pair`, then field x scale in f16 arithmetic), so a word's outputs are staged in the order its
+/// pairs come out, and put back in order when written out. The
 /// rounding of x, of the scale and of each weight to f16 (2^-11 relative at most each) is the only difference from
 /// the f32 kernels: the accumulation stays f32. Writes `partial` like `qmatmul_tile_kernel`.
 #[cube(launch)]
@@ -384,8 +388,12 @@ fn qmatmul_mma_kernel(
 ) {
     let per_word = comptime!(32 / bits);
     // Planes over the tile: slices of plane_frags x 16 rows, each split across planes_n planes of n_frags fragments
-    // of 16 outputs. A plane of two 16-row fragments uses each loaded fragment of x and of the weight twice.
-    let plane_frags = comptime!(if tile_rows >= 32 { 2u32 } else { 1u32 });
+    // of 16 outputs. A plane of several 16-row fragments uses each loaded fragment of the weight as many times.
+    let plane_frags = comptime!(match tile_rows {
+        128 => 4u32,
+        16 => 1u32,
+        _ => 2u32,
+    });
     let planes_n = comptime!(THREADS / 32 / (tile_rows / FRAG / plane_frags));
     let n_frags = comptime!((MMA_TN / FRAG / planes_n) as usize);
     let quads_per_row = comptime!(MMA_TN / (4 * per_word));
@@ -1189,7 +1197,8 @@ impl QuantizedWeight {
         let rows = x.dims()[0];
         rows > MATVEC_ROWS
             && props.features.matmul.cmma.contains(&f16_mma)
-            && props.hardware.max_shared_memory_size >= mma_shared_bytes(tile_rows(rows) as u32)
+            && props.hardware.max_shared_memory_size
+                >= mma_shared_bytes(tile_rows(rows, true) as u32)
             && props.hardware.plane_size_min == 32
             && props.hardware.plane_size_max == 32
     }
@@ -1322,11 +1331,11 @@ impl QuantizedWeight {
             );
             partial
         } else {
-            // Tiles of 16, 32 or 64 rows; chunks of k (whole steps, GEMM_MIN_K rows at least) until the cubes fill
+            // Tiles of 16 to 128 rows; chunks of k (whole steps, GEMM_MIN_K rows at least) until the cubes fill
             // the device.
-            let tile_rows = tile_rows(rows);
-            let row_tiles = rows.div_ceil(tile_rows);
             let tensor_cores = self.rounds_to_f16(x);
+            let tile_rows = tile_rows(rows, tensor_cores);
+            let row_tiles = rows.div_ceil(tile_rows);
             let (tile_outs, depth) = match tensor_cores {
                 true => (MMA_TN, mma_depth(tile_rows as u32)),
                 false => (GEMM_TN, GEMM_DEPTH),
