@@ -4,6 +4,8 @@
 # transformers (bf16, sdpa) in the same run. Binaries are built here and carried gzipped or xz-compressed in .carry/ (see
 # docs/performance.md for the build commands); Vulkan loaders in .gl/ (the device tool's recipe).
 #   bash tests/scripts/gpu_decode_bench.sh PRECISION SHAPE [SHAPE ...]     (tables land in $OUT)
+# BATCHES (default 1,16,64) picks the batch sizes, REPS (default 3) the timed runs each side takes the median of: a
+# process's first timed run can start slow (a batch-1 prefill of 0.113 s against 0.025 for the next two).
 set -uo pipefail
 precision="$1"
 shift
@@ -26,6 +28,6 @@ if [ -x .carry/kbench ]; then
 fi
 for shape in "$@"; do
   .carry/avb bench decode --shape "$shape" --device wgpu --precision "$precision" --batch "${BATCHES:-1,16,64}" \
-    --prompt 128 --new 128 --reps 1 --output "$OUT/decode-$shape-wgpu-$precision.md" 2>&1 |
+    --prompt 128 --new 128 --reps "${REPS:-3}" --output "$OUT/decode-$shape-wgpu-$precision.md" 2>&1 |
     grep -v XDG_RUNTIME | tee "$OUT/decode-$shape-wgpu-$precision.log"
 done

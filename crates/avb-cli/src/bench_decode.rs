@@ -34,7 +34,7 @@ pub struct DecodeBenchArgs {
     pub precision: PrecisionArg,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
-    /// Timed runs per batch size (median reported), after one shortened warm-up run.
+    /// Timed runs per batch size (median reported), after one whole warm-up run.
     #[arg(long, default_value_t = 2)]
     pub reps: usize,
     /// Reference script (transformers) run on the same shape; `none` skips it.
@@ -134,7 +134,7 @@ struct Timing {
 
 /// One whole generation of `new` tokens, its prefill (the decoder's start: the prompt's forward pass into the
 /// cache and the first token, read back) timed apart.
-fn time_batch(model: &Model, inputs: &[Input], new: usize, warm_up: bool) -> Result<Timing> {
+fn time_batch(model: &Model, inputs: &[Input], new: usize) -> Result<Timing> {
     let opts = GenerateOptions {
         max_new_tokens: new,
         sampling: Sampling::Greedy,
@@ -142,17 +142,7 @@ fn time_batch(model: &Model, inputs: &[Input], new: usize, warm_up: bool) -> Res
         row_seeds: None,
         max_batch: None,
     };
-    // The warm-up compiles every kernel shape of the run (same cache capacity) but stops after a few tokens.
-    let mut seen = 0usize;
-    let rows = inputs.len();
-    let mut on_token = |_: usize, _: u32| {
-        seen += 1;
-        if warm_up && seen >= 4 * rows {
-            Control::Stop
-        } else {
-            Control::Continue
-        }
-    };
+    let mut on_token = |_: usize, _: u32| Control::Continue;
     // `generate`'s loop, timed by part.
     let t = Instant::now();
     let (mut issue, mut wait, mut steps) = (0.0, 0.0, 0usize);
@@ -342,11 +332,13 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
     let mut ours = Vec::new();
     for &b in &a.batch {
         let inputs = prompts(b);
+        // A whole generation, as the reference's warm-up: a first run can start slow on either side (on the H200
+        // transformers' first 128-token generate after a 4-token one took 7.7 s, the next ones 2.4-2.5 s).
         eprintln!("batch {b}: warm-up");
-        time_batch(&model, &inputs, a.new, true)?;
+        time_batch(&model, &inputs, a.new)?;
         let mut runs = Vec::new();
         for r in 0..a.reps.max(1) {
-            let timing = time_batch(&model, &inputs, a.new, false)?;
+            let timing = time_batch(&model, &inputs, a.new)?;
             eprintln!(
                 "batch {b}, run {r}: prefill {:.3} s, generate {:.2} s",
                 timing.prefill_s, timing.generate_s
