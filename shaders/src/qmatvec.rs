@@ -373,9 +373,9 @@ type Half4 = Vector<f16, Const<4>>;
 /// in shared memory, and each of its 8 planes multiplies a slice of the tile (64 rows of a 128-row tile, 32 of a
 /// 32- or 64-row one, else 16) by its share of the outputs into f32 accumulators. The weights dequantize in f16
 /// pairs (`f16_field_pair`, then field x scale in f16 arithmetic), so a word's outputs are staged in the order its
-/// pairs come out, and put back in order when written out. The
-/// rounding of x, of the scale and of each weight to f16 (2^-11 relative at most each) is the only difference from
-/// the f32 kernels: the accumulation stays f32. Writes `partial` like `qmatmul_tile_kernel`.
+/// pairs come out, and put back in order when written out. The rounding of x, of the scale and of each weight to
+/// f16 (2^-11 relative at most each) is the only difference from the f32 kernels: the accumulation stays f32.
+/// Writes `partial` like `qmatmul_tile_kernel`.
 #[cube(launch)]
 fn qmatmul_mma_kernel(
     x: &Tensor<f32>,
