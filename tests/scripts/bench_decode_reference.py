@@ -2,12 +2,12 @@
 """Reference side of `avb bench decode`: Hugging Face transformers generating with random weights of a real shape.
 
 The model is built from a config in crates/avb-runtime/shapes.json (or a real model's config.json), random weights
-made on the device, greedy `generate` with exactly NEW new tokens after a random PROMPT-token prompt, for each
+made on the device, greedy (or, with --temperature, sampled) `generate` with exactly NEW new tokens after a random PROMPT-token prompt, for each
 batch size. Prints one JSON object: per batch, the prefill time (one forward over the prompt), the generate time,
 tokens/s (batch * new / generate time) and explanations/s (batch / generate time), plus versions and the device.
 
 Usage: bench_decode_reference.py SHAPES.json NAME --batch 1,16,64 --prompt 128 --new 128 [--device cuda]
-       [--dtype bf16|f32] [--reps 3] [--threads N]
+       [--dtype bf16|f32] [--reps 3] [--threads N] [--temperature T --top-p P]
 """
 import argparse
 import json
@@ -42,6 +42,9 @@ def main():
     ap.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
+    # 0: greedy; else sampling at this temperature with nucleus top-p (and no top-k, which generate adds by default).
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=0.9)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -60,6 +63,8 @@ def main():
         ids = torch.randint(0, config.vocab_size, (batch, a.prompt), device=a.device)
         mask = torch.ones_like(ids)
         kwargs = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, pad_token_id=0)
+        if a.temperature > 0:
+            kwargs.update(do_sample=True, temperature=a.temperature, top_p=a.top_p, top_k=0)
         with torch.inference_mode():
             # A whole generation first: after a 4-token warm-up the first 128-token generate took 7.7 s on the
             # H200 (Qwen2.5-7B shape, batch 1 and 64), the next ones 2.4-2.5 s.

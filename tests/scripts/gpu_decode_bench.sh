@@ -5,7 +5,8 @@
 # docs/performance.md for the build commands); Vulkan loaders in .gl/ (the device tool's recipe).
 #   bash tests/scripts/gpu_decode_bench.sh PRECISION SHAPE [SHAPE ...]     (tables land in $OUT)
 # BATCHES (default 1,16,64) picks the batch sizes, REPS (default 3) the timed runs each side takes the median of: a
-# process's first timed run can start slow (a batch-1 prefill of 0.113 s against 0.025 for the next two).
+# process's first timed run can start slow (a batch-1 prefill of 0.113 s against 0.025 for the next two). ARGS adds
+# arguments to `avb bench decode` (e.g. "--temperature 0.7 --top-p 0.9"), TAG a suffix to the tables' names.
 set -uo pipefail
 precision="$1"
 shift
@@ -28,6 +29,6 @@ if [ -x .carry/kbench ]; then
 fi
 for shape in "$@"; do
   .carry/avb bench decode --shape "$shape" --device wgpu --precision "$precision" --batch "${BATCHES:-1,16,64}" \
-    --prompt 128 --new 128 --reps "${REPS:-3}" --output "$OUT/decode-$shape-wgpu-$precision.md" 2>&1 |
-    grep -v XDG_RUNTIME | tee "$OUT/decode-$shape-wgpu-$precision.log"
+    --prompt 128 --new 128 --reps "${REPS:-3}" ${ARGS:-} --output "$OUT/decode-$shape-wgpu-$precision${TAG:+-$TAG}.md" 2>&1 |
+    grep -v XDG_RUNTIME | tee "$OUT/decode-$shape-wgpu-$precision${TAG:+-$TAG}.log"
 done

@@ -1,4 +1,4 @@
-//! `avb bench decode`: greedy generation with random weights of a real shape (the released AVs' base models, or
+//! `avb bench decode`: greedy (or sampled) generation with random weights of a real shape (the released AVs' base models, or
 //! the small real models), against Hugging Face transformers on the same shape in the same run, with the fraction
 //! of the device's bandwidth ceiling (copy bandwidth measured in the same run). Prints a Markdown table.
 
@@ -52,6 +52,12 @@ pub struct DecodeBenchArgs {
     /// their own stop) for each batch size of at least 2: in fixed chunks, then with finished rows refilled.
     #[arg(long)]
     pub varied: bool,
+    /// 0: greedy decoding (the chosen ids read back); else temperature + top-p sampling at this temperature (the
+    /// logits read back and sampled on the host), the reference sampling the same way.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f32,
     /// Launch every step's kernels instead of recording a step once and replaying it (CubeCL graphs).
     #[arg(long)]
     pub no_graphs: bool,
@@ -134,10 +140,10 @@ struct Timing {
 
 /// One whole generation of `new` tokens, its prefill (the decoder's start: the prompt's forward pass into the
 /// cache and the first token, read back) timed apart.
-fn time_batch(model: &Model, inputs: &[Input], new: usize) -> Result<Timing> {
+fn time_batch(model: &Model, inputs: &[Input], new: usize, sampling: &Sampling) -> Result<Timing> {
     let opts = GenerateOptions {
         max_new_tokens: new,
-        sampling: Sampling::Greedy,
+        sampling: sampling.clone(),
         stop_ids: Vec::new(),
         row_seeds: None,
         max_batch: None,
@@ -275,7 +281,9 @@ fn reference(
             .args(["--prompt", &a.prompt.to_string()])
             .args(["--new", &a.new.to_string()])
             .args(["--device", &ref_device, "--dtype", &dtype])
-            .args(["--reps", &a.reps.max(1).to_string()]),
+            .args(["--reps", &a.reps.max(1).to_string()])
+            .args(["--temperature", &a.temperature.to_string()])
+            .args(["--top-p", &a.top_p.to_string()]),
         "install python3 with torch and transformers, or pass --reference none",
     )
     .map(Some)
@@ -294,6 +302,17 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
             a.reference
         )));
     }
+    let (sampling, decoding) = match a.temperature {
+        t if t > 0.0 => (
+            Sampling::TopP {
+                temperature: t,
+                top_p: a.top_p,
+                seed: 0,
+            },
+            format!("sampled at temperature {t}, top-p {}", a.top_p),
+        ),
+        _ => (Sampling::Greedy, "greedy".to_string()),
+    };
     let dev = device(a.device)?;
     let precision = a.precision.precision();
     eprintln!(
@@ -334,10 +353,10 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
         // A whole generation, as the reference's warm-up: a first run can start slow on either side (on the H200
         // transformers' first 128-token generate after a 4-token one took 7.7 s, the next ones 2.4-2.5 s).
         eprintln!("batch {b}: warm-up");
-        time_batch(&model, &inputs, a.new)?;
+        time_batch(&model, &inputs, a.new, &sampling)?;
         let mut runs = Vec::new();
         for r in 0..a.reps.max(1) {
-            let timing = time_batch(&model, &inputs, a.new)?;
+            let timing = time_batch(&model, &inputs, a.new, &sampling)?;
             eprintln!(
                 "batch {b}, run {r}: prefill {:.3} s, generate {:.2} s",
                 timing.prefill_s, timing.generate_s
@@ -394,7 +413,7 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
     let params = config_params(&config);
     let reference_line = match &theirs {
         Some(r) => format!(
-            "Reference: transformers {} + torch {} on {} ({}, sdpa, `generate` greedy, {} threads), the same shape with random weights, in the same run.",
+            "Reference: transformers {} + torch {} on {} ({}, sdpa, `generate` {decoding}, {} threads), the same shape with random weights, in the same run.",
             r["versions"]["transformers"].as_str().unwrap_or("?"),
             r["versions"]["torch"].as_str().unwrap_or("?"),
             r["device_name"].as_str().unwrap_or("?"),
@@ -405,11 +424,11 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
     };
     let doc = format!(
         "Shape `{}` ({:.2}B parameters, {} layers, d = {}), random weights at {:?} on {:?}; prompt {} random tokens, {} new tokens \
-         (no stop tokens), greedy; medians of {} runs after a warm-up. Model built on the device in {build_s:.1} s. Copy bandwidth \
+         (no stop tokens), {decoding}; medians of {} runs after a warm-up. Model built on the device in {build_s:.1} s. Copy bandwidth \
          measured in this run: {:.0} GB/s. The bandwidth ceiling of a step is that bandwidth over the bytes a step must read \
          (every weight once, {:.2} GB, plus the KV cache at its capacity of {capacity} positions); `prefill s` is the generation's own start \
          (the prompts' forward pass into the KV cache and the first token, read back); `decode tokens/s` leaves it out; `tokens/s` is batch x new tokens over the whole generation, as transformers' figure is. Each step is split into \
-         host time issuing its work (`issue`: the head and argmax, then the next forward pass, recorded by the host) and \
+         host time issuing its work (`issue`: the head and argmax, or the logits' sampling on the host, then the next forward pass, recorded by the host) and \
          time blocked reading the chosen ids back (`wait`: the device finishing what was issued); a step whose issue time \
          nears the whole step is bound by the host's launches, not by the device. `steps`: `replayed` where a decoding step \
          was recorded once and replayed (CubeCL graphs: one call re-encodes the recorded dispatches), `launched` where every \

@@ -5,6 +5,7 @@
 //! (continuous batching): their prompts are prefilled on their own and spliced into the running KV cache.
 
 use crate::model::{Input, KvCache, Model};
+use crate::sample::sample_rows;
 use avb_core::rng::SplitMix64;
 use avb_core::{AvbError, Result};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -361,14 +362,16 @@ impl<'m> Decoder<'m> {
                     temperature, top_p, ..
                 },
             ) => {
-                let v = host.len() / n_rows.max(1);
-                host.chunks(v)
-                    .zip(&self.rows)
-                    .map(|(logits, input)| match input {
-                        Some(i) => sample_top_p(logits, *temperature, *top_p, &mut self.rngs[*i]),
-                        None => 0,
-                    })
-                    .collect()
+                // Each input decodes in one row at most: its generator goes to that row.
+                let mut by_input: Vec<Option<&mut SplitMix64>> =
+                    self.rngs.iter_mut().map(Some).collect();
+                let rngs = self
+                    .rows
+                    .iter()
+                    .map(|input| input.and_then(|i| by_input[i].take()))
+                    .collect();
+                let vocab = host.len() / n_rows.max(1);
+                sample_rows(&host, vocab, rngs, *temperature, *top_p)
             }
             (HostValues::Logits(_), Sampling::Greedy) => {
                 return Err(AvbError::Invalid(
@@ -567,43 +570,4 @@ pub async fn generate_async(
         decoder.advance(readback.read_async().await?, on_token)?;
     }
     Ok(decoder.finish())
-}
-
-/// Temperature, then nucleus (top-p) filtering as transformers' TopPLogitsWarper does it (tokens whose
-/// cumulative probability from the least likely end is <= 1 - top_p are dropped; the top token always stays).
-pub fn sample_top_p(logits: &[f32], temperature: f32, top_p: f32, rng: &mut SplitMix64) -> u32 {
-    let scaled: Vec<f64> = logits
-        .iter()
-        .map(|&l| f64::from(l) / f64::from(temperature))
-        .collect();
-    let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let mut probs: Vec<(usize, f64)> = scaled
-        .iter()
-        .enumerate()
-        .map(|(i, &s)| (i, (s - max).exp()))
-        .collect();
-    let total: f64 = probs.iter().map(|p| p.1).sum();
-    probs.iter_mut().for_each(|p| p.1 /= total);
-    // Ascending, ties by index, like a stable sort of the logits.
-    probs.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-    let mut cumulative = 0.0;
-    let cut = 1.0 - f64::from(top_p);
-    let n = probs.len();
-    let kept: Vec<(usize, f64)> = probs
-        .into_iter()
-        .enumerate()
-        .filter_map(|(rank, p)| {
-            cumulative += p.1;
-            (cumulative > cut || rank + 1 == n).then_some(p)
-        })
-        .collect();
-    let mass: f64 = kept.iter().map(|p| p.1).sum();
-    let mut u = rng.unit_f64() * mass;
-    for (id, p) in kept.iter().rev() {
-        if u < *p {
-            return *id as u32;
-        }
-        u -= p;
-    }
-    kept.last().map_or(0, |p| p.0 as u32)
 }

@@ -17,6 +17,7 @@ pub mod loader;
 pub mod model;
 pub mod pack;
 pub mod qwen2;
+pub mod sample;
 pub mod weights;
 
 pub use bert::SentenceEmbedder;
