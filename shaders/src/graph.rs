@@ -4,7 +4,7 @@
 //! reruns the kernels on the buffers they were recorded with, so a recorded step reads its inputs from
 //! buffers written in place between replays ([`write_i32`]) and takes none from the host.
 
-use crate::cube::{empty_like, from_cube_int, to_cube_int};
+use crate::cube::{empty_like, from_cube_int, to_cube, to_cube_int};
 use burn::tensor::{DType, Int, Tensor as BurnTensor};
 use burn_cubecl::cubecl;
 use burn_cubecl::kernel::into_contiguous;
@@ -20,12 +20,27 @@ pub fn write_i32(t: &BurnTensor<1, Int>, values: &[i32]) -> bool {
     let Some(c) = to_cube_int(t) else {
         return false;
     };
-    if t.dims() != [values.len()] || c.dtype != burn::tensor::DType::I32 {
+    if t.dims() != [values.len()] || c.dtype != DType::I32 {
         return false;
     }
-    let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    c.client.write(&c.handle, Bytes::from_bytes_vec(bytes));
+    write_bytes(&c, values.iter().flat_map(|v| v.to_le_bytes()).collect());
     true
+}
+
+/// `write_i32` for f32 values (a sampled step's draws).
+pub fn write_f32(t: &BurnTensor<1>, values: &[f32]) -> bool {
+    let Some(c) = to_cube(t) else {
+        return false;
+    };
+    if t.dims() != [values.len()] || c.dtype != DType::F32 {
+        return false;
+    }
+    write_bytes(&c, values.iter().flat_map(|v| v.to_le_bytes()).collect());
+    true
+}
+
+fn write_bytes(c: &CubeTensor, bytes: Vec<u8>) {
+    c.client.write(&c.handle, Bytes::from_bytes_vec(bytes));
 }
 
 /// The first lines of a CubeCL server error (its backtrace left out).

@@ -10,7 +10,8 @@
 //! - [`rope`]: rotate-half RoPE and the move of the heads axis in one launch; [`rope_into_cache`]: a decoding
 //!   step's q and k rotated and k and v written into the KV cache, from the fused q/k/v projection, in one launch.
 //! - [`argmax`]: greedy decoding's token choice, one cube per row (burn's generic argmax took 16 ms for one
-//!   row of a 152k vocabulary on the H200).
+//!   row of a 152k vocabulary on the H200); [`sample_top_p`]: sampled decoding's (temperature, nucleus), the
+//!   host's draws given, so that a sampled step too reads back one id a row.
 //! - [`decode_attention`]: a new token's attention over the preallocated KV cache (GQA, padding, sliding window,
 //!   soft-capping) in one launch instead of about ten.
 //! - [`gather_rows`]: embedding rows of token ids that live on the device.
@@ -26,12 +27,14 @@ mod graph;
 mod norm;
 mod qmatvec;
 mod rope;
+mod sample;
 
 pub use argmax::argmax;
 pub use attention::{decode_attention, decode_attention_fits, MAX_KEYS};
 pub use cube::on_cube;
 pub use embed::gather_rows;
-pub use graph::{copy_i32_into, snapshot_i32, write_i32, Recording, StepGraph};
+pub use graph::{copy_i32_into, snapshot_i32, write_f32, write_i32, Recording, StepGraph};
 pub use norm::rms_norm;
 pub use qmatvec::{Activation, Epilogue, QuantizedWeight};
 pub use rope::{rope, rope_into_cache, QkvSource};
+pub use sample::{sample_top_p, SAMPLE_MAX_VOCAB};

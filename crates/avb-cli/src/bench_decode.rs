@@ -52,8 +52,8 @@ pub struct DecodeBenchArgs {
     /// their own stop) for each batch size of at least 2: in fixed chunks, then with finished rows refilled.
     #[arg(long)]
     pub varied: bool,
-    /// 0: greedy decoding (the chosen ids read back); else temperature + top-p sampling at this temperature (the
-    /// logits read back and sampled on the host), the reference sampling the same way.
+    /// 0: greedy decoding; else temperature + top-p sampling at this temperature (on the device where the kernels
+    /// apply, else from logits read back), the reference sampling the same way.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
     #[arg(long, default_value_t = 0.9)]

@@ -57,8 +57,8 @@ pub enum Control {
     Stop,
 }
 
-/// What a decoding step needs from the device: the chosen ids (greedy: argmax on the device, one small read) or
-/// the last logits (sampling on the host).
+/// What a decoding step needs from the device: the chosen ids (argmax, or sampling from the host's draws, on the
+/// device: one small read) or the last logits (sampling on the host, where the kernels do not apply).
 #[derive(Clone)]
 pub enum Readback {
     Ids(Tensor<2, Int>),
@@ -138,6 +138,10 @@ pub struct Decoder<'m> {
     next: Option<Readback>,
     /// How steps run: from ids on the host (any backend), or from ids on the device, recorded once and replayed.
     steps: Steps,
+    /// Sampled steps that choose on the device: each row's uniform draw for its next token, [rows] (f32), written
+    /// in place before every step (so that a recorded step reads them), drawn from the row's input's generator
+    /// as the host's sampler would draw it. None for greedy decoding or where the logits go to the host.
+    units: Option<Tensor<1>>,
 }
 
 /// Decoding steps on a CubeCL device with the kernels: the chosen ids are written in place into `ids` and the
@@ -187,7 +191,7 @@ impl<'m> Decoder<'m> {
         if opts.max_batch == Some(0) {
             return Err(AvbError::Invalid("a batch of 0 sequences".into()));
         }
-        let rngs = (0..n)
+        let mut rngs: Vec<SplitMix64> = (0..n)
             .map(|r| match (&opts.row_seeds, &opts.sampling) {
                 (Some(seeds), _) => SplitMix64::new(seeds[r]),
                 (None, Sampling::TopP { seed, .. }) => {
@@ -210,7 +214,17 @@ impl<'m> Decoder<'m> {
                 model.config.num_layers - 1,
                 Some(&mut cache),
             )?;
-            Some(choose(model, &opts.sampling, last_position(hidden)))
+            let units = device_units(model, &opts.sampling, &mut rngs[..batch]);
+            Some(choose(
+                model,
+                &opts.sampling,
+                last_position(hidden),
+                units.as_ref(),
+            ))
+        };
+        let units = match (&opts.sampling, model.samples_on_device()) {
+            (Sampling::TopP { .. }, true) => Some(Tensor::zeros([batch], &model.device())),
+            _ => None,
         };
         let steps = match next.is_some() && model.prepare_device_step(&mut cache) {
             true => Steps::Device(Box::new(DeviceSteps {
@@ -241,6 +255,7 @@ impl<'m> Decoder<'m> {
             finished: Vec::new(),
             next,
             steps,
+            units,
         })
     }
 
@@ -269,11 +284,13 @@ impl<'m> Decoder<'m> {
         model.count_step(false);
         let feed: Vec<Input> = next.iter().map(|id| Input::ids(vec![*id])).collect();
         let hidden = model.forward_to(&feed, model.config.num_layers - 1, Some(&mut self.cache))?;
-        Ok(choose(model, &self.opts.sampling, hidden))
+        let units = self.write_units()?;
+        Ok(choose(model, &self.opts.sampling, hidden, units.as_ref()))
     }
 
     /// A step from the ids on the device: replayed when recorded, else run (and recorded when asked).
     fn device_step(&mut self) -> Result<Readback> {
+        let units = self.write_units()?;
         let (model, sampling) = (self.model, &self.opts.sampling);
         let Steps::Device(device) = &mut self.steps else {
             return Err(AvbError::Invalid("not decoding on the device".into()));
@@ -285,7 +302,8 @@ impl<'m> Decoder<'m> {
             ..
         } = device.as_mut();
         let run = |cache: &mut KvCache| -> Result<Readback> {
-            let out = choose(model, sampling, model.decode_step(ids, cache)?);
+            let hidden = model.decode_step(ids, cache)?;
+            let out = choose(model, sampling, hidden, units.as_ref());
             // The next step's ids, on the device: a step launched ahead reads them from here, so a copy that
             // cannot be made must stop decoding rather than let that step read stale ids.
             if let Readback::Ids(chosen) = &out {
@@ -433,7 +451,12 @@ impl<'m> Decoder<'m> {
             let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
             let mut part = self.model.new_cache(longest);
             let started = last_position(self.model.forward_to(prompts, last, Some(&mut part))?);
-            let started = choose(self.model, &self.opts.sampling, started);
+            let units = device_units(
+                self.model,
+                &self.opts.sampling,
+                &mut self.rngs[start..start + starting],
+            );
+            let started = choose(self.model, &self.opts.sampling, started, units.as_ref());
             let live: Vec<usize> = (0..n_rows).filter(|r| self.rows[*r].is_some()).collect();
             // A row feeds at most max_new_tokens - 1 more tokens (the last one chosen is not fed).
             let room = self.opts.max_new_tokens.saturating_sub(1);
@@ -464,13 +487,32 @@ impl<'m> Decoder<'m> {
         };
         device.recorded.is_some()
             && device.ahead.is_none()
-            && matches!(self.opts.sampling, Sampling::Greedy)
+            && (matches!(self.opts.sampling, Sampling::Greedy) || self.units.is_some())
             && self.next_input == self.inputs.len()
             && self
                 .rows
                 .iter()
                 .flatten()
                 .any(|&i| self.out[i].ids.len() + 2 <= self.opts.max_new_tokens)
+    }
+
+    /// The running rows' draws for their next tokens, written into `units` (see there); None when the logits go
+    /// to the host.
+    fn write_units(&mut self) -> Result<Option<Tensor<1>>> {
+        let Some(units) = &self.units else {
+            return Ok(None);
+        };
+        let draws: Vec<f32> = self
+            .rows
+            .iter()
+            .map(|input| input.map_or(0.0, |i| self.rngs[i].unit_f64() as f32))
+            .collect();
+        if !crate::kernels::write_f32(units, &draws) {
+            return Err(AvbError::Invalid(
+                "writing a sampled step's draws to the device failed".into(),
+            ));
+        }
+        Ok(Some(units.clone()))
     }
 
     /// The step launched ahead, if any (taken).
@@ -529,11 +571,41 @@ impl Readback {
 
 /// The device values the choice after hidden states [b, 1, d] needs: the LM head, then the argmax on the device
 /// (greedy) or the logits (sampling).
-fn choose(model: &Model, sampling: &Sampling, hidden: Tensor<3>) -> Readback {
+fn choose(
+    model: &Model,
+    sampling: &Sampling,
+    hidden: Tensor<3>,
+    units: Option<&Tensor<1>>,
+) -> Readback {
     let logits = model.head(hidden).squeeze_dim::<2>(1);
-    match sampling {
-        Sampling::Greedy => Readback::Ids(model.argmax(logits)),
-        Sampling::TopP { .. } => Readback::Logits(logits),
+    match (sampling, units) {
+        (Sampling::Greedy, _) => Readback::Ids(model.argmax(logits)),
+        (
+            Sampling::TopP {
+                temperature, top_p, ..
+            },
+            Some(units),
+        ) => match model.sample_top_p(&logits, units, *temperature, *top_p) {
+            Some(ids) => Readback::Ids(ids),
+            None => Readback::Logits(logits),
+        },
+        (Sampling::TopP { .. }, None) => Readback::Logits(logits),
+    }
+}
+
+/// For sampled decoding on the device, the next draw of each of these inputs' generators, [inputs] on the device
+/// (the tokens their prompts' logits choose); None otherwise.
+fn device_units(model: &Model, sampling: &Sampling, rngs: &mut [SplitMix64]) -> Option<Tensor<1>> {
+    match (sampling, model.samples_on_device()) {
+        (Sampling::TopP { .. }, true) => {
+            let draws: Vec<f32> = rngs.iter_mut().map(|r| r.unit_f64() as f32).collect();
+            let n = draws.len();
+            Some(Tensor::from_data(
+                TensorData::new(draws, [n]),
+                &model.device(),
+            ))
+        }
+        _ => None,
     }
 }
 

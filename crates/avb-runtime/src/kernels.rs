@@ -346,3 +346,48 @@ pub(crate) fn argmax(x: Tensor<2>, on: bool) -> Tensor<2, Int> {
 pub(crate) fn argmax(x: Tensor<2>, _on: bool) -> Tensor<2, Int> {
     x.argmax(1)
 }
+
+/// One token per row of logits [b, vocab] drawn on the device from the nucleus of softmax(logits / temperature)
+/// at the row's `units` [b] (the host's draws), [b, 1]; `None` where the kernels do not apply (then the logits go
+/// to the host's sampler).
+#[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
+pub(crate) fn sample_top_p(
+    logits: &Tensor<2>,
+    units: &Tensor<1>,
+    temperature: f32,
+    top_p: f32,
+) -> Option<Tensor<2, Int>> {
+    avb_shaders::sample_top_p(logits, units, temperature, top_p)
+}
+
+#[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+pub(crate) fn sample_top_p(
+    _logits: &Tensor<2>,
+    _units: &Tensor<1>,
+    _temperature: f32,
+    _top_p: f32,
+) -> Option<Tensor<2, Int>> {
+    None
+}
+
+/// Whether `sample_top_p` takes rows of `vocab` logits on `device`.
+#[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
+pub(crate) fn samples(device: &burn::tensor::Device, vocab: usize) -> bool {
+    vocab <= avb_shaders::SAMPLE_MAX_VOCAB && avb_shaders::on_cube(device)
+}
+
+#[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+pub(crate) fn samples(_device: &burn::tensor::Device, _vocab: usize) -> bool {
+    false
+}
+
+/// `write_i32` for f32 values.
+#[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
+pub(crate) fn write_f32(t: &Tensor<1>, values: &[f32]) -> bool {
+    avb_shaders::write_f32(t, values)
+}
+
+#[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+pub(crate) fn write_f32(_t: &Tensor<1>, _values: &[f32]) -> bool {
+    false
+}

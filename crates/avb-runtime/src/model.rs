@@ -1533,6 +1533,27 @@ impl Model {
         crate::kernels::argmax(logits, self.kernels)
     }
 
+    /// Whether sampled steps choose on the device (`sample_top_p`): the kernels on, on a CubeCL device.
+    pub(crate) fn samples_on_device(&self) -> bool {
+        self.kernels && crate::kernels::samples(&self.device, self.config.vocab_size)
+    }
+
+    /// One token per row of logits [b, vocab], drawn on the device from the nucleus of softmax(logits /
+    /// temperature) at the row's `units` [b] (uniform draws from the host), as the host's sampler draws it
+    /// (`crate::sample`); [b, 1], or `None` where `samples_on_device` does not hold.
+    pub(crate) fn sample_top_p(
+        &self,
+        logits: &Tensor<2>,
+        units: &Tensor<1>,
+        temperature: f32,
+        top_p: f32,
+    ) -> Option<Tensor<2, Int>> {
+        match self.kernels {
+            true => crate::sample::on_device(logits, units, temperature, top_p),
+            false => None,
+        }
+    }
+
     /// Final norm, LM head and final soft-capping of hidden states [batch, seq, hidden] -> logits.
     pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
         // Normalised once for every vocabulary part (their products are too wide to fold it in).

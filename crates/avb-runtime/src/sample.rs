@@ -1,9 +1,11 @@
-//! Temperature + nucleus (top-p) sampling on the host, from a step's logits, in expected time linear in the
-//! vocabulary: the nucleus's edge and the drawn token are each found by selection (splitting around medians and
-//! adding up one side) instead of sorting the whole vocabulary, which took about 10 ms a row for Qwen2.5's 152k
-//! tokens and bound sampled decoding on a GPU to the host. Rows are sampled on parallel threads natively.
+//! Temperature + nucleus (top-p) sampling. On GPU devices with the kernels the device draws (`on_device`, from
+//! the host's uniform draws), and a step reads back one id a row. Elsewhere the host samples a step's logits, in
+//! expected time linear in the vocabulary: the nucleus's edge and the drawn token are each found by selection
+//! (splitting around medians and adding up one side) instead of sorting the whole vocabulary, which took about
+//! 10 ms a row for Qwen2.5's 152k tokens. Rows are sampled on parallel threads natively.
 
 use avb_core::rng::SplitMix64;
+use burn::tensor::{Int, Tensor};
 use std::cmp::Ordering;
 
 /// A token's probability and id.
@@ -95,7 +97,12 @@ fn nucleus(logits: &[f32], temperature: f32, top_p: f32) -> Vec<Weighted> {
 /// walked from the most likely token down. Matches walking a whole sorted vocabulary up to the rounding of
 /// sums taken in another order.
 pub fn sample_top_p(logits: &[f32], temperature: f32, top_p: f32, rng: &mut SplitMix64) -> u32 {
-    draw(nucleus(logits, temperature, top_p), rng.unit_f64())
+    sample_top_p_at(logits, temperature, top_p, rng.unit_f64())
+}
+
+/// `sample_top_p` with the generator's draw given: `unit` in [0, 1).
+pub fn sample_top_p_at(logits: &[f32], temperature: f32, top_p: f32, unit: f64) -> u32 {
+    draw(nucleus(logits, temperature, top_p), unit)
 }
 
 /// The token at `unit` (in [0, 1)) of the kept tokens' mass, counted from the most likely token down.
@@ -107,6 +114,22 @@ fn draw(mut kept: Vec<Weighted>, unit: f64) -> u32 {
             let at = first_exceeding(&mut kept, unit * mass, descending);
             kept[at].id
         }
+    }
+}
+
+/// One token per row of logits [rows, vocab] drawn on the device from the nucleus of softmax(logits /
+/// temperature) at the row's `units` [rows] (the host's uniform draws), as `sample_top_p_at` draws it but for the
+/// rounding of f32 sums: [rows, 1], one id a row to read back. `None` off a CubeCL device (or with the GPU features
+/// off), where the logits go to `sample_top_p`.
+pub fn on_device(
+    logits: &Tensor<2>,
+    units: &Tensor<1>,
+    temperature: f32,
+    top_p: f32,
+) -> Option<Tensor<2, Int>> {
+    match crate::kernels::samples(&logits.device(), logits.dims()[1]) {
+        true => crate::kernels::sample_top_p(logits, units, temperature, top_p),
+        false => None,
     }
 }
 

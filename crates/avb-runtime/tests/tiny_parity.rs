@@ -254,6 +254,123 @@ fn check_family(family: &str) {
         g.ids(&format!("greedy_{long}")),
         "{family}: a longer prompt refilled into a shorter cache"
     );
+
+    // Sampled decoding chooses on the device where it can (GPU devices): the same seeds give the tokens the
+    // host's sampler draws from the same model's logits with the kernels off, through refilled rows too; steps
+    // are replayed and queued ahead as greedy ones are.
+    let sampled = GenerateOptions {
+        sampling: Sampling::TopP {
+            temperature: 0.8,
+            top_p: 0.9,
+            seed: 7,
+        },
+        ..opts.clone()
+    };
+    let mut on_host = Model::load(&d, &device).unwrap();
+    on_host.set_kernels(false);
+    let before = model.decode_steps();
+    let ours = generate(&model, &prompts, &sampled, &mut |_, _| Control::Continue).unwrap();
+    let counted = model.decode_steps().since(before);
+    assert_eq!(
+        counted.replayed > 0 && counted.ahead > 0,
+        on_gpu,
+        "{family}: sampled steps replayed and queued ahead exactly on GPU devices"
+    );
+    let theirs = generate(&on_host, &prompts, &sampled, &mut |_, _| Control::Continue).unwrap();
+    for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        assert_eq!(a.ids, b.ids, "{family}: sampled continuation of prompt {i}");
+    }
+    let refilled = GenerateOptions {
+        max_batch: Some(3),
+        ..sampled.clone()
+    };
+    let stop = |counts: &mut Vec<usize>, i: usize| {
+        counts[i] += 1;
+        match counts[i] == stop_after(i) {
+            true => Control::Stop,
+            false => Control::Continue,
+        }
+    };
+    let mut counts = vec![0; many.len()];
+    let ours = generate(&model, &many, &refilled, &mut |i, _| stop(&mut counts, i)).unwrap();
+    let mut counts = vec![0; many.len()];
+    let theirs = generate(&on_host, &many, &refilled, &mut |i, _| stop(&mut counts, i)).unwrap();
+    for (j, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        assert_eq!(
+            a.ids, b.ids,
+            "{family}: sampled sequence {j} through 3 refilled rows"
+        );
+        assert_eq!(a.ids.len(), stop_after(j));
+    }
+    println!("{family}: sampled continuations identical to the host sampler's");
+}
+
+/// The device's sampler against the host's on random logits: flat to peaked, with ties, at several temperatures
+/// and top-p values, a small vocabulary, one past a block of the kernel and Qwen2.5's. A token may differ only where
+/// the draw or the nucleus's edge lies within the f32 sums' rounding of a boundary: then the host's sampler moved
+/// by 1e-5 (of the mass, or of top-p) draws it too.
+#[test]
+fn device_sampling_matches_the_host_sampler() {
+    use avb_core::rng::SplitMix64;
+    use avb_runtime::sample::{on_device, sample_top_p_at};
+    use burn::tensor::{Tensor, TensorData};
+    let device = common::test_device();
+    let probe = Tensor::<2>::zeros([1, 8], &device);
+    if on_device(&probe, &Tensor::zeros([1], &device), 1.0, 1.0).is_none() {
+        println!("no device sampler on this device: skipped");
+        return;
+    }
+    let mut rng = SplitMix64::new(3);
+    let (mut draws, mut near) = (0, 0);
+    for (vocab, rows) in [(50, 8), (4103, 8), (152_064, 4)] {
+        for (temperature, top_p) in [(1.0f32, 1.0f32), (0.7, 0.9), (1.3, 0.5), (0.6, 0.02)] {
+            for spread in [0.2, 2.0, 10.0] {
+                let mut logits: Vec<f32> = (0..rows * vocab)
+                    .map(|_| (rng.normal() * spread) as f32)
+                    .collect();
+                // Exact ties in every other row.
+                for r in (0..rows).step_by(2) {
+                    for i in 0..vocab / 3 {
+                        logits[r * vocab + 3 * i + 1] = logits[r * vocab + 3 * i];
+                    }
+                }
+                let units: Vec<f32> = (0..rows).map(|_| rng.unit_f64() as f32).collect();
+                let x =
+                    Tensor::<2>::from_data(TensorData::new(logits.clone(), [rows, vocab]), &device);
+                let u = Tensor::<1>::from_data(TensorData::new(units.clone(), [rows]), &device);
+                let ids = on_device(&x, &u, temperature, top_p).expect("device sampler");
+                let ids: Vec<i64> = ids
+                    .try_into_data()
+                    .unwrap()
+                    .convert::<i64>()
+                    .try_into_vec()
+                    .unwrap();
+                for r in 0..rows {
+                    let row = &logits[r * vocab..(r + 1) * vocab];
+                    let unit = f64::from(units[r]);
+                    let host = sample_top_p_at(row, temperature, top_p, unit);
+                    draws += 1;
+                    if ids[r] as u32 == host {
+                        continue;
+                    }
+                    near += 1;
+                    let moved = [
+                        sample_top_p_at(row, temperature, top_p, (unit - 1e-5).max(0.0)),
+                        sample_top_p_at(row, temperature, top_p, (unit + 1e-5).min(1.0 - 1e-12)),
+                        sample_top_p_at(row, temperature, (top_p - 1e-5).max(1e-6), unit),
+                        sample_top_p_at(row, temperature, (top_p + 1e-5).min(1.0), unit),
+                    ];
+                    assert!(
+                        moved.contains(&(ids[r] as u32)),
+                        "vocab {vocab}, T {temperature}, top-p {top_p}, spread {spread}, row {r}: device {} host {host}",
+                        ids[r]
+                    );
+                }
+            }
+        }
+    }
+    println!("{draws} draws, {near} at a boundary within rounding");
+    assert!(near * 50 <= draws, "{near} of {draws} draws differ");
 }
 
 #[test]
