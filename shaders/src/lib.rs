@@ -37,4 +37,4 @@ pub use graph::{copy_i32_into, snapshot_i32, write_f32, write_i32, Recording, St
 pub use norm::rms_norm;
 pub use qmatvec::{Activation, Epilogue, QuantizedWeight};
 pub use rope::{rope, rope_into_cache, QkvSource};
-pub use sample::{sample_top_p, SAMPLE_MAX_VOCAB};
+pub use sample::{sample_fits, sample_top_p};

@@ -25,8 +25,11 @@ const BUCKETS: u32 = 16;
 const DIGITS: u32 = 13;
 const LOGIT_DIGITS: u32 = 8;
 const ID_BITS: u32 = 20;
-/// The largest vocabulary the key's id bits hold.
-pub const SAMPLE_MAX_VOCAB: usize = 1 << ID_BITS;
+/// Whether `sample_top_p` takes `rows` rows of `vocab` logits: a vocabulary the key's id bits hold, rows within
+/// the grid's second axis.
+pub fn sample_fits(rows: usize, vocab: usize) -> bool {
+    (1..=u16::MAX as usize).contains(&rows) && (1..=1 << ID_BITS).contains(&vocab)
+}
 /// Launches of a draw: a descent for the nucleus's edge and one for the draw, each pass picking the previous
 /// pass's digit and adding up the next one's buckets, and a last pass that only picks.
 const PASSES: u32 = 2 * DIGITS + 1;
@@ -339,7 +342,7 @@ fn sample_pass_kernel(
 
 /// One token per row of `logits` [rows, vocab] drawn from the nucleus of softmax(logits / temperature) at the
 /// row's `units` [rows] (uniform in [0, 1), the host's draws), as the host's sampler draws it: [rows, 1] ids.
-/// `None` off a CubeCL device, for a non-f32 tensor, or a vocabulary past the key's 20 id bits.
+/// `None` off a CubeCL device, for a non-f32 tensor, or shapes past `sample_fits`.
 pub fn sample_top_p(
     logits: &BurnTensor<2>,
     units: &BurnTensor<1>,
@@ -350,10 +353,7 @@ pub fn sample_top_p(
     if logits.dtype() != DType::F32
         || units.dtype() != DType::F32
         || units.dims() != [rows]
-        || rows == 0
-        || n == 0
-        || n > SAMPLE_MAX_VOCAB
-        || rows > u16::MAX as usize
+        || !sample_fits(rows, n)
         || !(temperature > 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0)
     {
         return None;

@@ -206,6 +206,10 @@ impl<'m> Decoder<'m> {
         // running row's remaining budget keeps shifts (KvCache::splice) rare and always sufficient.
         let budget = if batch < n { 2 } else { 1 } * opts.max_new_tokens;
         let mut cache = model.new_cache(prompt + budget);
+        // Sampled steps choose on the device where the kernels take them (decided once: every step then draws
+        // the same way), else from logits on the host.
+        let on_device =
+            matches!(opts.sampling, Sampling::TopP { .. }) && model.samples_on_device(batch);
         let next = if opts.max_new_tokens == 0 || n == 0 {
             None
         } else {
@@ -214,18 +218,15 @@ impl<'m> Decoder<'m> {
                 model.config.num_layers - 1,
                 Some(&mut cache),
             )?;
-            let units = device_units(model, &opts.sampling, &mut rngs[..batch]);
+            let units = device_units(model, on_device, &mut rngs[..batch]);
             Some(choose(
                 model,
                 &opts.sampling,
                 last_position(hidden),
                 units.as_ref(),
-            ))
+            )?)
         };
-        let units = match (&opts.sampling, model.samples_on_device()) {
-            (Sampling::TopP { .. }, true) => Some(Tensor::zeros([batch], &model.device())),
-            _ => None,
-        };
+        let units = on_device.then(|| Tensor::zeros([batch], &model.device()));
         let steps = match next.is_some() && model.prepare_device_step(&mut cache) {
             true => Steps::Device(Box::new(DeviceSteps {
                 ids: Tensor::from_data(
@@ -285,7 +286,7 @@ impl<'m> Decoder<'m> {
         let feed: Vec<Input> = next.iter().map(|id| Input::ids(vec![*id])).collect();
         let hidden = model.forward_to(&feed, model.config.num_layers - 1, Some(&mut self.cache))?;
         let units = self.write_units()?;
-        Ok(choose(model, &self.opts.sampling, hidden, units.as_ref()))
+        choose(model, &self.opts.sampling, hidden, units.as_ref())
     }
 
     /// A step from the ids on the device: replayed when recorded, else run (and recorded when asked).
@@ -303,7 +304,7 @@ impl<'m> Decoder<'m> {
         } = device.as_mut();
         let run = |cache: &mut KvCache| -> Result<Readback> {
             let hidden = model.decode_step(ids, cache)?;
-            let out = choose(model, sampling, hidden, units.as_ref());
+            let out = choose(model, sampling, hidden, units.as_ref())?;
             // The next step's ids, on the device: a step launched ahead reads them from here, so a copy that
             // cannot be made must stop decoding rather than let that step read stale ids.
             if let Readback::Ids(chosen) = &out {
@@ -453,10 +454,10 @@ impl<'m> Decoder<'m> {
             let started = last_position(self.model.forward_to(prompts, last, Some(&mut part))?);
             let units = device_units(
                 self.model,
-                &self.opts.sampling,
+                self.units.is_some(),
                 &mut self.rngs[start..start + starting],
             );
-            let started = choose(self.model, &self.opts.sampling, started, units.as_ref());
+            let started = choose(self.model, &self.opts.sampling, started, units.as_ref())?;
             let live: Vec<usize> = (0..n_rows).filter(|r| self.rows[*r].is_some()).collect();
             // A row feeds at most max_new_tokens - 1 more tokens (the last one chosen is not fed).
             let room = self.opts.max_new_tokens.saturating_sub(1);
@@ -569,44 +570,46 @@ impl Readback {
     }
 }
 
-/// The device values the choice after hidden states [b, 1, d] needs: the LM head, then the argmax on the device
-/// (greedy) or the logits (sampling).
+/// The device values the choice after hidden states [b, 1, d] needs: the LM head, then the argmax or, with the
+/// rows' draws (`units`), the sampled ids on the device; else the logits, for the host's sampler. An error where
+/// the device's sampler declines a step the decoder chose it for (the host's sampler would then take second
+/// draws).
 fn choose(
     model: &Model,
     sampling: &Sampling,
     hidden: Tensor<3>,
     units: Option<&Tensor<1>>,
-) -> Readback {
+) -> Result<Readback> {
     let logits = model.head(hidden).squeeze_dim::<2>(1);
-    match (sampling, units) {
+    Ok(match (sampling, units) {
         (Sampling::Greedy, _) => Readback::Ids(model.argmax(logits)),
         (
             Sampling::TopP {
                 temperature, top_p, ..
             },
             Some(units),
-        ) => match model.sample_top_p(&logits, units, *temperature, *top_p) {
-            Some(ids) => Readback::Ids(ids),
-            None => Readback::Logits(logits),
-        },
+        ) => Readback::Ids(
+            model
+                .sample_top_p(&logits, units, *temperature, *top_p)
+                .ok_or_else(|| {
+                    AvbError::Invalid(format!(
+                        "the device's sampler declined logits {:?}; decode with the kernels off to sample on the host",
+                        logits.dims()
+                    ))
+                })?,
+        ),
         (Sampling::TopP { .. }, None) => Readback::Logits(logits),
-    }
+    })
 }
 
 /// For sampled decoding on the device, the next draw of each of these inputs' generators, [inputs] on the device
 /// (the tokens their prompts' logits choose); None otherwise.
-fn device_units(model: &Model, sampling: &Sampling, rngs: &mut [SplitMix64]) -> Option<Tensor<1>> {
-    match (sampling, model.samples_on_device()) {
-        (Sampling::TopP { .. }, true) => {
-            let draws: Vec<f32> = rngs.iter_mut().map(|r| r.unit_f64() as f32).collect();
-            let n = draws.len();
-            Some(Tensor::from_data(
-                TensorData::new(draws, [n]),
-                &model.device(),
-            ))
-        }
-        _ => None,
-    }
+fn device_units(model: &Model, on_device: bool, rngs: &mut [SplitMix64]) -> Option<Tensor<1>> {
+    on_device.then(|| {
+        let draws: Vec<f32> = rngs.iter_mut().map(|r| r.unit_f64() as f32).collect();
+        let n = draws.len();
+        Tensor::from_data(TensorData::new(draws, [n]), &model.device())
+    })
 }
 
 /// [b, t, d] -> the last position, [b, 1, d].

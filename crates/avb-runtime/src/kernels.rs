@@ -370,14 +370,14 @@ pub(crate) fn sample_top_p(
     None
 }
 
-/// Whether `sample_top_p` takes rows of `vocab` logits on `device`.
+/// Whether `sample_top_p` takes `rows` rows of `vocab` f32 logits on `device`.
 #[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
-pub(crate) fn samples(device: &burn::tensor::Device, vocab: usize) -> bool {
-    vocab <= avb_shaders::SAMPLE_MAX_VOCAB && avb_shaders::on_cube(device)
+pub(crate) fn samples(device: &burn::tensor::Device, rows: usize, vocab: usize) -> bool {
+    avb_shaders::sample_fits(rows, vocab) && avb_shaders::on_cube(device)
 }
 
 #[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
-pub(crate) fn samples(_device: &burn::tensor::Device, _vocab: usize) -> bool {
+pub(crate) fn samples(_device: &burn::tensor::Device, _rows: usize, _vocab: usize) -> bool {
     false
 }
 

@@ -1533,14 +1533,15 @@ impl Model {
         crate::kernels::argmax(logits, self.kernels)
     }
 
-    /// Whether sampled steps choose on the device (`sample_top_p`): the kernels on, on a CubeCL device.
-    pub(crate) fn samples_on_device(&self) -> bool {
-        self.kernels && crate::kernels::samples(&self.device, self.config.vocab_size)
+    /// Whether sampled steps of `rows` rows choose on the device (`sample_top_p`): the kernels on, on a CubeCL
+    /// device, shapes the kernel takes.
+    pub(crate) fn samples_on_device(&self, rows: usize) -> bool {
+        self.kernels && crate::kernels::samples(&self.device, rows, self.config.vocab_size)
     }
 
     /// One token per row of logits [b, vocab], drawn on the device from the nucleus of softmax(logits /
     /// temperature) at the row's `units` [b] (uniform draws from the host), as the host's sampler draws it
-    /// (`crate::sample`); [b, 1], or `None` where `samples_on_device` does not hold.
+    /// (`crate::sample`); [b, 1], or `None` where `samples_on_device(b)` does not hold.
     pub(crate) fn sample_top_p(
         &self,
         logits: &Tensor<2>,

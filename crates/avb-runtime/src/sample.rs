@@ -49,8 +49,8 @@ fn probabilities(logits: &[f32], temperature: f32) -> Vec<Weighted> {
 
 /// Rearranges `v` and returns the index of the first token, in `order`, at which the running sum of
 /// probabilities (in that order, the token's own included) exceeds `target`: every token before that index comes
-/// earlier in the order, every token after it later. The last token in the order when no running sum exceeds
-/// `target` (only by rounding: `target` below the total).
+/// earlier in the order, every token after it later. When no running sum exceeds `target` (only by rounding,
+/// sums taken in different orders), the last token of the range the search narrowed to.
 fn first_exceeding(
     v: &mut [Weighted],
     target: f64,
@@ -127,7 +127,8 @@ pub fn on_device(
     temperature: f32,
     top_p: f32,
 ) -> Option<Tensor<2, Int>> {
-    match crate::kernels::samples(&logits.device(), logits.dims()[1]) {
+    let [rows, vocab] = logits.dims();
+    match crate::kernels::samples(&logits.device(), rows, vocab) {
         true => crate::kernels::sample_top_p(logits, units, temperature, top_p),
         false => None,
     }
@@ -165,7 +166,7 @@ pub fn sample_rows(
         .collect();
         handles
             .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
+            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
             .collect()
     })
 }
