@@ -30,18 +30,17 @@ const SMALL: usize = 32;
 /// Softmax(logits / temperature), in f64.
 fn probabilities(logits: &[f32], temperature: f32) -> Vec<Weighted> {
     let t = f64::from(temperature);
-    let max = logits
-        .iter()
-        .map(|&l| f64::from(l) / t)
-        .fold(f64::NEG_INFINITY, f64::max);
+    // Scaled once, then exponentiated in place.
     let mut probs: Vec<Weighted> = logits
         .iter()
         .enumerate()
         .map(|(id, &l)| Weighted {
-            p: (f64::from(l) / t - max).exp(),
+            p: f64::from(l) / t,
             id: id as u32,
         })
         .collect();
+    let max = probs.iter().map(|w| w.p).fold(f64::NEG_INFINITY, f64::max);
+    probs.iter_mut().for_each(|w| w.p = (w.p - max).exp());
     let total: f64 = probs.iter().map(|w| w.p).sum();
     probs.iter_mut().for_each(|w| w.p /= total);
     probs
@@ -120,18 +119,14 @@ fn draw(mut kept: Vec<Weighted>, unit: f64) -> u32 {
 /// One token per row of logits [rows, vocab] drawn on the device from the nucleus of softmax(logits /
 /// temperature) at the row's `units` [rows] (the host's uniform draws), as `sample_top_p_at` draws it but for the
 /// rounding of f32 sums: [rows, 1], one id a row to read back. `None` off a CubeCL device (or with the GPU features
-/// off), where the logits go to `sample_top_p`.
+/// off) or for shapes the kernel does not take, where the logits go to `sample_top_p`.
 pub fn on_device(
     logits: &Tensor<2>,
     units: &Tensor<1>,
     temperature: f32,
     top_p: f32,
 ) -> Option<Tensor<2, Int>> {
-    let [rows, vocab] = logits.dims();
-    match crate::kernels::samples(&logits.device(), rows, vocab) {
-        true => crate::kernels::sample_top_p(logits, units, temperature, top_p),
-        false => None,
-    }
+    crate::kernels::sample_top_p(logits, units, temperature, top_p)
 }
 
 /// `sample_top_p` for each row of `logits` (rows of `vocab` values) that has a generator; 0 for rows without
