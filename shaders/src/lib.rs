@@ -15,6 +15,7 @@
 //! - [`decode_attention`]: a new token's attention over the preallocated KV cache (GQA, padding, sliding window,
 //!   soft-capping) in one launch instead of about ten.
 //! - [`gather_rows`]: embedding rows of token ids that live on the device.
+//! - [`matmul_f32`]: float products in f32 where burn's generic matmul would round f32 to TF32 (CUDA).
 //! - [`Recording`] / [`StepGraph`]: a decoding step recorded once and replayed (CubeCL graphs); positions and ids
 //!   reach the kernels through device buffers written in place ([`write_i32`]), so one recording serves every step.
 #![cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
@@ -24,6 +25,7 @@ mod attention;
 mod cube;
 mod embed;
 mod graph;
+mod matmul;
 mod norm;
 mod qmatvec;
 mod rope;
@@ -34,6 +36,7 @@ pub use attention::{decode_attention, decode_attention_fits, MAX_KEYS};
 pub use cube::on_cube;
 pub use embed::gather_rows;
 pub use graph::{copy_i32_into, snapshot_i32, write_f32, write_i32, Recording, StepGraph};
+pub use matmul::matmul_f32;
 pub use norm::rms_norm;
 pub use qmatvec::{Activation, Epilogue, QuantizedWeight};
 pub use rope::{rope, rope_into_cache, QkvSource};

@@ -1,22 +1,37 @@
-//! Each kernel against burn's generic tensor ops on the same device, on fresh random inputs: the quantized matvec
-//! against a matmul with the dequantized weight (8- and 4-bit; one tile of rows and several; with and without
-//! bias; a k that does not divide into chunks; of RMSNorm(x); with the residual and gated-MLP epilogues), RMSNorm,
-//! RoPE (alone and fused with the KV-cache writes, also from the q/k/v product's partial sums), and decode
-//! attention with left padding, grouped heads, a sliding window and soft-capping against the masked-softmax
-//! formulation, the embedding gather, and a recorded step replayed with its inputs written in place. Runs on wgpu
-//! (Mesa lavapipe in CI, a real GPU through Vulkan on the GPU machine):
+//! Each kernel against burn's generic tensor ops on the same device (matrix products on the CPU backend), on fresh
+//! random inputs: the quantized matvec against a matmul with the dequantized weight (8- and 4-bit; one tile of rows
+//! and several; with and without bias; a k that does not divide into chunks; of RMSNorm(x); with the residual and
+//! gated-MLP epilogues), RMSNorm, RoPE (alone and fused with the KV-cache writes, also from the q/k/v product's
+//! partial sums), and decode attention with left padding, grouped heads, a sliding window and soft-capping against
+//! the masked-softmax formulation, the embedding gather, and a recorded step replayed with its inputs written in
+//! place. Runs on wgpu (Mesa lavapipe in CI, a real GPU through Vulkan on the GPU machine):
 //! `cargo test -p avb-runtime -p avb-shaders --features avb-runtime/wgpu,avb-shaders/wgpu --test kernels`; with
 //! `avb-shaders/vulkan` the kernels compile to SPIR-V, and products of more than 8 rows run on tensor cores where
-//! the device has them (checked against the reference with f16-rounded inputs).
-#![cfg(feature = "wgpu")]
+//! the device has them (checked against the reference with f16-rounded inputs). With `avb-shaders/cuda` and
+//! `AVB_TEST_DEVICE=cuda` they run as CUDA C++ (tests/scripts/cuda_build_env.sh prepares the build).
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
 
 use avb_shaders::{decode_attention, rms_norm, Activation, Epilogue, QkvSource, QuantizedWeight};
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, QuantizedBytes, ScaleDtype};
 use burn::tensor::{activation, Bool, DType, Device, Distribution, Int, Tensor, TensorData};
 use half::f16;
 
+/// wgpu unless `AVB_TEST_DEVICE=cuda` (the `cuda` feature: CUDA C++ through NVRTC on the GPU machine).
 fn device() -> Device {
-    Device::wgpu(Default::default())
+    match std::env::var("AVB_TEST_DEVICE").as_deref() {
+        #[cfg(feature = "cuda")]
+        Ok("cuda") => Device::cuda(0),
+        #[cfg(feature = "wgpu")]
+        Ok("wgpu") | Err(_) => Device::wgpu(Default::default()),
+        other => panic!("AVB_TEST_DEVICE={other:?}: not compiled in (features wgpu / cuda)"),
+    }
+}
+
+/// a b in f32 on the CPU backend. On CUDA burn's generic matmul stages f32 inputs as TF32 (10-bit mantissas: about
+/// 3e-4 relative error here), too coarse a reference for kernels exact to 1e-6.
+fn exact_matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    let (dev, cpu) = (a.device(), Device::flex());
+    a.to_device(&cpu).matmul(b.to_device(&cpu)).to_device(&dev)
 }
 
 fn host(t: Tensor<2>) -> Vec<f32> {
@@ -122,8 +137,8 @@ fn quantized_matvec_equals_dequantized_matmul() {
                             .matvec(&x, b, Epilogue::None, None)
                             .expect("the kernel applies"),
                     );
-                    let mut reference = x_in.clone().matmul(w_in.clone());
-                    let mut exact = x.clone().matmul(reference_w.clone());
+                    let mut reference = exact_matmul(x_in.clone(), w_in.clone());
+                    let mut exact = exact_matmul(x.clone(), reference_w.clone());
                     if let Some(b) = b {
                         reference = reference + b.clone().unsqueeze::<2>();
                         exact = exact + b.clone().unsqueeze::<2>();
@@ -150,7 +165,7 @@ fn quantized_matvec_equals_dequantized_matmul() {
                 let mean_square = x.clone().square().mean_dim(1);
                 let normed = x.clone() * (mean_square + eps).sqrt().recip() * norm.unsqueeze::<2>();
                 let (normed, w_in) = reference_inputs(&packed, &normed, &wq, &reference_w);
-                let err = rel_err(&host(ours), &host(normed.matmul(w_in)));
+                let err = rel_err(&host(ours), &host(exact_matmul(normed, w_in)));
                 println!("q{bits} k {k} out {out} rows {rows} normed: relative error {err:.2e}");
                 // With f16 inputs, the kernel's and the reference's RMSNorm (equal to about 1e-7) round a few values
                 // to neighbouring f16s, each a 2^-11 change in one term.
@@ -182,7 +197,7 @@ fn matvec_epilogues_equal_generic_ops() {
     for rows in [1, 3, 8, 13, 21, 64, 65] {
         let x: Tensor<2> = Tensor::random([rows, k], Distribution::Normal(0.0, 1.0), &dev);
         let (x_in, w_in) = reference_inputs(&packed, &x, &wq, &reference_w);
-        let product = x_in.matmul(w_in);
+        let product = exact_matmul(x_in, w_in);
         let residual: Tensor<2> = Tensor::random([rows, 2 * half], Distribution::Default, &dev);
         let ours = packed
             .matvec(&x, None, Epilogue::Residual(&residual), None)
@@ -272,7 +287,7 @@ fn reference_attention(
     let g = h / kvh;
     let dev = q.device();
     let q = q.reshape([b, kvh, g, hd]);
-    let mut scores = q.matmul(keys.swap_dims(2, 3)) * scale;
+    let mut scores = exact_matmul(q, keys.swap_dims(2, 3)) * scale;
     if let Some(c) = softcap {
         scores = (scores / c).tanh() * c;
     }
@@ -289,7 +304,7 @@ fn reference_attention(
         scores.mask_fill(mask.expand([b, kvh, g, cap]), f32::NEG_INFINITY),
         3,
     );
-    probs.matmul(values).reshape([b, h, 1, hd])
+    exact_matmul(probs, values).reshape([b, h, 1, hd])
 }
 
 #[test]
@@ -730,4 +745,29 @@ fn argmax_equals_burns_argmax_with_ties_to_the_first() {
         .try_to_vec::<i64>()
         .unwrap();
     assert_eq!(ids, vec![5000, n as i64 - 1]);
+}
+
+/// The f32 product (CUDA, where burn's generic matmul rounds f32 to TF32) against the CPU's f32 product: batched,
+/// with a transposed rhs view (attention's k^T), a rhs shared by every batch (a projection), and sizes that leave
+/// partial tiles. Elsewhere it declines, burn's generic matmul being f32 already.
+#[test]
+fn matmul_f32_equals_the_cpu_product() {
+    let dev = device();
+    dev.seed(9);
+    let on_cuda = std::env::var("AVB_TEST_DEVICE").as_deref() == Ok("cuda");
+    let lhs: Tensor<4> = Tensor::random([2, 3, 37, 70], Distribution::Normal(0.0, 1.0), &dev);
+    let keys: Tensor<4> = Tensor::random([2, 3, 45, 70], Distribution::Normal(0.0, 1.0), &dev);
+    let shared: Tensor<4> = Tensor::random([1, 1, 70, 19], Distribution::Normal(0.0, 1.0), &dev);
+    for (name, rhs) in [("k^T", keys.swap_dims(2, 3)), ("shared", shared)] {
+        let Some(ours) = avb_shaders::matmul_f32(&lhs, &rhs) else {
+            assert!(!on_cuda, "{name}: the f32 product declined on CUDA");
+            continue;
+        };
+        let want = exact_matmul(lhs.clone(), rhs);
+        assert_eq!(ours.dims(), want.dims());
+        let flat = |t: Tensor<4>| -> Vec<f32> { t.into_data().try_into_vec::<f32>().unwrap() };
+        let err = rel_err(&flat(ours), &flat(want));
+        println!("matmul_f32 {name}: relative error {err:.2e}");
+        assert!(err < 1e-6, "matmul_f32 {name}: {err}");
+    }
 }

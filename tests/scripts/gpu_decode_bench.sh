@@ -6,21 +6,20 @@
 #   bash tests/scripts/gpu_decode_bench.sh PRECISION SHAPE [SHAPE ...]     (tables land in $OUT)
 # BATCHES (default 1,16,64) picks the batch sizes, REPS (default 3) the timed runs each side takes the median of: a
 # process's first timed run can start slow (a batch-1 prefill of 0.113 s against 0.025 for the next two). ARGS adds
-# arguments to `avb bench decode` (e.g. "--temperature 0.7 --top-p 0.9"), TAG a suffix to the tables' names.
+# arguments to `avb bench decode` (e.g. "--temperature 0.7 --top-p 0.9"), TAG a suffix to the tables' names, DEVICE
+# the backend (wgpu, the default, or cuda with a `cuda` build's binaries: tests/scripts/gpu_env.sh).
 set -uo pipefail
 precision="$1"
 shift
+shopt -s nullglob
 for f in .gl/*.deb; do dpkg -x "$f" /; done
 ldconfig
-if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
-  export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-fi
-shopt -s nullglob
+. tests/scripts/gpu_env.sh
 for f in .carry/*.gz; do gunzip -kf "$f"; done
 for f in .carry/*.xz; do xz -dkf "$f"; done
 chmod +x .carry/avb .carry/kernels .carry/kbench 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-export AVB_REPO_ROOT="$PWD" AVB_TEST_DEVICE=wgpu PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 if [ -x .carry/kernels ]; then
   .carry/kernels --nocapture --test-threads 1 2>&1 | grep -E "relative error|test result|panicked|FAILED" | tee "$OUT/kernels.log"
 fi
@@ -28,7 +27,7 @@ if [ -x .carry/kbench ]; then
   .carry/kbench 2>&1 | grep -v XDG_RUNTIME | tee "$OUT/kernel-bench.md"
 fi
 for shape in "$@"; do
-  .carry/avb bench decode --shape "$shape" --device wgpu --precision "$precision" --batch "${BATCHES:-1,16,64}" \
-    --prompt 128 --new 128 --reps "${REPS:-3}" ${ARGS:-} --output "$OUT/decode-$shape-wgpu-$precision${TAG:+-$TAG}.md" 2>&1 |
-    grep -v XDG_RUNTIME | tee "$OUT/decode-$shape-wgpu-$precision${TAG:+-$TAG}.log"
+  .carry/avb bench decode --shape "$shape" --device "$device" --precision "$precision" --batch "${BATCHES:-1,16,64}" \
+    --prompt 128 --new 128 --reps "${REPS:-3}" ${ARGS:-} --output "$OUT/decode-$shape-$device-$precision${TAG:+-$TAG}.md" 2>&1 |
+    grep -v XDG_RUNTIME | tee "$OUT/decode-$shape-$device-$precision${TAG:+-$TAG}.log"
 done

@@ -3,20 +3,18 @@
 # decoding step, each launch timed on the device by CubeCL's profiler (--no-graphs: recorded launches are not
 # logged), as the difference between 12- and 4-step runs.
 #   bash tests/scripts/gpu_profile_step.sh SHAPE PRECISION BATCH [BATCH ...]     (profile-SHAPE-bBATCH.txt in $OUT)
+# DEVICE picks the backend as in gpu_decode_bench.sh.
 set -euo pipefail
 shape="$1" precision="$2"
 shift 2
-if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
-  export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-fi
-export AVB_REPO_ROOT="$PWD"
+. tests/scripts/gpu_env.sh
 logs="$(mktemp -d)"
 for batch in "$@"; do
   for new in 4 12; do
     CUBECL_DEBUG_LOG="$logs/$batch-$new.log" CUBECL_DEBUG_OPTION=profile .carry/avb bench decode --shape "$shape" \
-      --device wgpu --precision "$precision" --batch "$batch" --prompt 128 --new "$new" --reps 1 --reference none \
+      --device "$device" --precision "$precision" --batch "$batch" --prompt 128 --new "$new" --reps 1 --reference none \
       --no-graphs --output "$logs/$batch-$new.md" >/dev/null 2>&1
   done
   python3 tests/scripts/profile_decode_step.py "$logs/$batch-4.log" "$logs/$batch-12.log" |
-    tee "$OUT/profile-$shape-b$batch.txt"
+    tee "$OUT/profile-$shape-$device-b$batch.txt"
 done

@@ -17,7 +17,7 @@ struct Dense {
 
 impl Dense {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        module::linear(x, self.weight.clone(), Some(self.bias.clone()))
+        crate::kernels::linear(x, self.weight.clone(), Some(self.bias.clone()))
     }
 }
 
@@ -253,10 +253,12 @@ impl SentenceEmbedder {
             let q = split(layer.query.forward(x.clone()));
             let k = split(layer.key.forward(x.clone()));
             let v = split(layer.value.forward(x.clone()));
-            let scores = q.matmul(k.swap_dims(2, 3)) * scale;
+            let scores = crate::kernels::matmul(q, k.swap_dims(2, 3)) * scale;
             let probs =
                 activation::softmax(scores.mask_fill(pad_keys.clone(), f32::NEG_INFINITY), 3);
-            let ctx = probs.matmul(v).swap_dims(1, 2).reshape([b, t, d]);
+            let ctx = crate::kernels::matmul(probs, v)
+                .swap_dims(1, 2)
+                .reshape([b, t, d]);
             x = layer
                 .attn_norm
                 .forward(layer.attn_out.forward(ctx) + x, self.eps);

@@ -73,7 +73,7 @@ impl DeviceMap {
             TensorData::new(directions.data.clone(), [directions.rows, self.d_src]),
             &device,
         );
-        let mapped = x.matmul(self.weight.clone());
+        let mapped = crate::kernels::matmul(x, self.weight.clone());
         let Some(w) = washout_weight else {
             return Ok(mapped);
         };

@@ -116,6 +116,27 @@ pub(crate) enum Epilogue<'a> {
     Gated(Activation),
 }
 
+/// a b in f32. Not a speed kernel, so used with the kernels on or off: where burn's generic matmul would stage f32 as
+/// TF32 (CUDA), avbridge's f32 product, else burn's.
+#[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
+pub(crate) fn matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    avb_shaders::matmul_f32(&a, &b).unwrap_or_else(|| a.matmul(b))
+}
+
+#[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
+pub(crate) fn matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    a.matmul(b)
+}
+
+/// x W + bias for x [b, t, in] and W [in, out], the product through [`matmul`].
+pub(crate) fn linear(x: Tensor<3>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<3> {
+    let y = matmul(x, weight.unsqueeze::<3>());
+    match bias {
+        Some(b) => y + b.unsqueeze::<3>(),
+        None => y,
+    }
+}
+
 /// RMSNorm in one kernel when `x` lives on a CubeCL device, else `None`.
 #[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
 pub(crate) fn rms_norm<const D: usize>(

@@ -12,7 +12,7 @@ use avb_core::matrix::transpose;
 use avb_core::{AvbError, Result};
 use avb_model::bundle::{self, Bits};
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
-use burn::tensor::{activation, module, Bool, Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{activation, Bool, Device, Distribution, Int, Tensor, TensorData};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -132,7 +132,7 @@ impl Linear {
         } else {
             self.weight.clone()
         };
-        let y = module::linear(x, weight, self.bias.clone());
+        let y = crate::kernels::linear(x, weight, self.bias.clone());
         match epilogue {
             Epilogue::None => y,
             Epilogue::Residual(r) => y + r.clone(),
@@ -1337,14 +1337,16 @@ impl Model {
         // Grouped-query attention without repeating K/V: the g query heads of one KV head share a matmul.
         let g = h / kvh;
         let q = q.reshape([b, kvh, g * t, hd]);
-        let scores = q.matmul(k.swap_dims(2, 3)) * c.attn_scale;
+        let scores = crate::kernels::matmul(q, k.swap_dims(2, 3)) * c.attn_scale;
         let scores = softcap(scores, c.attn_softcap);
         let mask = mask
             .reshape([b, 1, 1, t, total])
             .expand([b, kvh, g, t, total])
             .reshape([b, kvh, g * t, total]);
         let probs = activation::softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3);
-        let out = probs.matmul(v).reshape([b, h, t, hd]).swap_dims(1, 2);
+        let out = crate::kernels::matmul(probs, v)
+            .reshape([b, h, t, hd])
+            .swap_dims(1, 2);
         out.reshape([b, t, h * hd])
     }
 
