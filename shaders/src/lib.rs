@@ -36,7 +36,7 @@ pub use attention::{decode_attention, decode_attention_fits, MAX_KEYS};
 pub use cube::on_cube;
 pub use embed::gather_rows;
 pub use graph::{copy_i32_into, snapshot_i32, write_f32, write_i32, Recording, StepGraph};
-pub use matmul::matmul_f32;
+pub use matmul::{matmul_f32, matmul_rounds_to_tf32};
 pub use norm::rms_norm;
 pub use qmatvec::{Activation, Epilogue, QuantizedWeight};
 pub use rope::{rope, rope_into_cache, QkvSource};

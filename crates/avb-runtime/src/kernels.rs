@@ -120,7 +120,12 @@ pub(crate) enum Epilogue<'a> {
 /// TF32 (CUDA), avbridge's f32 product, else burn's.
 #[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
 pub(crate) fn matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
-    avb_shaders::matmul_f32(&a, &b).unwrap_or_else(|| a.matmul(b))
+    if avb_shaders::matmul_rounds_to_tf32(&a) {
+        if let Some(y) = avb_shaders::matmul_f32(&a, &b) {
+            return y;
+        }
+    }
+    a.matmul(b)
 }
 
 #[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
