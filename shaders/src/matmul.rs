@@ -9,27 +9,24 @@ use burn_cubecl::cubecl;
 use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
 
-/// Outputs a cube computes along each side: 16 x 16 threads of 4 x 4 outputs each.
+/// Outputs a cube computes along each side: 16 x 16 threads of 4 x 4 outputs each (the kernel's literals: 64, 16
+/// and 4 follow from it).
 const TILE: usize = 64;
 
-/// out[z] = lhs[z] rhs[z'] for 3-D tensors, one 64 x 64 tile of out per cube (z = CUBE_POS_Z; z' = z, or 0 for a
-/// shared rhs: `rhs_batch_stride` 0). Each step stages 16 columns of lhs and 16 rows of rhs in shared memory (four
-/// loads a thread, adjacent threads on adjacent addresses); each output sums its products in order of k.
+/// out[z] = lhs[z] rhs[z] for 3-D tensors, one 64 x 64 tile of out per cube (rows along CUBE_POS_X, whose limit is
+/// the larger; columns along CUBE_POS_Y; z = CUBE_POS_Z). Each step stages 16 columns of lhs and 16 rows of rhs in
+/// shared memory, four loads a thread (adjacent threads on adjacent addresses where the operand is contiguous);
+/// each output sums its products in order of k.
 #[cube(launch)]
-fn matmul_f32_kernel(
-    lhs: &Tensor<f32>,
-    rhs: &Tensor<f32>,
-    out: &mut Tensor<f32>,
-    rhs_batch_stride: u32,
-) {
+fn matmul_f32_kernel(lhs: &Tensor<f32>, rhs: &Tensor<f32>, out: &mut Tensor<f32>) {
     let (m, n, k) = (out.shape(1), out.shape(2), lhs.shape(2));
     let z = CUBE_POS_Z as usize;
     let (tx, ty) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
     let tid = ty * 16 + tx;
-    let row0 = CUBE_POS_Y as usize * 64;
-    let col0 = CUBE_POS_X as usize * 64;
+    let row0 = CUBE_POS_X as usize * 64;
+    let col0 = CUBE_POS_Y as usize * 64;
     let l0 = z * lhs.stride(0);
-    let r0 = z * rhs_batch_stride as usize;
+    let r0 = z * rhs.stride(0);
     // a: 64 rows x 16 of k; b: 16 of k x 64 columns.
     let mut a = Shared::<[f32]>::new_slice(1024usize);
     let mut b = Shared::<[f32]>::new_slice(1024usize);
@@ -101,7 +98,8 @@ pub fn matmul_rounds_to_tf32<const D: usize>(t: &BurnTensor<D>) -> bool {
 }
 
 /// lhs [.., m, k] times rhs [.., k, n] (the same leading dimensions, or rhs [k, n] for every batch) in f32; `None`
-/// off a CubeCL device or for other dtypes and shapes.
+/// off a CubeCL device or for other dtypes and shapes. A rhs shared by every batch (a projection's weight) takes the
+/// batches as rows of one product, so that the weight is read once per tile of 64 rows, not once per batch.
 pub fn matmul_f32<const D: usize>(
     lhs: &BurnTensor<D>,
     rhs: &BurnTensor<D>,
@@ -114,31 +112,34 @@ pub fn matmul_f32<const D: usize>(
     let (m, k, n) = (ld[D - 2], ld[D - 1], rd[D - 1]);
     let batch: usize = ld[..D - 2].iter().product();
     let shared_rhs = rd[..D - 2].iter().all(|&d| d == 1);
+    let (batch, m) = if shared_rhs {
+        (1, batch * m)
+    } else {
+        (batch, m)
+    };
     if (!shared_rhs && ld[..D - 2] != rd[..D - 2])
         || batch == 0
         || m == 0
         || n == 0
         || batch > u16::MAX as usize
+        || n.div_ceil(TILE) > u16::MAX as usize
     {
         return None;
     }
-    let rhs_batch = if shared_rhs { 1 } else { batch };
     let lc = to_cube(&lhs.clone().reshape([batch, m, k]))?;
-    let rc = to_cube(&rhs.clone().reshape([rhs_batch, k, n]))?;
+    let rc = to_cube(&rhs.clone().reshape([batch, k, n]))?;
     let out = empty_like(&lc, [batch, m, n], DType::F32);
-    let rhs_batch_stride = if shared_rhs { 0 } else { rc.meta.strides()[0] };
     matmul_f32_kernel::launch(
         &out.client,
         CubeCount::Static(
-            n.div_ceil(TILE) as u32,
             m.div_ceil(TILE) as u32,
+            n.div_ceil(TILE) as u32,
             batch as u32,
         ),
         CubeDim::new_2d(16, 16),
         lc.into_tensor_arg(),
         rc.into_tensor_arg(),
         out.clone().into_tensor_arg(),
-        rhs_batch_stride as u32,
     );
     let mut shape = ld;
     shape[D - 1] = n;

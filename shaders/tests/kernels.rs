@@ -755,8 +755,10 @@ fn matmul_f32_equals_the_cpu_product() {
     let dev = device();
     dev.seed(9);
     let lhs: Tensor<4> = Tensor::random([2, 3, 37, 70], Distribution::Normal(0.0, 1.0), &dev);
-    let on_cuda = std::env::var("AVB_TEST_DEVICE").as_deref() == Ok("cuda");
-    assert_eq!(avb_shaders::matmul_rounds_to_tf32(&lhs), on_cuda);
+    // Only CUDA has TF32 (on Ampere and later).
+    if std::env::var("AVB_TEST_DEVICE").as_deref() != Ok("cuda") {
+        assert!(!avb_shaders::matmul_rounds_to_tf32(&lhs));
+    }
     let keys: Tensor<4> = Tensor::random([2, 3, 45, 70], Distribution::Normal(0.0, 1.0), &dev);
     let shared: Tensor<4> = Tensor::random([1, 1, 70, 130], Distribution::Normal(0.0, 1.0), &dev);
     for (name, rhs) in [("k^T", keys.swap_dims(2, 3)), ("shared", shared)] {

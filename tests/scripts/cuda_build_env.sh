@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepares this (Debian 12) machine to compile the `cuda` feature. Source it: `. tests/scripts/cuda_build_env.sh`.
+# Prepares this (Debian 12) machine to compile the `cuda` feature. Source it as root: `. tests/scripts/cuda_build_env.sh`.
 #
 # burn's CUDA backend (cubecl-cuda 0.11) always links CubeCL's LLVM compiler, and that crate's build
 # (tracel-llvm-bundler) downloads an LLVM 23.1 bundle from GitHub, which this network cannot reach. avbridge runs
@@ -15,8 +15,8 @@
 # here); tests/scripts/gpu_decode_bench.sh with DEVICE=cuda finds them on the GPU machine.
 llvm=/usr/lib/llvm-22
 if [ ! -x "$llvm/bin/llvm-config" ] || [ ! -f "$llvm/lib/libPolly.a" ] || [ ! -e /usr/include/zstd.h ]; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends llvm-22-dev libpolly-22-dev \
-    libzstd-dev || return 1
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends llvm-22-dev \
+    libpolly-22-dev libzstd-dev || return 1
 fi
 prefix="${XDG_DATA_HOME:-$HOME/.local/share}/tracel/tracel-llvm-23.1.0-4"
 mkdir -p "$prefix/bin" && rm -f "$prefix/bin/llvm-config" || return 1
@@ -26,7 +26,8 @@ printf '%s\n' '#!/bin/sh' \
   "  *\" --system-libs \"*) printf '%s\\n' \"\$out\" | sed -e 's# [^ ]*libz3[^ ]*##' -e 's# -lxml2##' ;;" \
   "  *) printf '%s\\n' \"\$out\" ;;" \
   'esac' >"$prefix/bin/llvm-config" || return 1
-# Touched only once: the bundler's build script reruns (and everything above it rebuilds) when its mtime changes.
 chmod +x "$prefix/bin/llvm-config" || return 1
+# Touched only once: the bundler's build script reruns (and everything above it rebuilds) when its mtime changes.
 [ -e "$prefix/.tracel-llvm-installed" ] || touch "$prefix/.tracel-llvm-installed" || return 1
+unset llvm prefix
 export CUDARC_CUDA_VERSION=13000

@@ -4,10 +4,15 @@
 # launches of the products, chunk sums, RoPE and attention from the third step on, every kernel launched
 # (--no-graphs). ncu runs them at its base clocks (SM 1.35-1.47 GHz, not the 1.98 of a free run), so their
 # durations are longer than in the decode tables; the fractions of each unit's peak are what it is for.
-#   DEVICE=cuda bash tests/scripts/gpu_ncu_step.sh SHAPE PRECISION BATCH [BATCH ...]   (ncu-SHAPE-cuda-bBATCH.txt in $OUT)
+#   bash tests/scripts/gpu_ncu_step.sh SHAPE PRECISION BATCH [BATCH ...]   (ncu-SHAPE-cuda-bBATCH.txt in $OUT)
 set -uo pipefail
 shape="$1" precision="$2"
 shift 2
+DEVICE="${DEVICE:-cuda}"
+if [ "$DEVICE" != cuda ]; then
+  echo "gpu_ncu_step.sh: Nsight Compute profiles CUDA kernels; DEVICE=$DEVICE has none" >&2
+  exit 2
+fi
 . tests/scripts/gpu_env.sh
 for f in .carry/*.xz; do [ -e "$f" ] && xz -dkf "$f"; done
 chmod +x .carry/avb

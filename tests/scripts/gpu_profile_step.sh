@@ -2,7 +2,7 @@
 # On the GPU machine, after tests/scripts/gpu_decode_bench.sh has unpacked .carry/ and .gl/: the kernels of one
 # decoding step, each launch timed on the device by CubeCL's profiler (--no-graphs: recorded launches are not
 # logged), as the difference between 12- and 4-step runs.
-#   bash tests/scripts/gpu_profile_step.sh SHAPE PRECISION BATCH [BATCH ...]     (profile-SHAPE-bBATCH.txt in $OUT)
+#   bash tests/scripts/gpu_profile_step.sh SHAPE PRECISION BATCH [BATCH ...]     (profile-SHAPE-DEVICE-bBATCH.txt in $OUT)
 # DEVICE picks the backend as in gpu_decode_bench.sh.
 set -euo pipefail
 shape="$1" precision="$2"

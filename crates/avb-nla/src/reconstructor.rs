@@ -106,7 +106,7 @@ impl Reconstructor {
             let [b, t, _] = h.dims();
             // Rows are left-padded: every row's last token is at position t - 1.
             let last = h.narrow(1, t - 1, 1).reshape([b, d]);
-            let pred = last.matmul(self.value_head.clone());
+            let pred = avb_runtime::matmul(last, self.value_head.clone());
             out.extend(pred.into_data().try_into_vec::<f32>().map_err(|e| {
                 AvbError::Invalid(format!("reading predictions back failed: {e:?}"))
             })?);

@@ -130,7 +130,7 @@ impl SentenceEmbedder {
                 device,
             ))
         };
-        // torch Linear stores [out, in]; module::linear wants [in, out].
+        // torch Linear stores [out, in]; the product takes [in, out].
         let dense = |name: &str, out: usize, inp: usize| -> Result<Dense> {
             Ok(Dense {
                 weight: tensor2(&format!("{name}.weight"), out, inp)?.transpose(),

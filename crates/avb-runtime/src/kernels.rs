@@ -116,30 +116,33 @@ pub(crate) enum Epilogue<'a> {
     Gated(Activation),
 }
 
-/// a b in f32. Not a speed kernel, so used with the kernels on or off: where burn's generic matmul would stage f32 as
-/// TF32 (CUDA), avbridge's f32 product, else burn's.
-#[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
-pub(crate) fn matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
-    if avb_shaders::matmul_rounds_to_tf32(&a) {
-        if let Some(y) = avb_shaders::matmul_f32(&a, &b) {
-            return y;
-        }
+/// a b, kept in f32: avbridge's product where burn's generic matmul would stage f32 inputs as TF32 (CUDA), else
+/// burn's. Not a speed kernel, so taken with the kernels on or off.
+pub fn matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    exact_product(&a, &b).unwrap_or_else(|| a.matmul(b))
+}
+
+/// x W + bias for x [b, t, in] and W [in, out], kept in f32 as [`matmul`] is.
+pub(crate) fn linear(x: Tensor<3>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<3> {
+    match exact_product(&x, &weight.clone().unsqueeze::<3>()) {
+        Some(y) => match bias {
+            Some(b) => y + b.unsqueeze::<3>(),
+            None => y,
+        },
+        None => burn::tensor::module::linear(x, weight, bias),
     }
-    a.matmul(b)
+}
+
+#[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
+fn exact_product<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> Option<Tensor<D>> {
+    avb_shaders::matmul_rounds_to_tf32(a)
+        .then(|| avb_shaders::matmul_f32(a, b))
+        .flatten()
 }
 
 #[cfg(not(any(feature = "wgpu", feature = "webgpu", feature = "cuda")))]
-pub(crate) fn matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
-    a.matmul(b)
-}
-
-/// x W + bias for x [b, t, in] and W [in, out], the product through [`matmul`].
-pub(crate) fn linear(x: Tensor<3>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<3> {
-    let y = matmul(x, weight.unsqueeze::<3>());
-    match bias {
-        Some(b) => y + b.unsqueeze::<3>(),
-        None => y,
-    }
+fn exact_product<const D: usize>(_a: &Tensor<D>, _b: &Tensor<D>) -> Option<Tensor<D>> {
+    None
 }
 
 /// RMSNorm in one kernel when `x` lives on a CubeCL device, else `None`.

@@ -26,4 +26,5 @@ pub use config::{Family, ModelConfig};
 pub use generate::{
     generate, generate_async, Control, Decoder, Finish, GenerateOptions, Generation, Sampling,
 };
+pub use kernels::matmul;
 pub use model::{DecodeSteps, Injection, Input, KvCache, Model, Precision};
